@@ -1,0 +1,21 @@
+"""Embedding lookup: out[..., :] = weight[indices[...], :].
+
+Backward is the transpose, a scatter-add of the output gradient rows into the rows they were read
+from; an index that occurs several times in the batch receives the sum of its rows' gradients.
+"""
+
+from typing import Any
+
+from minimoe.backend import array_module
+
+
+def embedding_forward(weight: Any, indices: Any) -> Any:
+    return weight[indices]
+
+
+def embedding_backward(grad: Any, indices: Any, num_embeddings: int) -> Any:
+    xp = array_module(grad)
+    width = grad.shape[-1]
+    grad_weight = xp.zeros((num_embeddings, width), dtype=grad.dtype)
+    xp.add.at(grad_weight, indices.reshape(-1), grad.reshape(-1, width))
+    return grad_weight

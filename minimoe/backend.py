@@ -1,0 +1,122 @@
+"""Where arrays live: NumPy on the CPU or CuPy on a GPU, chosen by one switch.
+
+Everything else in minimoe asks this module for `xp` (the array module in use) or inspects an array
+with `array_module(x)`, so one line of user configuration (`device = "cpu" | "cuda" | "auto"`) moves the
+whole engine, as in DeZero. The random generator lives here too: one per process, reseeded by the
+training loop from (seed, step) so that a resumed run draws exactly the numbers an uninterrupted one
+would.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("minimoe")
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class DeviceError(RuntimeError):
+    """The device asked for cannot be used (a user-facing, one-line error)."""
+
+
+_device = "cpu"
+xp: ModuleType = np
+_rng: Any = np.random.default_rng(0)
+
+
+def _cupy_or_reason() -> tuple[ModuleType | None, str]:
+    """Import CuPy and touch the GPU; return (cupy, "") or (None, why it is unusable)."""
+    try:
+        import cupy
+    except ImportError as error:
+        return None, f"CuPy is not installed ({error})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy found no CUDA device"
+        cupy.zeros(1).sum().item()
+    except Exception as error:  # a broken driver raises many kinds of errors; report whichever it is
+        return None, f"CuPy cannot use the GPU ({type(error).__name__}: {error})"
+    return cupy, ""
+
+
+def set_device(device: str) -> str:
+    """Select "cpu", "cuda" or "auto" for everything created from now on; returns the device chosen."""
+    global _device, xp
+    if device not in DEVICES:
+        raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        _device, xp = "cpu", np
+        return _device
+    cupy, reason = _cupy_or_reason()
+    if cupy is None:
+        if device == "cuda":
+            raise DeviceError(f"device 'cuda' was asked for but {reason}")
+        log.info("device auto: using the CPU (NumPy) because %s", reason)
+        _device, xp = "cpu", np
+        return _device
+    _device, xp = "cuda", cupy
+    log.info("device %s: using the GPU (CuPy %s, %s)", device, cupy.__version__, gpu_name())
+    return _device
+
+
+def device() -> str:
+    return _device
+
+
+def gpu_name() -> str:
+    import cupy
+
+    properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    return properties["name"].decode()
+
+
+def array_module(array: Any) -> ModuleType:
+    """NumPy or CuPy, whichever owns `array` (NumPy for scalars and lists)."""
+    if type(array).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def is_gpu(array: Any) -> bool:
+    return type(array).__module__.startswith("cupy")
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A host copy of any array (a no-op view for NumPy arrays)."""
+    if is_gpu(array):
+        return array.get()
+    return np.asarray(array)
+
+
+def asarray(array: Any, dtype: Any = None) -> Any:
+    """`array` on the current device (copying between host and GPU when needed)."""
+    if xp is np:
+        return np.asarray(to_numpy(array), dtype=dtype)
+    return xp.asarray(array, dtype=dtype)
+
+
+def manual_seed(*seed: int) -> None:
+    """Reseed the device's generator from one or more integers, e.g. manual_seed(run_seed, step)."""
+    global _rng
+    if xp is np:
+        _rng = np.random.default_rng(list(seed))
+    else:
+        # CuPy's Generator API lacks integer-sequence seeds; fold the sequence through NumPy's mixer.
+        folded = int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0])
+        _rng = xp.random.default_rng(folded)
+
+
+def random_uniform(shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+    """Uniform [0, 1) numbers on the current device from the seeded generator."""
+    return _rng.random(shape, dtype=dtype)
+
+
+def random_generator() -> Any:
+    return _rng

@@ -1,0 +1,104 @@
+"""The `minimoe` command: train, generate, bench.
+
+User mistakes (a bad config key or value, a missing or corrupted checkpoint, text the tokenizer cannot
+take, a prompt longer than the context) end with one line on stderr and exit status 2, never a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from minimoe.backend import DeviceError
+from minimoe.checkpoint import CheckpointError
+from minimoe.config import ConfigError
+from minimoe.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError)
+
+
+class UsageError(Exception):
+    """A request that cannot be carried out as given (one line to the user)."""
+
+
+def _train(args: argparse.Namespace) -> None:
+    from minimoe.config import load_config
+    from minimoe.train import train
+
+    config = load_config(args.config, args.set)
+    result = train(config, resume=args.resume, until=args.until)
+    ratio = result.final_val_loss / result.initial_val_loss
+    print(f"validation loss: {result.initial_val_loss:.4f} at step 0 -> {result.final_val_loss:.4f} at step "
+          f"{result.step} ({100 * ratio:.1f}% of the start)")
+    print(f"checkpoint: {result.checkpoint}")
+    print("sample:\n" + result.sample)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from minimoe import backend
+    from minimoe.data import ByteTokenizer
+    from minimoe.generate import generate
+    from minimoe.train import load_model
+
+    backend.set_device(args.device)
+    model, config = load_model(args.ckpt)
+    tokenizer = ByteTokenizer(config.model.vocab_size)
+    prompt = tokenizer.encode(args.prompt)
+    try:
+        tokens = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(tokenizer.decode(tokens))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from minimoe import bench
+
+    bench.run(args.name, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimoe", description="A readable Mixture-of-Experts GPT engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a GPT (dense or MoE) from a TOML config")
+    train.add_argument("--config", help="TOML file (sections [model], [data], [train], [optim])")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable), e.g. --set train.max_steps=100")
+    train.add_argument("--resume", action="store_true", help="continue from train.out_dir's checkpoint")
+    train.add_argument("--until", type=int, help="stop after this step (the schedule still spans max_steps)")
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser("generate", help="sample text from a checkpoint")
+    generate.add_argument("--ckpt", required=True, help="a checkpoint.bin written by `minimoe train`")
+    generate.add_argument("--prompt", default="\n")
+    generate.add_argument("--max-new-tokens", type=int, default=300)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=40, help="0 samples from the whole vocabulary")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks with side-by-side peers")
+    bench.add_argument("name", choices=["cpu-step"])
+    bench.add_argument("--config", help="TOML config of the model to time (default: the default config)")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (*USER_ERRORS, UsageError) as error:
+        print(f"minimoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

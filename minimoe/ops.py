@@ -1,0 +1,397 @@
+"""The autograd ops: each a Function with forward and backward side by side, and a plain function
+that applies it.
+
+Elementwise and shape ops are one line of array math that NumPy and CuPy share, so they live here.
+Every op with real numerics calls its kernel family in minimoe.cuda and never branches on the backend:
+the family picks the NumPy reference or the GPU kernel. Backward returns one gradient per positional
+input of forward; broadcasting is undone by Tensor.backward (tensor.unbroadcast).
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+from typing import Any
+
+import minimoe.cuda.attention as attention_kernels
+import minimoe.cuda.dropout as dropout_kernels
+import minimoe.cuda.embedding as embedding_kernels
+import minimoe.cuda.gelu as gelu_kernels
+import minimoe.cuda.layernorm as layernorm_kernels
+import minimoe.cuda.softmax as softmax_kernels
+import minimoe.cuda.softmax_xent as softmax_xent_kernels
+from minimoe.backend import array_module
+from minimoe.tensor import Function, Tensor, is_grad_enabled
+
+# ----------------------------------------------------------------------------- elementwise arithmetic
+
+
+class Add(Function):
+    def forward(ctx, a, b):
+        return a + b
+
+    def backward(ctx, grad):
+        return grad, grad
+
+
+class Sub(Function):
+    def forward(ctx, a, b):
+        return a - b
+
+    def backward(ctx, grad):
+        return grad, -grad
+
+
+class Mul(Function):
+    def forward(ctx, a, b):
+        ctx.save(a, b)
+        return a * b
+
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        return grad * b, grad * a
+
+
+class Div(Function):
+    def forward(ctx, a, b):
+        ctx.save(a, b)
+        return a / b
+
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        grad_a = grad / b
+        return grad_a, -grad_a * a / b
+
+
+class Neg(Function):
+    def forward(ctx, a):
+        return -a
+
+    def backward(ctx, grad):
+        return -grad
+
+
+class Exp(Function):
+    def forward(ctx, a):
+        out = array_module(a).exp(a)
+        ctx.save(out)
+        return out
+
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return grad * out
+
+
+class Log(Function):
+    def forward(ctx, a):
+        ctx.save(a)
+        return array_module(a).log(a)
+
+    def backward(ctx, grad):
+        (a,) = ctx.saved
+        return grad / a
+
+
+# ----------------------------------------------------------------------------- matmul and shapes
+
+
+class MatMul(Function):
+    """a @ b with NumPy's batched semantics (leading axes broadcast); both operands at least 2-D.
+
+    The common case in a transformer, activations [..., k] times a weight [k, n], folds the leading
+    axes into one so that forward and both gradients are single large GEMMs, not one per batch row."""
+
+    def forward(ctx, a, b):
+        if a.ndim < 2 or b.ndim < 2:
+            raise ValueError(f"matmul needs operands of at least 2 dimensions, got {a.shape} and {b.shape}")
+        ctx.save(a, b)
+        if b.ndim == 2:
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
+        return a @ b
+
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        if b.ndim == 2:
+            rows_a, rows_grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            return (rows_grad @ b.T).reshape(a.shape), rows_a.T @ rows_grad
+        return grad @ b.swapaxes(-1, -2), a.swapaxes(-1, -2) @ grad
+
+
+class Reshape(Function):
+    def forward(ctx, a, shape):
+        ctx.input_shape = a.shape
+        return a.reshape(shape)
+
+    def backward(ctx, grad):
+        return grad.reshape(ctx.input_shape)
+
+
+class Transpose(Function):
+    def forward(ctx, a, axes):
+        ctx.axes = axes
+        return a.transpose(axes)
+
+    def backward(ctx, grad):
+        if ctx.axes is None:
+            return grad.transpose()
+        inverse = [0] * len(ctx.axes)
+        for position, axis in enumerate(ctx.axes):
+            inverse[axis] = position
+        return grad.transpose(inverse)
+
+
+def _is_basic_index(index: Any) -> bool:
+    """True for ints, slices, None and Ellipsis (NumPy basic indexing: a view, each element read once)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(part is None or part is Ellipsis or isinstance(part, (int, slice)) for part in parts)
+
+
+class GetItem(Function):
+    def forward(ctx, a, index):
+        ctx.input_shape, ctx.index = a.shape, index
+        return a[index]
+
+    def backward(ctx, grad):
+        xp = array_module(grad)
+        full = xp.zeros(ctx.input_shape, dtype=grad.dtype)
+        if _is_basic_index(ctx.index):
+            full[ctx.index] = grad
+        else:  # an integer array may name one element several times: gradients add up
+            xp.add.at(full, ctx.index, grad)
+        return full
+
+
+class Concat(Function):
+    def forward(ctx, *arrays, axis):
+        ctx.axis = axis
+        ctx.boundaries = list(itertools.accumulate(x.shape[axis] for x in arrays))[:-1]
+        return array_module(arrays[0]).concatenate(arrays, axis=axis)
+
+    def backward(ctx, grad):
+        return tuple(array_module(grad).split(grad, ctx.boundaries, axis=ctx.axis))
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+class Sum(Function):
+    def forward(ctx, a, axis, keepdims):
+        ctx.input_shape, ctx.axis, ctx.keepdims = a.shape, axis, keepdims
+        return a.sum(axis=axis, keepdims=keepdims)
+
+    def backward(ctx, grad):
+        if ctx.axis is not None and not ctx.keepdims:
+            grad = array_module(grad).expand_dims(grad, ctx.axis)
+        return array_module(grad).broadcast_to(grad, ctx.input_shape)
+
+
+def _reduced_count(shape: tuple[int, ...], axis: Any) -> int:
+    axes = range(len(shape)) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    count = 1
+    for a in axes:
+        count *= shape[a]
+    return count
+
+
+# ----------------------------------------------------------------------------- kernel-family ops
+
+
+class Gelu(Function):
+    def forward(ctx, x):
+        ctx.save(x)
+        return gelu_kernels.gelu_forward(x)
+
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        return gelu_kernels.gelu_backward(grad, x)
+
+
+class Softmax(Function):
+    def forward(ctx, x):
+        y = softmax_kernels.softmax_forward(x)
+        ctx.save(y)
+        return y
+
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return softmax_kernels.softmax_backward(grad, y)
+
+
+class LogSoftmax(Function):
+    def forward(ctx, x):
+        y = softmax_kernels.log_softmax_forward(x)
+        ctx.save(y)
+        return y
+
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return softmax_kernels.log_softmax_backward(grad, y)
+
+
+class CrossEntropy(Function):
+    def forward(ctx, logits, targets, ignore_index):
+        loss, logsumexp = softmax_xent_kernels.cross_entropy_forward(logits, targets, ignore_index)
+        ctx.save(logits, targets, logsumexp)
+        ctx.ignore_index = ignore_index
+        return loss
+
+    def backward(ctx, grad):
+        logits, targets, logsumexp = ctx.saved
+        return softmax_xent_kernels.cross_entropy_backward(grad, logits, targets, logsumexp, ctx.ignore_index), None
+
+
+class LayerNorm(Function):
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = layernorm_kernels.layernorm_forward(x, weight, bias, eps)
+        ctx.save(x, weight, mean, rstd)
+        return y
+
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved
+        return layernorm_kernels.layernorm_backward(grad, x, weight, mean, rstd)
+
+
+class Embedding(Function):
+    def forward(ctx, weight, indices):
+        ctx.save(indices)
+        ctx.num_embeddings = weight.shape[0]
+        return embedding_kernels.embedding_forward(weight, indices)
+
+    def backward(ctx, grad):
+        (indices,) = ctx.saved
+        return embedding_kernels.embedding_backward(grad, indices, ctx.num_embeddings), None
+
+
+class Dropout(Function):
+    def forward(ctx, x, p):
+        y, scaled_mask = dropout_kernels.dropout_forward(x, p)
+        ctx.save(scaled_mask)
+        return y
+
+    def backward(ctx, grad):
+        (scaled_mask,) = ctx.saved
+        return dropout_kernels.dropout_backward(grad, scaled_mask)
+
+
+class CausalAttention(Function):
+    def forward(ctx, q, k, v):
+        out, probs = attention_kernels.causal_attention_forward(q, k, v)
+        # Only a backward needs probs [B, H, T, T]; without a tape (generation) it is not kept.
+        ctx.save(q, k, v, probs if is_grad_enabled() else None)
+        return out
+
+    def backward(ctx, grad):
+        return attention_kernels.causal_attention_backward(grad, *ctx.saved)
+
+
+# ----------------------------------------------------------------------------- the functions to call
+
+
+def add(a: Any, b: Any) -> Tensor:
+    return Add.apply(a, b)
+
+
+def sub(a: Any, b: Any) -> Tensor:
+    return Sub.apply(a, b)
+
+
+def mul(a: Any, b: Any) -> Tensor:
+    return Mul.apply(a, b)
+
+
+def div(a: Any, b: Any) -> Tensor:
+    return Div.apply(a, b)
+
+
+def neg(a: Tensor) -> Tensor:
+    return Neg.apply(a)
+
+
+def exp(a: Tensor) -> Tensor:
+    return Exp.apply(a)
+
+
+def log(a: Tensor) -> Tensor:
+    return Log.apply(a)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    return MatMul.apply(a, b)
+
+
+def reshape(a: Tensor, shape: tuple[int, ...]) -> Tensor:
+    return Reshape.apply(a, shape=tuple(shape))
+
+
+def transpose(a: Tensor, axes: tuple[int, ...] | None = None) -> Tensor:
+    return Transpose.apply(a, axes=axes)
+
+
+def getitem(a: Tensor, index: Any) -> Tensor:
+    if isinstance(index, Tensor):
+        index = index.data
+    return GetItem.apply(a, index=index)
+
+
+def concat(tensors: list[Tensor], axis: int = 0) -> Tensor:
+    return Concat.apply(*tensors, axis=axis)
+
+
+def split(a: Tensor, sizes: list[int], axis: int = -1) -> list[Tensor]:
+    """Pieces of `a` along `axis` with the given sizes (each a slice: backward writes its part back)."""
+    if builtins.sum(sizes) != a.shape[axis]:
+        raise ValueError(f"split sizes {sizes} do not add up to {a.shape[axis]} (axis {axis} of {a.shape})")
+    pieces, start = [], 0
+    for size in sizes:
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(start, start + size)
+        pieces.append(getitem(a, tuple(index)))
+        start += size
+    return pieces
+
+
+def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return Sum.apply(a, axis=axis, keepdims=keepdims) * (1.0 / _reduced_count(a.shape, axis))
+
+
+def gelu(x: Tensor) -> Tensor:
+    return Gelu.apply(x)
+
+
+def softmax(x: Tensor) -> Tensor:
+    return Softmax.apply(x)
+
+
+def log_softmax(x: Tensor) -> Tensor:
+    return LogSoftmax.apply(x)
+
+
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of logits [N, V] against integer targets [N], skipping ignore_index rows."""
+    if isinstance(targets, Tensor):
+        targets = targets.data
+    return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def embedding_lookup(weight: Tensor, indices: Any) -> Tensor:
+    if isinstance(indices, Tensor):
+        indices = indices.data
+    return Embedding.apply(weight, indices)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p == 0.0:
+        return x
+    return Dropout.apply(x, p=p)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return CausalAttention.apply(q, k, v)

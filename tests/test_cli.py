@@ -1,0 +1,71 @@
+"""The command line: user mistakes end in one line naming the problem, exit status 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import generated_text
+
+from minimoe.cli import main
+
+TINY = ["--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2",
+        "--set", "model.block_size=8", "--set", "train.batch_size=4", "--set", "train.eval_batches=1",
+        "--set", "train.sample_tokens=5"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 3-step run of a model with an ASCII-only vocabulary (128)."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text(generated_text(100))
+    assert main(["train", *TINY, "--set", f"data.path={root / 'corpus.txt'}", "--set", "model.vocab_size=128",
+                 "--set", "train.max_steps=3", "--set", f"train.out_dir={root / 'run'}"]) == 0
+    return root / "run" / "checkpoint.bin"
+
+
+def one_line_error(capsys, argv, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+
+
+def test_generate_from_checkpoint(checkpoint, capsys):
+    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "The", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--set", "model.n_layers=3"], "unknown key model.n_layers"),
+    (["train", "--set", "train.max_steps=ten"], "train.max_steps must be int, got 'ten'"),
+    (["train", "--config", "no/such.toml"], "config file 'no/such.toml' does not exist"),
+    (["generate", "--ckpt", "no/such/checkpoint.bin"], "checkpoint no/such/checkpoint.bin does not exist"),
+])
+def test_user_mistakes_are_one_line(capsys, argv, expected):
+    one_line_error(capsys, argv, expected)
+
+
+def test_corrupted_checkpoint_is_one_line(checkpoint, tmp_path, capsys):
+    damaged = tmp_path / "damaged.bin"
+    raw = bytearray(checkpoint.read_bytes())
+    raw[-10] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    one_line_error(capsys, ["generate", "--ckpt", str(damaged)], "is corrupted")
+
+
+def test_prompt_outside_vocabulary_is_one_line(checkpoint, capsys):
+    one_line_error(capsys, ["generate", "--ckpt", str(checkpoint), "--prompt", "naïve"],
+                   "byte 0xc3 at byte offset 2 is outside the tokenizer's vocabulary of 128")
+
+
+def test_prompt_longer_than_context_is_one_line(checkpoint, capsys):
+    one_line_error(capsys, ["generate", "--ckpt", str(checkpoint), "--prompt", "x" * 9],
+                   "the prompt is 9 tokens long, more than the model's context (block_size=8)")
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minimoe.cli", "train", "--set", "optim.lr=fast"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == "minimoe train: error: optim.lr must be float, got 'fast' (str)"

@@ -1,0 +1,176 @@
+"""Every autograd op against float64 central differences, on shapes drawn by Hypothesis
+(broadcasting included), plus the properties each op's math promises."""
+
+import numpy as np
+import pytest
+from helpers import check_gradients
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
+
+from minimoe import backend, ops
+from minimoe.tensor import Tensor, no_grad
+
+seeds = st.integers(0, 2**32 - 1)
+small_shapes = array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4)
+
+
+def randn(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(np.random.default_rng(seed).standard_normal(shape))
+
+
+@pytest.mark.parametrize("op", [ops.add, ops.sub, ops.mul, ops.div])
+@given(shapes=mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=3), seed=seeds)
+def test_binary_ops_gradients_with_broadcasting(op, shapes, seed):
+    a, b = randn(seed, shapes.input_shapes[0]), randn(seed + 1, shapes.input_shapes[1])
+    if op is ops.div:
+        b = np.asarray(np.sign(b) * (np.abs(b) + 0.5))  # keep the divisor away from zero
+    check_gradients(op, [a, b])
+
+
+@given(shape=small_shapes, seed=seeds)
+def test_unary_ops_gradients(shape, seed):
+    x = randn(seed, shape)
+    check_gradients(ops.neg, [x])
+    check_gradients(ops.exp, [x])
+    check_gradients(ops.log, [np.abs(x) + 0.5])
+    check_gradients(ops.gelu, [x])
+
+
+@given(shapes=mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=2, max_side=3),
+       m=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 4), seed=seeds)
+def test_batched_matmul_gradients_with_broadcast_batch_axes(shapes, m, k, n, seed):
+    a = randn(seed, shapes.input_shapes[0] + (m, k))
+    b = randn(seed + 1, shapes.input_shapes[1] + (k, n))
+    check_gradients(ops.matmul, [a, b])
+
+
+@given(shape=small_shapes, seed=seeds)
+def test_reshape_and_transpose_gradients(shape, seed):
+    x = randn(seed, shape)
+    check_gradients(lambda t: t.reshape(-1), [x])
+    axes = tuple(np.random.default_rng(seed).permutation(len(shape)).tolist())
+    check_gradients(lambda t: t.transpose(*axes), [x])
+    check_gradients(lambda t: t.transpose(), [x])
+
+
+@given(rows=st.integers(1, 5), cols=st.integers(1, 4), seed=seeds)
+def test_getitem_gradients_basic_and_repeated_integer_indices(rows, cols, seed):
+    x = randn(seed, (rows, cols))
+    index = np.random.default_rng(seed).integers(0, rows, size=rows + 2)  # repeats are likely
+    check_gradients(lambda t: t[index], [x])
+    check_gradients(lambda t: t[:, -1:], [x])
+    check_gradients(lambda t: t[rows // 2], [x])
+
+
+@given(sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4), other=st.integers(1, 3), seed=seeds)
+def test_concat_and_split_gradients(sizes, other, seed):
+    parts = [randn(seed + i, (other, size)) for i, size in enumerate(sizes)]
+    check_gradients(lambda *ts: ops.concat(list(ts), axis=1), parts)
+    whole = randn(seed, (other, sum(sizes)))
+    check_gradients(lambda t: ops.concat([p * (i + 1.0) for i, p in enumerate(ops.split(t, sizes, axis=1))], 1),
+                    [whole])
+
+
+@given(shape=small_shapes, keepdims=st.booleans(), data=st.data())
+def test_sum_and_mean_gradients_over_any_axis(shape, keepdims, data):
+    x = randn(data.draw(seeds), shape)
+    axis = data.draw(st.sampled_from([None, *range(-len(shape), len(shape))]))
+    check_gradients(lambda t: ops.sum(t, axis, keepdims), [x])
+    check_gradients(lambda t: ops.mean(t, axis, keepdims), [x])
+
+
+@given(shape=small_shapes, seed=seeds)
+def test_softmax_and_log_softmax_gradients_and_normalisation(shape, seed):
+    x = randn(seed, shape) * 3
+    check_gradients(ops.softmax, [x])
+    check_gradients(ops.log_softmax, [x])
+    with no_grad():
+        np.testing.assert_allclose(ops.softmax(Tensor(x)).data.sum(-1), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(np.exp(ops.log_softmax(Tensor(x)).data), ops.softmax(Tensor(x)).data,
+                                   rtol=1e-12)
+
+
+@given(rows=st.integers(1, 6), vocab=st.integers(2, 7), seed=seeds)
+def test_cross_entropy_gradients_and_value_with_ignored_rows(rows, vocab, seed):
+    rng = np.random.default_rng(seed)
+    logits = randn(seed, (rows, vocab)) * 2
+    targets = rng.integers(0, vocab, rows)
+    targets[rng.random(rows) < 0.3] = -100
+    check_gradients(lambda t: ops.cross_entropy(t, targets), [logits])
+    valid = targets != -100
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -log_probs[valid, targets[valid]].mean() if valid.any() else 0.0
+    np.testing.assert_allclose(ops.cross_entropy(Tensor(logits), targets).item(), expected, rtol=1e-12)
+
+
+@given(shape=array_shapes(min_dims=1, max_dims=3, min_side=2, max_side=5), seed=seeds)
+def test_layer_norm_gradients_and_normalised_rows(shape, seed):
+    x = randn(seed, shape) * 2 + 1
+    width = shape[-1]
+    weight, bias = randn(seed + 1, (width,)), randn(seed + 2, (width,))
+    check_gradients(ops.layer_norm, [x, weight, bias], rtol=1e-4, atol=1e-6)
+    y = ops.layer_norm(Tensor(x), Tensor(np.ones(width)), Tensor(np.zeros(width)), 1e-12).data
+    np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-9)
+    np.testing.assert_allclose(y.var(-1), 1.0, rtol=1e-6)
+
+
+@given(vocab=st.integers(1, 6), width=st.integers(1, 4), batch=st.integers(1, 3), length=st.integers(1, 5),
+       seed=seeds)
+def test_embedding_gradients_with_repeated_indices(vocab, width, batch, length, seed):
+    indices = np.random.default_rng(seed).integers(0, vocab, (batch, length))
+    check_gradients(lambda w: ops.embedding_lookup(w, indices), [randn(seed, (vocab, width))])
+
+
+@given(shape=small_shapes, p=st.floats(0.1, 0.9), seed=seeds)
+def test_dropout_gradients_and_keep_rate(shape, p, seed):
+    x = randn(seed, shape)
+    check_gradients(lambda t: ops.dropout(t, p, training=True), [x],
+                    before_each_call=lambda: backend.manual_seed(seed))
+    assert ops.dropout(Tensor(x), p, training=False).data is x  # evaluation: the identity
+
+
+def test_dropout_keeps_expected_fraction_and_scales():
+    backend.manual_seed(0)
+    x = np.ones(200_000)
+    y = ops.dropout(Tensor(x), 0.25, training=True).data
+    assert abs((y > 0).mean() - 0.75) < 0.01
+    np.testing.assert_allclose(y[y > 0], 1 / 0.75)
+
+
+@given(batch=st.integers(1, 2), heads=st.integers(1, 2), length=st.integers(1, 5), width=st.integers(1, 4),
+       seed=seeds)
+def test_causal_attention_gradients(batch, heads, length, width, seed):
+    q, k, v = (randn(seed + i, (batch, heads, length, width)) for i in range(3))
+    check_gradients(ops.causal_attention, [q, k, v])
+
+
+@given(length=st.integers(2, 6), width=st.integers(1, 4), seed=seeds)
+def test_causal_attention_never_looks_ahead(length, width, seed):
+    q, k, v = (randn(seed + i, (1, 1, length, width)) for i in range(3))
+    out = ops.causal_attention(Tensor(q), Tensor(k), Tensor(v)).data
+    k2, v2 = k.copy(), v.copy()
+    k2[..., -1, :] += 5.0
+    v2[..., -1, :] -= 5.0
+    changed = ops.causal_attention(Tensor(q), Tensor(k2), Tensor(v2)).data
+    np.testing.assert_array_equal(out[..., :-1, :], changed[..., :-1, :])
+    # The first token can only attend to itself.
+    np.testing.assert_allclose(out[..., 0, :], v[..., 0, :], rtol=1e-12)
+
+
+def test_tensor_used_twice_accumulates_gradient():
+    x = Tensor(np.array([1.5, -2.0]), requires_grad=True)
+    (x * x + x).sum().backward()
+    np.testing.assert_allclose(x.grad, 2 * x.data + 1)
+
+
+def test_no_grad_records_no_tape():
+    x = Tensor(np.ones(3), requires_grad=True)
+    with no_grad():
+        y = x * 2
+    assert y.creator is None and not y.requires_grad
+
+
+def test_backward_needs_a_scalar_or_a_gradient():
+    with pytest.raises(ValueError, match="single-element"):
+        (Tensor(np.ones(3), requires_grad=True) * 2).backward()
