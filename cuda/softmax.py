@@ -22,6 +22,13 @@ def softmax_backward(grad: Any, y: Any) -> Any:
     return y * (grad - (grad * y).sum(axis=-1, keepdims=True))
 
 
+def logsumexp(x: Any) -> Any:
+    """log sum_j exp(x_j) over the last axis, computed as m + log sum_j exp(x_j - m)."""
+    xp = array_module(x)
+    row_max = x.max(axis=-1, keepdims=True)
+    return (row_max + xp.log(xp.exp(x - row_max).sum(axis=-1, keepdims=True)))[..., 0]
+
+
 def log_softmax_forward(x: Any) -> Any:
     xp = array_module(x)
     shifted = x - x.max(axis=-1, keepdims=True)

@@ -14,6 +14,8 @@ A batch with every row ignored has loss 0 and zero gradient (n_valid is clamped 
 
 from typing import Any
 
+from minimoe.cuda.softmax import logsumexp as row_logsumexp
+
 from minimoe.backend import array_module
 
 
@@ -28,8 +30,7 @@ def _valid_rows(targets: Any, ignore_index: int) -> tuple[Any, Any, Any]:
 def cross_entropy_forward(logits: Any, targets: Any, ignore_index: int = -100) -> tuple[Any, Any]:
     """Returns (mean loss as a 0-d array, logsumexp [N]) for logits [N, V] and integer targets [N]."""
     xp = array_module(logits)
-    row_max = logits.max(axis=-1)
-    logsumexp = row_max + xp.log(xp.exp(logits - row_max[:, None]).sum(axis=-1))
+    logsumexp = row_logsumexp(logits)
     valid, safe_targets, count = _valid_rows(targets, ignore_index)
     target_logit = xp.take_along_axis(logits, safe_targets[:, None], axis=-1)[:, 0]
     loss = (xp.where(valid, logsumexp - target_logit, 0.0).sum() / count).astype(logits.dtype)

@@ -53,7 +53,7 @@ def _minimoe_step(config: Config, inputs: np.ndarray, targets: np.ndarray) -> tu
                       eps=config.optim.eps, weight_decay=config.optim.weight_decay)
 
     def step() -> float:
-        _, loss = model(inputs, targets)
+        loss = model(inputs, targets).loss
         loss.backward()
         optimizer.step(clip_scale(global_grad_norm(model.parameters()), config.train.grad_clip))
         model.zero_grad()

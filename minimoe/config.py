@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from minimoe.model import GPTConfig
+from minimoe.moe.gate import NOISY_GATE_POLICIES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,8 +152,41 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.n_embd={model.n_embd} must be divisible by model.n_head={model.n_head}")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout must lie in [0, 1), got {model.dropout}")
+    _validate_moe(model)
     if train.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"train.device must be 'cpu', 'cuda' or 'auto', got {train.device!r}")
+
+
+def _validate_moe(model: GPTConfig) -> None:
+    if model.moe_every < 0:
+        raise ConfigError(f"model.moe_every must be 0 (dense) or a positive block interval, got {model.moe_every}")
+    if model.moe_every == 0:
+        return
+    try:
+        experts = [count for count in model.experts_in_block() if count]
+    except ValueError as error:
+        raise ConfigError(f"model.{error}") from None
+    if not experts:
+        raise ConfigError(f"model.moe_every={model.moe_every} leaves no MoE layer in {model.n_layer} blocks")
+    if min(model.experts_per_layer) < 1:
+        raise ConfigError(f"model.experts_per_layer entries must be at least 1, got {model.experts_per_layer}")
+    if model.k not in (1, 2):
+        raise ConfigError(f"model.k must be 1 or 2, got {model.k}")
+    if model.k == 2 and min(experts) < 2:
+        raise ConfigError(f"model.k=2 needs at least 2 experts in every MoE layer, got {model.experts_per_layer}")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        if getattr(model, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(model, name)}")
+    if model.min_capacity < 0:
+        raise ConfigError(f"model.min_capacity must be at least 0, got {model.min_capacity}")
+    if model.noisy_gate_policy not in NOISY_GATE_POLICIES:
+        raise ConfigError(f"model.noisy_gate_policy must be one of {NOISY_GATE_POLICIES}, "
+                          f"got {model.noisy_gate_policy!r}")
+    if model.k == 2 and model.noisy_gate_policy == "RSample":
+        raise ConfigError("model.noisy_gate_policy='RSample' is top-1 only (DeepSpeed's top2gating ignores it)")
+    for name in ("aux_loss_coef", "z_loss_coef"):
+        if getattr(model, name) < 0:
+            raise ConfigError(f"model.{name} must be at least 0, got {getattr(model, name)}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -43,8 +43,7 @@ def generate(model: GPT, prompt: np.ndarray, max_new_tokens: int, temperature: f
     with no_grad():
         for _ in range(max_new_tokens):
             window = backend.asarray(np.array(tokens[-block_size:])[None, :])
-            logits, _ = model(window)
-            last = backend.to_numpy(logits.data[0, -1])
+            last = backend.to_numpy(model(window).logits.data[0, -1])
             tokens.append(sample_next(last, temperature, top_k, rng))
     model.train(was_training)
     return np.array(tokens, dtype=np.int64)

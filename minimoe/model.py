@@ -1,18 +1,25 @@
-"""The GPT: a GPT-2 style decoder (Radford et al., 2019), read top to bottom like nanoGPT's model.py.
+"""The GPT: a GPT-2 style decoder (Radford et al., 2019), read top to bottom like nanoGPT's model.py,
+with DeepSpeed-MoE's Mixture-of-Experts layers in place of some MLPs.
 
 tokens [B, T] -> token embedding + learned position embedding -> n_layer blocks of
-(pre-LayerNorm causal self-attention, pre-LayerNorm MLP), each added to the residual stream ->
+(pre-LayerNorm causal self-attention, pre-LayerNorm MLP or MoE), each added to the residual stream ->
 final LayerNorm -> logits [B, T, V] through the token embedding matrix itself (tied weights).
+
+MoE placement (DeepSpeed-MoE sec. 4): with moe_every = n, the MLP of every n-th block becomes an MoE
+(n = 2: every other block, as DeepSpeed-MoE's models do). experts_per_layer gives the expert count of
+each MoE layer; a Pyramid-MoE (sec. 4.1.1) uses fewer experts in early layers and more in the last ones.
+With residual = true every MoE layer is a Residual MoE (sec. 4.1.2); pyramid + residual is PR-MoE.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from minimoe import backend, ops
+from minimoe.moe.layer import MoE, MoESettings, MoEStats
 from minimoe.nn import MLP, CausalSelfAttention, Embedding, LayerNorm, Module
 from minimoe.tensor import Tensor
 
@@ -24,25 +31,73 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd
+    mlp_ratio: int = 4  # MLP (and expert) hidden width = mlp_ratio * n_embd
     dropout: float = 0.0
     bias: bool = True
     init_seed: int = 1337  # seeds the initial weights (independent of the data and dropout seed)
+    # Mixture of Experts (DeepSpeed-MoE); moe_every = 0 keeps the model dense.
+    moe_every: int = 0  # the MLP of blocks n-1, 2n-1, ... becomes an MoE
+    experts_per_layer: list[int] = field(default_factory=lambda: [8])  # one value for all MoE layers, or one each
+    k: int = 1  # experts per token: 1 (Switch / DeepSpeed top1gating) or 2 (GShard top2gating)
+    capacity_factor: float = 1.0  # training capacity C = max(min_capacity, ceil(T / E * capacity_factor * k))
+    eval_capacity_factor: float = 1.0  # the same in evaluation and generation
+    min_capacity: int = 4
+    drop_tokens: bool = True  # false: dropless, C = the fullest expert's load
+    use_rts: bool = True  # random token selection; top-1 only, as in DeepSpeed
+    noisy_gate_policy: str = ""  # "", "Jitter" (gate input x U(0.99, 1.01)) or "RSample" (top-1 Gumbel logits)
+    second_expert_sampling: bool = True  # top-2: second expert from Gumbel-noised logits (training)
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss, summed over MoE layers
+    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE); 0 leaves it out
+    residual: bool = False  # Residual MoE: a dense MLP beside every MoE, mixed per token
+
+    def experts_in_block(self) -> list[int]:
+        """Expert count of each block's feed-forward layer, 0 for a dense MLP."""
+        moe_blocks = [i for i in range(self.n_layer) if self.moe_every and (i + 1) % self.moe_every == 0]
+        if len(self.experts_per_layer) not in (1, len(moe_blocks)):
+            raise ValueError(f"experts_per_layer has {len(self.experts_per_layer)} entries; give one for all "
+                             f"MoE layers or one for each of the {len(moe_blocks)} MoE layers")
+        counts = self.experts_per_layer * (len(moe_blocks) if len(self.experts_per_layer) == 1 else 1)
+        experts = [0] * self.n_layer
+        for block, count in zip(moe_blocks, counts):
+            experts[block] = count
+        return experts
+
+    def moe_settings(self) -> MoESettings:
+        return MoESettings(k=self.k, capacity_factor=self.capacity_factor,
+                           eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
+                           drop_tokens=self.drop_tokens, use_rts=self.use_rts and self.k == 1,
+                           noisy_gate_policy=self.noisy_gate_policy,
+                           second_expert_sampling=self.second_expert_sampling, z_loss=self.z_loss_coef > 0)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    loss: Tensor | None  # what training minimises: lm_loss + the MoE layers' weighted auxiliary losses
+    lm_loss: Tensor | None  # the mean next-token cross-entropy alone
+    moe: list[MoEStats]  # one entry per MoE layer, in depth order
 
 
 class Block(Module):
-    def __init__(self, config: GPTConfig, rng: np.random.Generator):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator, num_experts: int = 0):
         # GPT-2: projections into the residual stream start with std 0.02 / sqrt(2 * n_layer).
         output_std = 0.02 / (2 * config.n_layer) ** 0.5
-        self.ln_1 = LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, rng, output_std, config.dropout, config.bias)
-        self.ln_2 = LayerNorm(config.n_embd)
-        self.mlp = MLP(config.n_embd, config.mlp_ratio * config.n_embd, rng, output_std, config.dropout,
-                       config.bias)
+        width, hidden = config.n_embd, config.mlp_ratio * config.n_embd
+        self.ln_1 = LayerNorm(width)
+        self.attn = CausalSelfAttention(width, config.n_head, rng, output_std, config.dropout, config.bias)
+        self.ln_2 = LayerNorm(width)
+        if num_experts:
+            self.mlp = MoE(width, hidden, num_experts, config.moe_settings(), rng, output_std, config.residual,
+                           config.dropout)
+        else:
+            self.mlp = MLP(width, hidden, rng, output_std, config.dropout, config.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats | None]:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        if isinstance(self.mlp, MoE):
+            y, stats = self.mlp(self.ln_2(x))
+            return x + y, stats
+        return x + self.mlp(self.ln_2(x)), None
 
 
 class GPT(Module):
@@ -51,25 +106,33 @@ class GPT(Module):
         rng = np.random.default_rng(config.init_seed)
         self.wte = Embedding(config.vocab_size, config.n_embd, rng)
         self.wpe = Embedding(config.block_size, config.n_embd, rng, decay=False)
-        self.blocks = [Block(config, rng) for _ in range(config.n_layer)]
+        self.blocks = [Block(config, rng, experts) for experts in config.experts_in_block()]
         self.ln_f = LayerNorm(config.n_embd)
 
-    def forward(self, tokens: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
-        """tokens [B, T] (integers < vocab_size, T <= block_size) -> (logits [B, T, V], mean loss or None)."""
+    def forward(self, tokens: Any, targets: Any = None) -> ModelOutput:
+        """tokens [B, T] (integers < vocab_size, T <= block_size), optional targets [B, T] -> ModelOutput."""
         batch, length = tokens.shape
         if length > self.config.block_size:
             raise ValueError(f"sequence of {length} tokens is longer than the model's context "
                              f"(block_size={self.config.block_size})")
         positions = backend.array_module(tokens).arange(length)
         x = ops.dropout(self.wte(tokens) + self.wpe(positions), self.config.dropout, self.training)
+        moe_stats = []
         for block in self.blocks:
-            x = block(x)
+            x, stats = block(x)
+            if stats is not None:
+                moe_stats.append(stats)
         x = self.ln_f(x)
         logits = x @ self.wte.weight.transpose()  # tied: the output layer is the embedding matrix
         if targets is None:
-            return logits, None
-        flat_logits = logits.reshape(batch * length, self.config.vocab_size)
-        return logits, ops.cross_entropy(flat_logits, targets.reshape(-1))
+            return ModelOutput(logits, None, None, moe_stats)
+        lm_loss = ops.cross_entropy(logits.reshape(batch * length, self.config.vocab_size), targets.reshape(-1))
+        loss = lm_loss
+        for stats in moe_stats:  # GShard / DeepSpeed: the auxiliary losses of all MoE layers add up
+            loss = loss + self.config.aux_loss_coef * stats.aux_loss
+            if stats.z_loss is not None:
+                loss = loss + self.config.z_loss_coef * stats.z_loss
+        return ModelOutput(logits, loss, lm_loss, moe_stats)
 
     def num_parameters(self) -> int:
         return sum(parameter.size for parameter in self.parameters())

@@ -26,6 +26,7 @@ from minimoe.config import Config, ConfigError, from_dict, to_dict
 from minimoe.data import ByteTokenizer, DataError, TokenData, load_text
 from minimoe.generate import generate
 from minimoe.model import GPT
+from minimoe.moe.layer import describe
 from minimoe.optim import AdamW, clip_scale, cosine_lr, global_grad_norm
 from minimoe.tensor import no_grad
 
@@ -61,8 +62,7 @@ def evaluate(model: GPT, data: TokenData, config: Config) -> float:
     with no_grad():
         for _ in range(config.train.eval_batches):
             inputs, targets = data.batch("val", config.train.batch_size, rng)
-            _, loss = model(backend.asarray(inputs), backend.asarray(targets))
-            losses.append(loss.item())
+            losses.append(model(backend.asarray(inputs), backend.asarray(targets)).lm_loss.item())
     model.train()
     return float(np.mean(losses))
 
@@ -184,20 +184,25 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
             backend.manual_seed(train_config.seed, step)
             inputs, targets = data.batch("train", train_config.batch_size,
                                          np.random.default_rng([train_config.seed, step]))
-            _, loss = model(backend.asarray(inputs), backend.asarray(targets))
-            loss.backward()
+            output = model(backend.asarray(inputs), backend.asarray(targets))
+            output.loss.backward()
             grad_norm = global_grad_norm(optimizer.parameters)
             optimizer.step(clip_scale(grad_norm, train_config.grad_clip))
             model.zero_grad()
             step += 1
             window_steps += 1
-            loss_value = loss.item()
+            loss_value = output.lm_loss.item()
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
-            record(step=step, train_loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+            moe = describe(output.moe)
+            record(step=step, train_loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                   **({"moe": moe} if moe else {}))
             line = _progress(step, train_config.max_steps, loss_value, lr, tokens_per_s)
             if step % train_config.log_interval == 0 or step == stop_at:
                 print(("\r" if interactive else "") + line, flush=True)
+                for layer, stats in enumerate(moe):
+                    print(f"    moe layer {layer}: tokens per expert {stats['tokens_per_expert']}, "
+                          f"dropped {100 * stats['dropped']:.1f}% (capacity {stats['capacity']})")
                 window_start, window_steps = time.perf_counter(), 0
             elif interactive:
                 print("\r" + line, end="", flush=True)

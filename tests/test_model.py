@@ -26,12 +26,11 @@ def test_whole_gpt_gradients_match_finite_differences(seed, batch, length):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 11, (batch, length))
     targets = rng.integers(0, 11, (batch, length))
-    _, loss = model(tokens, targets)
-    loss.backward()
+    model(tokens, targets).loss.backward()
 
     def loss_value() -> float:
         with no_grad():
-            return model(tokens, targets)[1].item()
+            return model(tokens, targets).loss.item()
 
     for name, parameter in model.named_parameters():
         picks = [tuple(rng.integers(0, size) for size in parameter.shape) for _ in range(3)]
@@ -48,8 +47,8 @@ def test_model_is_causal():
     changed = tokens.copy()
     changed[0, -1] = (changed[0, -1] + 1) % 11
     with no_grad():
-        a, _ = model(tokens)
-        b, _ = model(changed)
+        a = model(tokens).logits
+        b = model(changed).logits
     np.testing.assert_array_equal(a.data[0, :-1], b.data[0, :-1])
     assert not np.allclose(a.data[0, -1], b.data[0, -1])
 
@@ -78,8 +77,7 @@ def test_output_layer_is_tied_to_token_embedding():
     gradient (through the output layer), and there is no separate output matrix."""
     model = tiny_model()
     assert [name for name, _ in model.named_parameters() if name.startswith(("wte", "lm_head"))] == ["wte.weight"]
-    _, loss = model(np.array([[1, 2, 3]]), np.array([[2, 3, 4]]))
-    loss.backward()
+    model(np.array([[1, 2, 3]]), np.array([[2, 3, 4]])).loss.backward()
     absent = [0, 5, 6, 7, 8, 9, 10]
     assert np.all(np.abs(model.wte.weight.grad[absent]).sum(axis=1) > 0)
 
@@ -88,5 +86,5 @@ def test_initial_loss_is_near_uniform_guess():
     model = GPT(GPTConfig()).eval()
     tokens = np.random.default_rng(0).integers(0, 256, (4, 64))
     with no_grad():
-        _, loss = model(tokens, np.roll(tokens, -1, axis=1))
+        loss = model(tokens, np.roll(tokens, -1, axis=1)).loss
     assert abs(loss.item() - np.log(256)) < 0.1

@@ -1,0 +1,168 @@
+"""Top-k gating with expert capacity: which expert each token goes to, where in that expert's buffer,
+and with what weight. The semantics are GShard's (Lepikhin et al., 2020, Algorithm 1) as DeepSpeed's
+`top1gating` / `top2gating` (deepspeed/moe/sharded_moe.py) define them.
+
+For gate logits z [T, E] (float32) and a capacity C:
+
+    p = softmax(z)                                   probabilities over the E experts
+    first[t]  = argmax_e first_scores[t, e]          first_scores = z, or z + Gumbel noise (RSample)
+    second[t] = argmax_{e != first[t]} second_scores[t, e]   (k = 2; z, or z + Gumbel noise)
+
+Positions in an expert's buffer (DeepSpeed's `locations = cumsum(mask) - 1`):
+    - first choices queue in token order; with random token selection (top-1, `priority` given) the
+      first C tokens by priority (smallest first) are the ones kept, and they are then numbered in
+      token order as DeepSpeed numbers them;
+    - every second choice queues after *all* first choices of its expert (dropped ones included):
+      position = (number of first choices of e) + (rank among second choices of e, in token order);
+    - a choice whose position is >= C is dropped: position -1, weight 0.
+
+Weights: top-1 uses w = p[t, first] for a kept choice. Top-2 uses the kept probabilities renormalised,
+w_j = p[t, e_j] kept_j / max(sum_j p[t, e_j] kept_j, eps) (DeepSpeed's `denom_s` clamp).
+
+Load balancing (GShard eq. 4, Switch eq. 4): with me_e = mean_t p[t, e] and ce_e the fraction of tokens
+whose *first* choice is e (before drops),
+
+    aux_loss = E * E * mean_e(me_e * ce_e) = E * sum_e me_e * ce_e          (1 when perfectly balanced)
+
+Gradients reach the logits through the kept weights and through me (ce counts integers); the routing
+itself is piecewise constant. `capacity=None` is dropless: C = the largest number of choices any expert
+received, so nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
+
+from minimoe.backend import array_module
+
+
+class Gating(NamedTuple):
+    probs: Any  # [T, E] softmax of the logits
+    expert_index: Any  # [T, k] int64: each token's choices, distinct experts
+    position: Any  # [T, k] int64: slot in the expert's buffer, -1 where dropped
+    weight: Any  # [T, k] combine weights, 0 where dropped
+    capacity: int  # C: the buffer length of every expert
+    tokens_per_expert: Any  # [E] int64: choices each expert received, before drops
+    first_choice_fraction: Any  # [E] ce: fraction of tokens whose first choice is e
+    aux_loss: Any  # 0-d: E * sum_e mean_t(p[:, e]) * ce_e
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """C = max(min_capacity, ceil(T / E * capacity_factor * k)) (DeepSpeed's `_capacity`; top-2 passes
+    capacity_factor * 2)."""
+    return max(min_capacity, int(np.ceil(num_tokens / num_experts * capacity_factor * k)))
+
+
+def _rank_within_expert(choice: Any, order: Any, num_experts: int) -> Any:
+    """rank[t] = how many tokens before t in `order` (a permutation of the tokens) chose the same
+    expert: DeepSpeed's `cumsum(one_hot(choice), dim=0) - 1`, taken in the given order."""
+    xp = array_module(choice)
+    in_order = choice[order]
+    one_hot = in_order[:, None] == xp.arange(num_experts)[None, :]
+    rank_in_order = (xp.cumsum(one_hot, axis=0) - 1)[xp.arange(len(order)), in_order]
+    rank = xp.empty_like(rank_in_order)
+    rank[order] = rank_in_order
+    return rank
+
+
+def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = None, second_scores: Any = None,
+                priority: Any = None) -> Gating:
+    """Route T tokens to k of E experts each. `first_scores` / `second_scores` default to the logits
+    (pass logits + Gumbel noise for RSample / second-expert sampling); `priority` [T] (top-1 only:
+    random token selection) decides which tokens an over-full expert keeps, smallest first."""
+    xp = array_module(logits)
+    num_tokens, num_experts = logits.shape
+    if k not in (1, 2):
+        raise ValueError(f"k must be 1 or 2 (DeepSpeed's top1gating / top2gating), got {k}")
+    if k == 2 and num_experts < 2:
+        raise ValueError(f"top-2 gating needs at least 2 experts, got {num_experts}")
+    if k == 2 and priority is not None:
+        raise ValueError("random token selection (priority) is defined for top-1 gating only")
+    tokens = xp.arange(num_tokens)
+    probs = softmax_forward(logits)
+
+    first = xp.argmax(logits if first_scores is None else first_scores, axis=1)
+    first_counts = xp.bincount(first, minlength=num_experts)
+    choices = [first]
+    if k == 2:
+        scores = (logits if second_scores is None else second_scores).copy()
+        scores[tokens, first] = -xp.inf
+        choices.append(xp.argmax(scores, axis=1))
+    expert_index = xp.stack(choices, axis=1)
+    tokens_per_expert = xp.bincount(expert_index.reshape(-1), minlength=num_experts)
+    if capacity is None:
+        capacity = max(int(tokens_per_expert.max()), 1)
+
+    # First choices: the first C by priority are kept, then numbered in token order.
+    if priority is None:
+        rank = _rank_within_expert(first, tokens, num_experts)
+        kept_first = rank < capacity
+        position_first = rank
+    else:
+        kept_first = _rank_within_expert(first, xp.argsort(priority, kind="stable"), num_experts) < capacity
+        position_first = _rank_within_expert(xp.where(kept_first, first, num_experts), tokens, num_experts + 1)
+    positions = [position_first]
+    if k == 2:  # second choices queue behind all first choices of their expert
+        positions.append(first_counts[choices[1]] + _rank_within_expert(choices[1], tokens, num_experts))
+    position = xp.stack(positions, axis=1)
+    kept = position < capacity
+    kept[:, 0] &= kept_first
+    position = xp.where(kept, position, -1)
+
+    chosen_probs = xp.take_along_axis(probs, expert_index, axis=1) * kept
+    if k == 1:
+        weight = chosen_probs
+    else:
+        weight = chosen_probs / xp.maximum(chosen_probs.sum(axis=1, keepdims=True), np.finfo(probs.dtype).eps)
+
+    first_choice_fraction = (first_counts / num_tokens).astype(probs.dtype)
+    aux_loss = num_experts * (probs.mean(axis=0) * first_choice_fraction).sum()
+    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, first_choice_fraction,
+                  aux_loss)
+
+
+def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
+    """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs."""
+    xp = array_module(grad_weight)
+    probs, expert_index, weight = gating.probs, gating.expert_index, gating.weight
+    kept = gating.position >= 0
+    k = expert_index.shape[1]
+    if k == 1:
+        grad_chosen = grad_weight * kept
+    else:
+        # w_j = a_j / s with a_j = p_j kept_j, s = max(sum a, eps): dL/da_j = (g_j - sum_i g_i w_i) / s.
+        chosen = xp.take_along_axis(probs, expert_index, axis=1) * kept
+        total = chosen.sum(axis=1, keepdims=True)
+        clamped = total < np.finfo(probs.dtype).eps
+        denominator = xp.where(clamped, np.finfo(probs.dtype).eps, total)
+        grad_chosen = (grad_weight - (grad_weight * weight).sum(axis=1, keepdims=True)) / denominator
+        grad_chosen = xp.where(clamped, grad_weight / denominator, grad_chosen) * kept
+    grad_probs = xp.zeros_like(probs)
+    for choice in range(k):
+        grad_probs[xp.arange(len(probs)), expert_index[:, choice]] += grad_chosen[:, choice]
+    return softmax_backward(grad_probs, probs)
+
+
+def aux_loss_backward(grad_loss: Any, gating: Gating) -> Any:
+    """d aux_loss / d logits: aux = E * sum_e ce_e * mean_t p[t, e], so dL/dp[t, e] = g * E * ce_e / T
+    for every token t."""
+    probs = gating.probs
+    num_tokens, num_experts = probs.shape
+    grad_probs = array_module(probs).broadcast_to(
+        (grad_loss * num_experts / num_tokens) * gating.first_choice_fraction, probs.shape)
+    return softmax_backward(grad_probs, probs)
+
+
+def z_loss_forward(logits: Any) -> tuple[Any, Any]:
+    """Router z-loss (ST-MoE, Zoph et al., 2022, eq. 5): mean_t logsumexp(z_t)^2; returns (loss, lse [T])."""
+    row_logsumexp = logsumexp(logits)
+    return (row_logsumexp**2).mean(), row_logsumexp
+
+
+def z_loss_backward(grad_loss: Any, logits: Any, row_logsumexp: Any) -> Any:
+    """d/dz_te of mean_t lse_t^2 = 2 lse_t softmax(z_t)_e / T."""
+    probs = array_module(logits).exp(logits - row_logsumexp[:, None])
+    return probs * (grad_loss * 2.0 / len(logits) * row_logsumexp)[:, None]

@@ -1,0 +1,125 @@
+"""The MoE layer: gate -> dispatch -> experts -> combine, and Residual MoE beside it.
+
+One token's path, with the shapes (T tokens, d wide, E experts, capacity C, k choices):
+
+    x [T, d] --gate Linear(d -> E, no bias)--> logits [T, E]
+             --route (gate.py)--> table: expert_index [T, k], position [T, k], weight [T, k]
+    x --dispatch--> buffer [E, C, d]  (row t copied to buffer[expert_index[t, j], position[t, j]])
+      --experts--> out [E, C, d]      (expert e's MLP on buffer[e])
+      --combine--> y [T, d]           (y[t] = sum_j weight[t, j] * out[expert_index[t, j], position[t, j]])
+
+Residual MoE (DeepSpeed-MoE sec. 4.1.2, DeepSpeed's `use_residual`): a dense MLP runs beside the MoE on
+every token, and a learned per-token 2-way softmax mixes the two: y = c0 * moe(x) + c1 * mlp(x),
+c = softmax(Linear(d -> 2)(x)). The MoE then only has to learn a correction to a fixed MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import minimoe.cuda.dispatch as dispatch_kernels
+from minimoe import backend, ops
+from minimoe.moe.experts import Experts
+from minimoe.moe.gate import Routing, jitter, route
+from minimoe.nn import MLP, Linear, Module
+from minimoe.tensor import Function, Tensor
+
+
+class Dispatch(Function):
+    """x [T, d] -> buffer [E, C, d]; backward gathers the buffer gradient back (combine, unit weights)."""
+
+    def forward(ctx, x, routing):
+        ctx.routing = routing
+        return dispatch_kernels.dispatch(x, routing.expert_index, routing.position, routing.num_experts,
+                                         routing.capacity)
+
+    def backward(ctx, grad_buffer):
+        routing = ctx.routing
+        return dispatch_kernels.combine(grad_buffer, routing.expert_index, routing.position)
+
+
+class Combine(Function):
+    """(out [E, C, d], weight [T, k]) -> y [T, d]; backward scatters weight * grad_y back by the same
+    table and dots grad_y with the rows each weight scaled."""
+
+    def forward(ctx, out, weight, routing):
+        ctx.routing = routing
+        ctx.save(out, weight)
+        return dispatch_kernels.combine(out, routing.expert_index, routing.position, weight)
+
+    def backward(ctx, grad_y):
+        out, weight = ctx.saved
+        table = ctx.routing.expert_index, ctx.routing.position
+        grad_out = dispatch_kernels.dispatch(grad_y, *table, ctx.routing.num_experts, ctx.routing.capacity, weight)
+        return grad_out, dispatch_kernels.combine_weight_grad(grad_y, out, *table)
+
+
+@dataclass
+class MoEStats:
+    aux_loss: Tensor
+    z_loss: Tensor | None
+    tokens_per_expert: np.ndarray  # [E] choices per expert before drops (host copy, for logs)
+    dropped_fraction: float
+    capacity: int
+
+
+@dataclass
+class MoESettings:
+    """How one MoE layer routes (GPTConfig holds these for every MoE layer of a model)."""
+
+    k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    use_rts: bool = False
+    noisy_gate_policy: str = ""
+    second_expert_sampling: bool = False
+    z_loss: bool = False
+
+
+class MoE(Module):
+    def __init__(self, width: int, hidden: int, num_experts: int, settings: MoESettings, rng: np.random.Generator,
+                 output_std: float, residual: bool = False, dropout: float = 0.0):
+        self.settings = settings
+        self.gate = Linear(width, num_experts, rng, bias=False)
+        self.experts = Experts(num_experts, width, hidden, rng, output_std)
+        self.residual_mlp = MLP(width, hidden, rng, output_std) if residual else None
+        self.coefficient = Linear(width, 2, rng) if residual else None
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+        """x [..., d] -> (y [..., d], stats with the auxiliary losses to add to the training loss)."""
+        settings = self.settings
+        tokens = x.reshape(-1, x.shape[-1])
+        gate_input = tokens
+        if self.training and settings.noisy_gate_policy == "Jitter":
+            gate_input = tokens * jitter(tokens.shape, tokens.dtype)
+        routing = route(
+            self.gate(gate_input), settings.k,
+            settings.capacity_factor if self.training else settings.eval_capacity_factor,
+            settings.min_capacity, settings.drop_tokens, training=self.training,
+            noisy_gate_policy=settings.noisy_gate_policy, use_rts=settings.use_rts,
+            second_expert_sampling=settings.second_expert_sampling, z_loss=settings.z_loss,
+        )
+        buffer = Dispatch.apply(tokens, routing=routing)
+        y = Combine.apply(self.experts(buffer), routing.weight, routing=routing)
+        if self.residual_mlp is not None:
+            mix = ops.softmax(self.coefficient(tokens))
+            y = y * mix[:, 0:1] + self.residual_mlp(tokens) * mix[:, 1:2]
+        y = ops.dropout(y, self.dropout, self.training)
+        return y.reshape(x.shape), self._stats(routing)
+
+    @staticmethod
+    def _stats(routing: Routing) -> MoEStats:
+        return MoEStats(routing.aux_loss, routing.z_loss, backend.to_numpy(routing.tokens_per_expert),
+                        routing.dropped_fraction, routing.capacity)
+
+
+def describe(stats: list[MoEStats]) -> list[dict[str, Any]]:
+    """Per MoE layer, what the training log records: tokens per expert, dropped fraction, capacity."""
+    return [{"tokens_per_expert": s.tokens_per_expert.tolist(), "dropped": round(s.dropped_fraction, 6),
+             "capacity": s.capacity} for s in stats]
