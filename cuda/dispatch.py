@@ -1,5 +1,5 @@
 """Dispatch and combine through the mapping table: the data-layout idea of the DeepSpeed-MoE
-inference paper (Rajbhandari et al., 2022, sec. 5.3): never build GShard's one-hot dispatch and combine
+paper's inference design (Rajbhandari et al., 2022, sec. 5): never build GShard's one-hot dispatch and combine
 tensors [T, E, C] or the einsums over them; move rows by the table instead. Memory stays
 O(T * k + E * C * d) rather than O(T * E * C).
 
@@ -13,13 +13,25 @@ position[t, j] of expert expert_index[t, j]'s buffer, or nowhere when position i
 The two are each other's adjoints over the same table: <dispatch(x), B> = <x, combine(B)> with unit
 weights. So the backward of dispatch is a combine with unit weights, and the backward of combine is a
 dispatch of the output gradient scaled by the weights (plus the weights' own gradient, a row-wise dot).
+
+GPU: dispatch is a Numba CUDA kernel (cuda/dispatch_numba.py) that fills the buffer slot by slot from
+the inverse table (slot -> token), each word written once, zeros included, in the widest words the row
+length allows (16 bytes for bf16 rows of a multiple of 8); combine and combine's backward are CUDA C in
+cuda/dispatch.cu (one block per token, 16-byte vectors, float32 sums).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from minimoe.backend import array_module
+import numpy as np
+from minimoe.cuda import build
+
+from minimoe.backend import array_module, is_gpu
+
+build.register("dispatch.cu", *(f"{name}<{t}, {v}>" for name in ("combine_rows", "combine_backward")
+                                for t in ("float", "bf16") for v in ("true", "false")))
+THREADS = 128
 
 
 def _kept_slots(expert_index: Any, position: Any, capacity: int, choice: int) -> tuple[Any, Any]:
@@ -32,6 +44,8 @@ def dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacit
              scale: Any = None) -> Any:
     """Scatter the rows of x [T, d] into a zero-filled buffer [E, C, d] by the table; `scale` [T, k]
     multiplies each choice's row (None: 1)."""
+    if is_gpu(x) and scale is None:
+        return _gpu_dispatch(x, expert_index, position, num_experts, capacity)
     xp = array_module(x)
     width = x.shape[1]
     buffer = xp.zeros((num_experts * capacity, width), dtype=x.dtype)
@@ -44,7 +58,9 @@ def dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacit
 
 def combine(buffer: Any, expert_index: Any, position: Any, weight: Any = None) -> Any:
     """y [T, d] = sum over each token's kept choices of weight * the buffer row it points at
-    (weight None: 1)."""
+    (weight None: 1). Also the backward of dispatch (unit weights)."""
+    if is_gpu(buffer):
+        return _gpu_combine(buffer, expert_index, position, weight)
     xp = array_module(buffer)
     num_experts, capacity, width = buffer.shape
     rows = buffer.reshape(num_experts * capacity, width)
@@ -67,3 +83,97 @@ def combine_weight_grad(grad_y: Any, buffer: Any, expert_index: Any, position: A
         kept, slots = _kept_slots(expert_index, position, capacity, choice)
         grad_weight[kept, choice] = (grad_y[kept] * rows[slots]).sum(axis=1)
     return grad_weight
+
+
+def combine_backward(grad_y: Any, buffer: Any, expert_index: Any, position: Any, weight: Any) -> tuple[Any, Any]:
+    """(d loss / d buffer [E, C, d], d loss / d weight [T, k]) of y = combine(buffer, table, weight)."""
+    if is_gpu(grad_y):
+        return _gpu_combine_backward(grad_y, buffer, expert_index, position, weight)
+    num_experts, capacity, _ = buffer.shape
+    return (dispatch(grad_y, expert_index, position, num_experts, capacity, scale=weight),
+            combine_weight_grad(grad_y, buffer, expert_index, position))
+
+
+# ----------------------------------------------------------------------------- GPU paths
+
+
+def row_words(rows: Any) -> Any:
+    """rows [N, d] viewed as [N, W] words of the widest type (16, 8, 4 or 2 bytes) dividing a row."""
+    row_bytes = rows.shape[1] * rows.dtype.itemsize
+    word = next(w for w in (np.complex128, np.float64, np.float32, np.uint16, np.uint8)
+                if row_bytes % np.dtype(w).itemsize == 0)
+    return rows.view(word)
+
+
+def source_tokens(expert_index: Any, position: Any, num_experts: int, capacity: int) -> Any:
+    """The inverse table: for each of the E * C slots, the token whose kept choice sits there, or -1.
+    Dropped choices all write into one extra slot past the end, which is cut off (no boolean
+    indexing, so no host synchronisation on the GPU)."""
+    xp = array_module(position)
+    tokens, k = position.shape
+    slot = xp.where(position >= 0, expert_index * capacity + position, num_experts * capacity)
+    source = xp.full(num_experts * capacity + 1, -1, dtype=xp.int64)
+    source[slot.reshape(-1)] = xp.repeat(xp.arange(tokens, dtype=xp.int64), k)
+    return source[:-1]
+
+
+def launch_fill_slots(x: Any, source: Any, buffer_rows: Any) -> None:
+    """Run the Numba kernel: buffer_rows [E * C, d] from x [T, d] and the inverse table (device arrays,
+    or host arrays on the simulator)."""
+    from minimoe.cuda.dispatch_numba import fill_slots
+    from numba import cuda
+
+    x_words, buffer_words = row_words(x), row_words(buffer_rows)
+    if is_gpu(x):  # hand CuPy memory to Numba without the per-call stream synchronisation
+        x_words, buffer_words, source = (cuda.as_cuda_array(a, sync=False) for a in (x_words, buffer_words, source))
+    total = buffer_words.shape[0] * buffer_words.shape[1]
+    blocks = max(1, min(65535, (total + THREADS - 1) // THREADS))
+    fill_slots[blocks, THREADS](x_words, source, buffer_words)
+
+
+def _gpu_dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacity: int) -> Any:
+    import cupy
+
+    x = cupy.ascontiguousarray(x)
+    buffer = cupy.empty((num_experts * capacity, x.shape[1]), dtype=x.dtype)
+    launch_fill_slots(x, source_tokens(expert_index, position, num_experts, capacity), buffer)
+    return buffer.reshape(num_experts, capacity, x.shape[1])
+
+
+def _launch_config(rows: Any) -> tuple[str, str]:
+    type_name = {"float32": "float", "bfloat16": "bf16"}[rows.dtype.name]
+    vectorised = (rows.shape[-1] * rows.dtype.itemsize) % 16 == 0
+    return type_name, "true" if vectorised else "false"
+
+
+def _gpu_combine(buffer: Any, expert_index: Any, position: Any, weight: Any) -> Any:
+    import cupy
+
+    num_experts, capacity, width = buffer.shape
+    tokens, k = position.shape
+    y = cupy.empty((tokens, width), dtype=buffer.dtype)
+    type_name, vectorised = _launch_config(buffer)
+    # A null weight pointer means unit weights (the backward of dispatch).
+    weight = np.uint64(0) if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
+    build.kernel("dispatch.cu", f"combine_rows<{type_name}, {vectorised}>")(
+        (max(tokens, 1),), (THREADS,),
+        (cupy.ascontiguousarray(buffer), expert_index, position, weight, y, np.int32(k), np.int32(capacity),
+         np.int32(width)))
+    return y
+
+
+def _gpu_combine_backward(grad_y: Any, buffer: Any, expert_index: Any, position: Any,
+                          weight: Any) -> tuple[Any, Any]:
+    import cupy
+
+    num_experts, capacity, width = buffer.shape
+    tokens, k = position.shape
+    grad_buffer = cupy.zeros_like(buffer)
+    grad_weight = cupy.empty((tokens, k), dtype=cupy.float32)
+    type_name, vectorised = _launch_config(buffer)
+    build.kernel("dispatch.cu", f"combine_backward<{type_name}, {vectorised}>")(
+        (max(tokens, 1),), (THREADS,),
+        (cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(buffer), expert_index, position,
+         cupy.ascontiguousarray(weight, dtype=cupy.float32), grad_buffer, grad_weight, np.int32(k),
+         np.int32(capacity), np.int32(width)))
+    return grad_buffer, grad_weight.astype(weight.dtype)

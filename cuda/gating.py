@@ -19,8 +19,8 @@ Positions in an expert's buffer (DeepSpeed's `locations = cumsum(mask) - 1`):
 Weights: top-1 uses w = p[t, first] for a kept choice. Top-2 uses the kept probabilities renormalised,
 w_j = p[t, e_j] kept_j / max(sum_j p[t, e_j] kept_j, eps) (DeepSpeed's `denom_s` clamp).
 
-Load balancing (GShard eq. 4, Switch eq. 4): with me_e = mean_t p[t, e] and ce_e the fraction of tokens
-whose *first* choice is e (before drops),
+Load balancing (GShard Algorithm 1, Switch Transformer eq. 4): with me_e = mean_t p[t, e] and ce_e
+the fraction of tokens whose *first* choice is e (before drops),
 
     aux_loss = E * E * mean_e(me_e * ce_e) = E * sum_e me_e * ce_e          (1 when perfectly balanced)
 
@@ -34,9 +34,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+from minimoe.cuda import build
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
-from minimoe.backend import array_module
+from minimoe.backend import array_module, is_gpu
+
+RANK_BLOCK = 1024  # entries one block of gate_rank_in_block ranks (32 warps)
 
 
 class Gating(NamedTuple):
@@ -73,7 +76,6 @@ def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = N
     """Route T tokens to k of E experts each. `first_scores` / `second_scores` default to the logits
     (pass logits + Gumbel noise for RSample / second-expert sampling); `priority` [T] (top-1 only:
     random token selection) decides which tokens an over-full expert keeps, smallest first."""
-    xp = array_module(logits)
     num_tokens, num_experts = logits.shape
     if k not in (1, 2):
         raise ValueError(f"k must be 1 or 2 (DeepSpeed's top1gating / top2gating), got {k}")
@@ -81,6 +83,9 @@ def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = N
         raise ValueError(f"top-2 gating needs at least 2 experts, got {num_experts}")
     if k == 2 and priority is not None:
         raise ValueError("random token selection (priority) is defined for top-1 gating only")
+    if is_gpu(logits):
+        return _gpu_topk_gating(logits, k, capacity, first_scores, second_scores, priority)
+    xp = array_module(logits)
     tokens = xp.arange(num_tokens)
     probs = softmax_forward(logits)
 
@@ -124,6 +129,62 @@ def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = N
                   aux_loss)
 
 
+def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any, second_scores: Any,
+                     priority: Any) -> Gating:
+    """cuda/gating.cu: softmax and choices, then per column a block-local ranking, a cumulative sum of
+    the per-block counts, and the global positions; then the weights. Float32 throughout."""
+    import cupy
+
+    null = np.uint64(0)
+    num_tokens, num_experts = logits.shape
+    as_float = lambda a: null if a is None else cupy.ascontiguousarray(a, dtype=cupy.float32)  # noqa: E731
+    logits = as_float(logits)
+    probs = cupy.empty((num_tokens, num_experts), dtype=cupy.float32)
+    expert_index = cupy.empty((num_tokens, k), dtype=cupy.int64)
+    warps_per_block = 8
+    build.kernel("gating.cu", "gate_softmax_topk")(
+        ((num_tokens + warps_per_block - 1) // warps_per_block,), (32 * warps_per_block,),
+        (logits, as_float(first_scores), as_float(second_scores), probs, expert_index, np.int32(num_tokens),
+         np.int32(num_experts), np.int32(k)))
+    tokens_per_expert = cupy.bincount(expert_index.reshape(-1), minlength=num_experts)
+    first_counts = cupy.bincount(expert_index[:, 0], minlength=num_experts)
+    if capacity is None:
+        capacity = max(int(tokens_per_expert.max()), 1)
+    position = cupy.empty((num_tokens, k), dtype=cupy.int64)
+    blocks = (num_tokens + RANK_BLOCK - 1) // RANK_BLOCK
+
+    def rank(column: int, order: Any = null, keep: Any = null, queue_offset: Any = null, mark: Any = None) -> None:
+        rank_in_block = cupy.empty(num_tokens, dtype=cupy.int32)
+        block_counts = cupy.empty((blocks, num_experts), dtype=cupy.int32)
+        build.kernel("gating.cu", "gate_rank_in_block")(
+            (blocks,), (RANK_BLOCK,),
+            (expert_index, np.int32(k), np.int32(column), order, keep, np.int32(num_tokens), np.int32(num_experts),
+             rank_in_block, block_counts), shared_mem=4 * (RANK_BLOCK // 32) * num_experts)
+        block_offsets = cupy.cumsum(block_counts, axis=0, dtype=cupy.int32) - block_counts
+        build.kernel("gating.cu", "gate_finish_rank")(
+            ((num_tokens + 255) // 256,), (256,),
+            (expert_index, np.int32(k), np.int32(column), order, rank_in_block, block_offsets, queue_offset,
+             np.int32(num_tokens), np.int32(num_experts), np.int32(RANK_BLOCK), np.int64(capacity),
+             np.int32(mark is not None), position, null if mark is None else mark))
+
+    if priority is None:
+        rank(0)
+    else:  # random token selection: rank in priority order to decide who is kept, then number in token order
+        kept_first = cupy.empty(num_tokens, dtype=cupy.uint8)
+        rank(0, order=cupy.argsort(priority).astype(cupy.int64), mark=kept_first)
+        rank(0, keep=kept_first)
+    if k == 2:
+        rank(1, queue_offset=first_counts)
+    weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
+    build.kernel("gating.cu", "gate_weights")(
+        ((num_tokens + 255) // 256,), (256,),
+        (probs, expert_index, position, weight, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
+    first_choice_fraction = (first_counts / num_tokens).astype(cupy.float32)
+    aux_loss = num_experts * (probs.mean(axis=0) * first_choice_fraction).sum()
+    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, first_choice_fraction,
+                  aux_loss)
+
+
 def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
     """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs."""
     xp = array_module(grad_weight)
@@ -157,7 +218,7 @@ def aux_loss_backward(grad_loss: Any, gating: Gating) -> Any:
 
 
 def z_loss_forward(logits: Any) -> tuple[Any, Any]:
-    """Router z-loss (ST-MoE, Zoph et al., 2022, eq. 5): mean_t logsumexp(z_t)^2; returns (loss, lse [T])."""
+    """Router z-loss (ST-MoE, Zoph et al., 2022, sec. 3.3): mean_t logsumexp(z_t)^2; returns (loss, lse [T])."""
     row_logsumexp = logsumexp(logits)
     return (row_logsumexp**2).mean(), row_logsumexp
 

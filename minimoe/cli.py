@@ -1,4 +1,4 @@
-"""The `minimoe` command: train, generate, bench.
+"""The `minimoe` command: train, generate, plot, bench.
 
 User mistakes (a bad config key or value, a missing or corrupted checkpoint, text the tokenizer cannot
 take, a prompt longer than the context) end with one line on stderr and exit status 2, never a
@@ -53,6 +53,16 @@ def _generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(tokens))
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from minimoe.plot import PlotError, plot_run
+
+    try:
+        written = plot_run(args.run_dir)
+    except PlotError as error:
+        raise UsageError(str(error)) from None
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from minimoe import bench
 
@@ -80,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     generate.set_defaults(run=_generate)
+
+    plot = commands.add_parser("plot", help="PNGs of a run: loss curves, expert load per MoE layer")
+    plot.add_argument("run_dir", help="a train.out_dir (it holds metrics.jsonl)")
+    plot.set_defaults(run=_plot)
 
     bench = commands.add_parser("bench", help="benchmarks with side-by-side peers")
     bench.add_argument("name", choices=["cpu-step"])

@@ -7,8 +7,8 @@ final LayerNorm -> logits [B, T, V] through the token embedding matrix itself (t
 
 MoE placement (DeepSpeed-MoE sec. 4): with moe_every = n, the MLP of every n-th block becomes an MoE
 (n = 2: every other block, as DeepSpeed-MoE's models do). experts_per_layer gives the expert count of
-each MoE layer; a Pyramid-MoE (sec. 4.1.1) uses fewer experts in early layers and more in the last ones.
-With residual = true every MoE layer is a Residual MoE (sec. 4.1.2); pyramid + residual is PR-MoE.
+each MoE layer; a Pyramid-MoE (sec. 4.1) uses fewer experts in early layers and more in the last ones.
+With residual = true every MoE layer is a Residual MoE (sec. 4.1); pyramid + residual is PR-MoE.
 """
 
 from __future__ import annotations

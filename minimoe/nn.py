@@ -18,11 +18,13 @@ from minimoe.tensor import Tensor
 
 class Parameter(Tensor):
     """A trainable tensor. `decay` says whether AdamW applies weight decay to it (not to biases,
-    LayerNorm gains or the position table: GPT-2 / nanoGPT practice)."""
+    LayerNorm gains or the position table: GPT-2 / nanoGPT practice). `keep_float32` keeps it in float32
+    when the model is cast to bf16 (the MoE gate, as DeepSpeed keeps its gate in float32)."""
 
-    def __init__(self, data: Any, decay: bool = True):
+    def __init__(self, data: Any, decay: bool = True, keep_float32: bool = False):
         super().__init__(backend.asarray(data), requires_grad=True)
         self.decay = decay
+        self.keep_float32 = keep_float32
 
 
 def normal_init(shape: tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:
@@ -67,9 +69,11 @@ class Module:
             parameter.grad = None
 
     def to(self, dtype: Any) -> Module:
-        """Cast every parameter to `dtype` on the current device (e.g. float64 for gradient checks)."""
+        """Cast the parameters to `dtype` on the current device (float64 for gradient checks, bf16 for
+        GPU working copies; parameters marked keep_float32 stay float32 unless dtype is float64)."""
         for parameter in self.parameters():
-            parameter.data = backend.asarray(parameter.data).astype(dtype)
+            target = np.float32 if parameter.keep_float32 and np.dtype(dtype).itemsize < 4 else dtype
+            parameter.data = backend.asarray(parameter.data).astype(target)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -96,8 +100,8 @@ class Module:
 
 class Linear(Module):
     def __init__(self, in_features: int, out_features: int, rng: np.random.Generator,
-                 bias: bool = True, std: float = 0.02):
-        self.weight = Parameter(normal_init((in_features, out_features), std, rng))
+                 bias: bool = True, std: float = 0.02, keep_float32: bool = False):
+        self.weight = Parameter(normal_init((in_features, out_features), std, rng), keep_float32=keep_float32)
         self.bias = Parameter(np.zeros(out_features, np.float32), decay=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -136,7 +140,9 @@ class MLP(Module):
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.dropout(self.proj(ops.gelu(self.fc(x))), self.dropout, self.training)
+        pre = x @ self.fc.weight
+        hidden = ops.bias_gelu(pre, self.fc.bias) if self.fc.bias is not None else ops.gelu(pre)
+        return ops.dropout(self.proj(hidden), self.dropout, self.training)
 
 
 class CausalSelfAttention(Module):

@@ -14,9 +14,11 @@ import itertools
 from typing import Any
 
 import minimoe.cuda.attention as attention_kernels
+import minimoe.cuda.bias_gelu as bias_gelu_kernels
 import minimoe.cuda.dropout as dropout_kernels
 import minimoe.cuda.embedding as embedding_kernels
 import minimoe.cuda.gelu as gelu_kernels
+import minimoe.cuda.gemm as gemm
 import minimoe.cuda.layernorm as layernorm_kernels
 import minimoe.cuda.softmax as softmax_kernels
 import minimoe.cuda.softmax_xent as softmax_xent_kernels
@@ -71,6 +73,17 @@ class Neg(Function):
         return -grad
 
 
+class Cast(Function):
+    """x in another floating dtype (bf16 activations <-> the float32 gate); the gradient casts back."""
+
+    def forward(ctx, a, dtype):
+        ctx.input_dtype = a.dtype
+        return a.astype(dtype)
+
+    def backward(ctx, grad):
+        return grad.astype(ctx.input_dtype)
+
+
 class Exp(Function):
     def forward(ctx, a):
         out = array_module(a).exp(a)
@@ -96,25 +109,27 @@ class Log(Function):
 
 
 class MatMul(Function):
-    """a @ b with NumPy's batched semantics (leading axes broadcast); both operands at least 2-D.
+    """a @ b with both operands at least 2-D: equal leading (batch) axes, or b a single matrix.
 
     The common case in a transformer, activations [..., k] times a weight [k, n], folds the leading
-    axes into one so that forward and both gradients are single large GEMMs, not one per batch row."""
+    axes into one so that forward and both gradients are single large GEMMs, not one per batch row.
+    Gradients: grad_a = grad @ b^T, grad_b = a^T @ grad (cuda/gemm.py takes the transposes as flags)."""
 
     def forward(ctx, a, b):
         if a.ndim < 2 or b.ndim < 2:
             raise ValueError(f"matmul needs operands of at least 2 dimensions, got {a.shape} and {b.shape}")
         ctx.save(a, b)
         if b.ndim == 2:
-            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
-        return a @ b
+            return gemm.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+        return gemm.matmul(a, b)
 
     def backward(ctx, grad):
         a, b = ctx.saved
         if b.ndim == 2:
             rows_a, rows_grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
-            return (rows_grad @ b.T).reshape(a.shape), rows_a.T @ rows_grad
-        return grad @ b.swapaxes(-1, -2), a.swapaxes(-1, -2) @ grad
+            return (gemm.matmul(rows_grad, b, transpose_b=True).reshape(a.shape),
+                    gemm.matmul(rows_a, rows_grad, transpose_a=True))
+        return gemm.matmul(grad, b, transpose_b=True), gemm.matmul(a, grad, transpose_a=True)
 
 
 class Reshape(Function):
@@ -204,6 +219,15 @@ class Gelu(Function):
     def backward(ctx, grad):
         (x,) = ctx.saved
         return gelu_kernels.gelu_backward(grad, x)
+
+
+class BiasGelu(Function):
+    def forward(ctx, x, bias):
+        ctx.save(x, bias)
+        return bias_gelu_kernels.bias_gelu_forward(x, bias)
+
+    def backward(ctx, grad):
+        return bias_gelu_kernels.bias_gelu_backward(grad, *ctx.saved)
 
 
 class Softmax(Function):
@@ -307,6 +331,10 @@ def neg(a: Tensor) -> Tensor:
     return Neg.apply(a)
 
 
+def cast(a: Tensor, dtype: Any) -> Tensor:
+    return a if a.dtype == dtype else Cast.apply(a, dtype=dtype)
+
+
 def exp(a: Tensor) -> Tensor:
     return Exp.apply(a)
 
@@ -360,6 +388,11 @@ def mean(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
 
 def gelu(x: Tensor) -> Tensor:
     return Gelu.apply(x)
+
+
+def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+    """gelu(x + bias), fused (bias [features], or [groups, 1, features] for x [groups, rows, features])."""
+    return BiasGelu.apply(x, bias)
 
 
 def softmax(x: Tensor) -> Tensor:

@@ -63,6 +63,12 @@ def test_prompt_longer_than_context_is_one_line(checkpoint, capsys):
                    "the prompt is 9 tokens long, more than the model's context (block_size=8)")
 
 
+def test_plot_writes_loss_curve_and_refuses_a_non_run(checkpoint, tmp_path, capsys):
+    assert main(["plot", str(checkpoint.parent)]) == 0
+    assert (checkpoint.parent / "loss.png").read_bytes().startswith(b"\x89PNG")
+    one_line_error(capsys, ["plot", str(tmp_path)], "metrics.jsonl does not exist")
+
+
 def test_console_script_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minimoe.cli", "train", "--set", "optim.lr=fast"],
                             capture_output=True, text=True, cwd=tmp_path)

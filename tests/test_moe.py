@@ -14,6 +14,7 @@ from minimoe.config import ConfigError, load_config
 from minimoe.model import GPT, GPTConfig
 from minimoe.moe.layer import MoE, MoESettings
 from minimoe.nn import MLP
+from minimoe.plot import plot_run
 from minimoe.tensor import Tensor, no_grad
 from minimoe.train import train
 
@@ -132,3 +133,6 @@ def test_moe_gpt_trains_and_logs_expert_load(tmp_path):
     moe_logs = [r["moe"] for r in records if "moe" in r]
     assert len(moe_logs) == 30 and [len(layer["tokens_per_expert"]) for layer in moe_logs[0]] == [2, 4]
     assert all(sum(layer["tokens_per_expert"]) == 8 * 16 for layer in moe_logs[-1])
+    written = plot_run(tmp_path / "run")
+    assert [p.name for p in written] == ["loss.png", "expert_load.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 10_000 for p in written)

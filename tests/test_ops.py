@@ -174,3 +174,10 @@ def test_no_grad_records_no_tape():
 def test_backward_needs_a_scalar_or_a_gradient():
     with pytest.raises(ValueError, match="single-element"):
         (Tensor(np.ones(3), requires_grad=True) * 2).backward()
+
+
+@given(groups=st.integers(1, 3), rows=st.integers(1, 4), features=st.integers(1, 5), seed=seeds)
+def test_bias_gelu_gradients_for_dense_and_per_expert_bias(groups, rows, features, seed):
+    x = randn(seed, (groups, rows, features))
+    check_gradients(ops.bias_gelu, [x, randn(seed + 1, (features,))])
+    check_gradients(ops.bias_gelu, [x, randn(seed + 2, (groups, 1, features))])

@@ -22,5 +22,5 @@ class Experts(Module):
         self.proj_bias = Parameter(np.zeros((num_experts, 1, width), np.float32), decay=False)
 
     def forward(self, buffer: Tensor) -> Tensor:
-        hidden = ops.gelu(buffer @ self.fc_weight + self.fc_bias)
+        hidden = ops.bias_gelu(buffer @ self.fc_weight, self.fc_bias)
         return hidden @ self.proj_weight + self.proj_bias

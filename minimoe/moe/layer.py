@@ -8,7 +8,7 @@ One token's path, with the shapes (T tokens, d wide, E experts, capacity C, k ch
       --experts--> out [E, C, d]      (expert e's MLP on buffer[e])
       --combine--> y [T, d]           (y[t] = sum_j weight[t, j] * out[expert_index[t, j], position[t, j]])
 
-Residual MoE (DeepSpeed-MoE sec. 4.1.2, DeepSpeed's `use_residual`): a dense MLP runs beside the MoE on
+Residual MoE (DeepSpeed-MoE sec. 4.1, DeepSpeed's `use_residual`): a dense MLP runs beside the MoE on
 every token, and a learned per-token 2-way softmax mixes the two: y = c0 * moe(x) + c1 * mlp(x),
 c = softmax(Linear(d -> 2)(x)). The MoE then only has to learn a correction to a fixed MLP.
 """
@@ -52,9 +52,8 @@ class Combine(Function):
 
     def backward(ctx, grad_y):
         out, weight = ctx.saved
-        table = ctx.routing.expert_index, ctx.routing.position
-        grad_out = dispatch_kernels.dispatch(grad_y, *table, ctx.routing.num_experts, ctx.routing.capacity, weight)
-        return grad_out, dispatch_kernels.combine_weight_grad(grad_y, out, *table)
+        return dispatch_kernels.combine_backward(grad_y, out, ctx.routing.expert_index, ctx.routing.position,
+                                                 weight)
 
 
 @dataclass
@@ -85,7 +84,9 @@ class MoE(Module):
     def __init__(self, width: int, hidden: int, num_experts: int, settings: MoESettings, rng: np.random.Generator,
                  output_std: float, residual: bool = False, dropout: float = 0.0):
         self.settings = settings
-        self.gate = Linear(width, num_experts, rng, bias=False)
+        # DeepSpeed's TopKGate keeps its weight and computes the logits in float32, whatever the model's
+        # precision: routing decisions and the softmax are too sensitive for bf16.
+        self.gate = Linear(width, num_experts, rng, bias=False, keep_float32=True)
         self.experts = Experts(num_experts, width, hidden, rng, output_std)
         self.residual_mlp = MLP(width, hidden, rng, output_std) if residual else None
         self.coefficient = Linear(width, 2, rng) if residual else None
@@ -99,7 +100,7 @@ class MoE(Module):
         if self.training and settings.noisy_gate_policy == "Jitter":
             gate_input = tokens * jitter(tokens.shape, tokens.dtype)
         routing = route(
-            self.gate(gate_input), settings.k,
+            self.gate(ops.cast(gate_input, self.gate.weight.dtype)), settings.k,
             settings.capacity_factor if self.training else settings.eval_capacity_factor,
             settings.min_capacity, settings.drop_tokens, training=self.training,
             noisy_gate_policy=settings.noisy_gate_policy, use_rts=settings.use_rts,

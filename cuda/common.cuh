@@ -1,0 +1,38 @@
+// Shared by every minimoe .cu file: a bf16 storage type and conversions, with no header dependency.
+//
+// bf16 is the top half of an IEEE float32: 1 sign, 8 exponent, 7 mantissa bits. Kernels load bf16,
+// compute in float32 and round back to nearest-even when they store, so a kernel templated on T
+// (float or bf16) does the same float32 arithmetic for both storage types.
+#pragma once
+
+struct bf16 {
+  unsigned short bits;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
+  unsigned int bits = __float_as_uint(x);
+  bf16 out;
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    out.bits = 0x7fc0;
+    return out;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  out.bits = (unsigned short)(bits >> 16);
+  return out;
+}
+
+// GELU, tanh approximation, and its derivative (cuda/gelu.py states the formulas).
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.0f + tanhf(u));
+}
+__device__ __forceinline__ float gelu_tanh_grad(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float t = tanhf(u);
+  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+}

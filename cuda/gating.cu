@@ -1,0 +1,133 @@
+// GPU top-k gating (cuda/gating.py is the specification and states every rule). Three kernels:
+//   gate_softmax_topk  softmax over the experts and the k choices of each token (one warp per token)
+//   gate_rank_in_block each block ranks 1024 consecutive entries of one choice column, taken in a given
+//                      order, among the entries of the same expert, and counts them per expert
+//   gate_finish        global rank = rank in block + the counts of earlier blocks (+ a queue offset for
+//                      second choices) -> position or -1 past the capacity; then the combine weights
+// The per-expert positions are a scan over tokens; a scan across blocks needs the earlier blocks'
+// counts, which is why ranking is split in two launches (the cumulative sum of the per-block counts
+// runs in between, on CuPy).
+#include "common.cuh"
+
+constexpr int WARP = 32;
+
+// One warp per token. Each lane holds experts lane, lane + 32, ...; max, sum and argmax are warp
+// reductions. argmax keeps the lowest expert index among equal scores, as NumPy's argmax does.
+__device__ __forceinline__ void warp_argmax(float& value, int& index) {
+  for (int offset = WARP / 2; offset > 0; offset /= 2) {
+    const float other_value = __shfl_xor_sync(0xffffffffu, value, offset);
+    const int other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+    if (other_value > value || (other_value == value && other_index < index)) {
+      value = other_value;
+      index = other_index;
+    }
+  }
+}
+
+extern "C" __global__ void gate_softmax_topk(const float* __restrict__ logits, const float* __restrict__ first_scores,
+                                             const float* __restrict__ second_scores, float* __restrict__ probs,
+                                             long long* __restrict__ expert_index, int tokens, int experts, int k) {
+  const int token = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+  const int lane = threadIdx.x % WARP;
+  if (token >= tokens) return;  // whole warps leave together
+  const float* row = logits + (long long)token * experts;
+  float row_max = -INFINITY;
+  for (int e = lane; e < experts; e += WARP) row_max = fmaxf(row_max, row[e]);
+  for (int offset = WARP / 2; offset > 0; offset /= 2) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, offset));
+  float total = 0.0f;
+  for (int e = lane; e < experts; e += WARP) total += __expf(row[e] - row_max);
+  for (int offset = WARP / 2; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  for (int e = lane; e < experts; e += WARP) probs[(long long)token * experts + e] = __expf(row[e] - row_max) / total;
+
+  const float* scores = first_scores ? first_scores + (long long)token * experts : row;
+  float best = -INFINITY;
+  int first = experts;
+  for (int e = lane; e < experts; e += WARP)
+    if (scores[e] > best || first == experts) { best = scores[e]; first = e; }
+  warp_argmax(best, first);
+  if (lane == 0) expert_index[(long long)token * k] = first;
+  if (k == 2) {
+    scores = second_scores ? second_scores + (long long)token * experts : row;
+    best = -INFINITY;
+    int second = experts;
+    for (int e = lane; e < experts; e += WARP)
+      if (e != first && (scores[e] > best || second == experts)) { best = scores[e]; second = e; }
+    warp_argmax(best, second);
+    if (lane == 0) expert_index[(long long)token * k + 1] = second;
+  }
+}
+
+// Entry i of the order (token = order ? order[i] : i) chose expert e = expert_index[token * k + column];
+// entries whose `keep` flag is 0 take no part. Each block ranks its 1024 entries: inside a warp,
+// __match_any_sync finds the lanes with the same expert and the rank is the number of such lanes below;
+// warps are then offset by the counts of the warps before them (a scan over 32 warps per expert in
+// shared memory). Writes rank_in_block[i] and block_counts[block * experts + e].
+extern "C" __global__ void gate_rank_in_block(const long long* __restrict__ expert_index, int k, int column,
+                                              const long long* __restrict__ order, const unsigned char* __restrict__ keep,
+                                              int entries, int experts, int* __restrict__ rank_in_block,
+                                              int* __restrict__ block_counts) {
+  extern __shared__ int warp_counts[];  // [warps][experts], then scanned in place to warp offsets
+  const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+  for (int j = threadIdx.x; j < warps * experts; j += blockDim.x) warp_counts[j] = 0;
+  __syncthreads();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  int expert = -1;
+  if (i < entries) {
+    const long long token = order ? order[i] : i;
+    if (!keep || keep[token]) expert = (int)expert_index[token * k + column];
+  }
+  const unsigned peers = __match_any_sync(0xffffffffu, expert);
+  const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));
+  if (expert >= 0 && rank_in_warp == 0) warp_counts[warp * experts + expert] = __popc(peers);
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {  // exclusive scan over the warps, per expert
+    int running = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int count = warp_counts[w * experts + e];
+      warp_counts[w * experts + e] = running;
+      running += count;
+    }
+    block_counts[blockIdx.x * experts + e] = running;
+  }
+  __syncthreads();
+  if (i < entries) rank_in_block[i] = expert >= 0 ? warp_counts[warp * experts + expert] + rank_in_warp : -1;
+}
+
+// Global rank = rank in block + block_offsets[block][e] (the exclusive cumulative sum of block_counts)
+// + queue_offset[e] (second choices queue behind all first choices). The rank becomes the position
+// when it is below the capacity; in a `mark_only` pass (random token selection: ranking in priority
+// order only decides which tokens are kept) it sets keep[token] instead.
+extern "C" __global__ void gate_finish_rank(const long long* __restrict__ expert_index, int k, int column,
+                                            const long long* __restrict__ order, const int* __restrict__ rank_in_block,
+                                            const int* __restrict__ block_offsets, const long long* __restrict__ queue_offset,
+                                            int entries, int experts, int block_size, long long capacity, int mark_only,
+                                            long long* __restrict__ position, unsigned char* __restrict__ keep) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= entries) return;
+  const long long token = order ? order[i] : i;
+  const int rank = rank_in_block[i];
+  const int expert = (int)expert_index[token * k + column];
+  long long global_rank = -1;
+  if (rank >= 0) global_rank = rank + block_offsets[(i / block_size) * experts + expert] + (queue_offset ? queue_offset[expert] : 0);
+  const bool kept = global_rank >= 0 && global_rank < capacity;
+  if (mark_only) keep[token] = kept;
+  else position[token * k + column] = kept ? global_rank : -1;
+}
+
+// Combine weights per token: top-1 w = p[first] (0 if dropped); top-2 the kept probabilities divided
+// by their sum, clamped below by float32 epsilon.
+extern "C" __global__ void gate_weights(const float* __restrict__ probs, const long long* __restrict__ expert_index,
+                                        const long long* __restrict__ position, float* __restrict__ weight,
+                                        int tokens, int experts, int k) {
+  const int token = blockIdx.x * blockDim.x + threadIdx.x;
+  if (token >= tokens) return;
+  float chosen[2] = {0.0f, 0.0f};
+  float total = 0.0f;
+  for (int c = 0; c < k; ++c) {
+    const long long slot = (long long)token * k + c;
+    chosen[c] = position[slot] >= 0 ? probs[(long long)token * experts + expert_index[slot]] : 0.0f;
+    total += chosen[c];
+  }
+  const float denominator = k == 1 ? 1.0f : fmaxf(total, 1.1920928955078125e-07f);
+  for (int c = 0; c < k; ++c) weight[(long long)token * k + c] = chosen[c] / denominator;
+}

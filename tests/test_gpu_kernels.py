@@ -1,0 +1,186 @@
+"""Every GPU kernel against its NumPy reference on Hypothesis-drawn shapes (marker `gpu`: skipped, with
+the reason, where no GPU is usable).
+
+Fresh random inputs each example; CuPy's memory pool is poisoned (every free byte set to 0xFF, which
+is NaN in float32 and bf16 and -1 in int64, or to 0x7F, a huge value in all of them) before each
+launch, so an output element a kernel fails to write shows as a mismatch.
+Tolerances, as relative L2 errors against a float64 reference: float32 kernels 1e-5 (float32
+rounding over sums of at most a few thousand terms); bf16 kernels 1e-2 (bf16 keeps 8 significant bits:
+each stored value is off by up to 2^-9 relative, and the inputs themselves were rounded to bf16).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.gpu
+seeds = st.integers(0, 2**32 - 1)
+dtypes = st.sampled_from(["float32", "bfloat16"])
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def cupy_module():
+    import cupy
+
+    return cupy
+
+
+def poison_pool(byte: int) -> None:
+    cupy = cupy_module()
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    block = cupy.empty(256 << 20, dtype=cupy.uint8)
+    block.fill(byte)
+    del block  # back to the pool: the next allocations reuse these poisoned bytes
+
+
+def to_gpu(array, dtype):
+    """A device copy in `dtype`, and the host float64 values it actually holds (after bf16 rounding)."""
+    import ml_dtypes
+
+    cupy = cupy_module()
+    host_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    rounded = np.asarray(array).astype(host_dtype)
+    return cupy.asarray(rounded), rounded.astype(np.float64)
+
+
+def to_host(array):
+    return cupy_module().asnumpy(array).astype(np.float64)
+
+
+def assert_close(actual, expected, dtype, what):
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite values (unwritten outputs?)"
+    error = np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+@given(batch=st.sampled_from([(), (1,), (3,), (2, 2)]), m=st.integers(1, 70), k=st.integers(1, 70),
+       n=st.integers(1, 70), transpose_a=st.booleans(), transpose_b=st.booleans(), broadcast_b=st.booleans(),
+       dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_gemm_matches_reference(batch, m, k, n, transpose_a, transpose_b, broadcast_b, dtype, seed, poison):
+    from minimoe.cuda.gemm import matmul
+
+    rng = np.random.default_rng(seed)
+    a_host = rng.standard_normal((*batch, *((k, m) if transpose_a else (m, k))))
+    b_shape = (k, n) if not transpose_b else (n, k)
+    b_host = rng.standard_normal(b_shape if broadcast_b else (*batch, *b_shape))
+    a, a_values = to_gpu(a_host, dtype)
+    b, b_values = to_gpu(b_host, dtype)
+    poison_pool(poison)
+    out = matmul(a, b, transpose_a, transpose_b)
+    expected = matmul(a_values, b_values, transpose_a, transpose_b)
+    assert out.shape == expected.shape and out.dtype == a.dtype
+    assert_close(to_host(out), expected, dtype, "gemm")
+
+
+@given(groups=st.integers(1, 4), rows=st.integers(1, 300), features=st.integers(1, 200), per_expert=st.booleans(),
+       dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_bias_gelu_matches_reference(groups, rows, features, per_expert, dtype, seed, poison):
+    from minimoe.cuda.bias_gelu import bias_gelu_backward, bias_gelu_forward
+
+    rng = np.random.default_rng(seed)
+    x, x_values = to_gpu(rng.standard_normal((groups, rows, features)) * 2, dtype)
+    bias, bias_values = to_gpu(rng.standard_normal((groups, 1, features) if per_expert else (features,)), dtype)
+    grad, grad_values = to_gpu(rng.standard_normal((groups, rows, features)), dtype)
+    poison_pool(poison)
+    y = bias_gelu_forward(x, bias)
+    grad_x, grad_bias = bias_gelu_backward(grad, x, bias)
+    expected_grad_x, expected_grad_bias = bias_gelu_backward(grad_values, x_values, bias_values)
+    assert_close(to_host(y), bias_gelu_forward(x_values, bias_values), dtype, "bias_gelu forward")
+    assert_close(to_host(grad_x), expected_grad_x, dtype, "bias_gelu grad x")
+    assert grad_bias.shape == bias.shape
+    assert_close(to_host(grad_bias), expected_grad_bias, dtype, "bias_gelu grad bias")
+
+
+@st.composite
+def gating_inputs(draw):
+    k = draw(st.sampled_from([1, 2]))
+    num_experts = draw(st.integers(k, 64))
+    num_tokens = draw(st.integers(1, 3000))  # several rank blocks of 1024, T not a multiple of a block
+    rng = np.random.default_rng(draw(seeds))
+    logits = (rng.standard_normal((num_tokens, num_experts)) * draw(st.sampled_from([0.5, 2.0]))).astype(np.float32)
+    capacity = draw(st.one_of(st.none(), st.integers(1, max(1, 2 * num_tokens * k // num_experts))))
+    extras = {}
+    if draw(st.booleans()):
+        noise = rng.gumbel(size=logits.shape).astype(np.float32)
+        extras["first_scores" if k == 1 else "second_scores"] = logits + noise
+    if k == 1 and draw(st.booleans()):
+        extras["priority"] = rng.random(num_tokens).astype(np.float32)
+    return logits, k, capacity, extras
+
+
+@given(case=gating_inputs(), poison=st.sampled_from([0xFF, 0x7F]))
+def test_gating_matches_reference(case, poison):
+    from minimoe.cuda.gating import topk_gating
+
+    cupy = cupy_module()
+    logits, k, capacity, extras = case
+    expected = topk_gating(logits, k, capacity, **extras)
+    poison_pool(poison)
+    actual = topk_gating(cupy.asarray(logits), k, capacity, **{n: cupy.asarray(v) for n, v in extras.items()})
+    assert actual.capacity == expected.capacity
+    for name in ("expert_index", "position", "tokens_per_expert"):
+        np.testing.assert_array_equal(cupy.asnumpy(getattr(actual, name)), getattr(expected, name), err_msg=name)
+    for name in ("probs", "weight", "first_choice_fraction", "aux_loss"):
+        np.testing.assert_allclose(cupy.asnumpy(getattr(actual, name)), getattr(expected, name), rtol=2e-5,
+                                   atol=1e-7, err_msg=name)
+
+
+@given(k=st.sampled_from([1, 2]), num_experts=st.integers(2, 16), num_tokens=st.integers(1, 400),
+       width=st.sampled_from([1, 3, 8, 24, 64, 136, 1000]), capacity_share=st.sampled_from([0.3, 1.0, None]),
+       dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_dispatch_and_combine_match_reference(k, num_experts, num_tokens, width, capacity_share, dtype, seed, poison):
+    from minimoe.cuda.dispatch import combine, combine_backward, dispatch
+    from minimoe.cuda.gating import topk_gating
+
+    cupy = cupy_module()
+    rng = np.random.default_rng(seed)
+    capacity = None if capacity_share is None else max(1, int(capacity_share * num_tokens * k / num_experts))
+    gating = topk_gating(rng.standard_normal((num_tokens, num_experts)), k, capacity)
+    table = gating.expert_index, gating.position
+    gpu_table = tuple(cupy.asarray(a) for a in table)
+    x, x_values = to_gpu(rng.standard_normal((num_tokens, width)), dtype)
+    grad_y, grad_y_values = to_gpu(rng.standard_normal((num_tokens, width)), dtype)
+    weight = gating.weight.astype(np.float32)
+    poison_pool(poison)
+    buffer = dispatch(x, *gpu_table, num_experts, gating.capacity)
+    expected_buffer = dispatch(x_values, *table, num_experts, gating.capacity)
+    np.testing.assert_array_equal(to_host(buffer), expected_buffer)  # a copy: bit-exact, zeros included
+    y = combine(buffer, *gpu_table, cupy.asarray(weight))
+    assert_close(to_host(y), combine(expected_buffer, *table, weight), dtype, "combine")
+    unit = combine(buffer, *gpu_table)
+    assert_close(to_host(unit), combine(expected_buffer, *table), dtype, "combine with unit weights")
+    grad_buffer, grad_weight = combine_backward(grad_y, buffer, *gpu_table, cupy.asarray(weight))
+    expected_grad_buffer, expected_grad_weight = combine_backward(grad_y_values, expected_buffer, *table, weight)
+    assert_close(to_host(grad_buffer), expected_grad_buffer, dtype, "combine backward: buffer")
+    assert_close(to_host(grad_weight), expected_grad_weight, dtype, "combine backward: weight")
+
+
+@pytest.mark.parametrize("k, residual", [(1, False), (2, True)])
+def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
+    """Forward and every gradient of a training-mode MoE layer (eval-mode routing, so no noise) on the
+    GPU path against the NumPy path with the same weights."""
+    from minimoe import backend
+    from minimoe.moe.layer import MoE, MoESettings
+    from minimoe.tensor import Tensor
+
+    cupy = cupy_module()
+    rng = np.random.default_rng(k)
+    settings = MoESettings(k=k, capacity_factor=0.8, eval_capacity_factor=0.8, min_capacity=1)
+    layers = {}
+    for device in ("cpu", "cuda"):
+        backend.set_device(device)
+        layers[device] = MoE(64, 128, 8, settings, np.random.default_rng(0), 0.02, residual=residual).eval()
+    backend.set_device("cpu")
+    x = rng.standard_normal((500, 64)).astype(np.float32)
+    grad = rng.standard_normal((500, 64)).astype(np.float32)
+    results = {}
+    for device, xp in (("cpu", np), ("cuda", cupy)):
+        layer = layers[device]
+        inputs = Tensor(xp.asarray(x), requires_grad=True)
+        y, stats = layer(inputs)
+        ((y * xp.asarray(grad)).sum() + stats.aux_loss).backward()
+        results[device] = [y.data, inputs.grad] + [p.grad for p in layer.parameters()]
+    for cpu, gpu in zip(results["cpu"], results["cuda"]):
+        assert_close(to_host(gpu), cpu.astype(np.float64), "float32", "MoE layer output or gradient")
