@@ -9,6 +9,9 @@ struct bf16 {
   unsigned short bits;
 };
 
+// +infinity without <math_constants.h> (NVRTC compiles these files with no CUDA headers).
+__device__ __forceinline__ float infinity() { return __int_as_float(0x7f800000); }
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
 

@@ -31,7 +31,7 @@ extern "C" __global__ void gate_softmax_topk(const float* __restrict__ logits, c
   const int lane = threadIdx.x % WARP;
   if (token >= tokens) return;  // whole warps leave together
   const float* row = logits + (long long)token * experts;
-  float row_max = -INFINITY;
+  float row_max = -infinity();
   for (int e = lane; e < experts; e += WARP) row_max = fmaxf(row_max, row[e]);
   for (int offset = WARP / 2; offset > 0; offset /= 2) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, offset));
   float total = 0.0f;
@@ -40,7 +40,7 @@ extern "C" __global__ void gate_softmax_topk(const float* __restrict__ logits, c
   for (int e = lane; e < experts; e += WARP) probs[(long long)token * experts + e] = __expf(row[e] - row_max) / total;
 
   const float* scores = first_scores ? first_scores + (long long)token * experts : row;
-  float best = -INFINITY;
+  float best = -infinity();
   int first = experts;
   for (int e = lane; e < experts; e += WARP)
     if (scores[e] > best || first == experts) { best = scores[e]; first = e; }
@@ -48,7 +48,7 @@ extern "C" __global__ void gate_softmax_topk(const float* __restrict__ logits, c
   if (lane == 0) expert_index[(long long)token * k] = first;
   if (k == 2) {
     scores = second_scores ? second_scores + (long long)token * experts : row;
-    best = -INFINITY;
+    best = -infinity();
     int second = experts;
     for (int e = lane; e < experts; e += WARP)
       if (e != first && (scores[e] > best || second == experts)) { best = scores[e]; second = e; }

@@ -1,11 +1,12 @@
 """Benchmarks with side-by-side peers: `minimoe bench NAME`.
 
-Each benchmark checks first that minimoe and its peer compute the same thing (same weights, same
-batch, same loss), then times both in one run on one machine and prints what it measured, where.
+Each benchmark checks its own result first, then times minimoe and the peers present in one run on one
+machine and prints what it measured, where, against which floor.
 
 cpu-step: one full training step (forward, backward, clipping, AdamW) of a config's GPT on the NumPy
 path, against the same model written in PyTorch eager on the CPU when PyTorch is importable (a
 benchmark peer only: minimoe never imports it elsewhere).
+moe-layer, gating, dispatch (GPU): see minimoe/bench_gpu.py.
 """
 
 from __future__ import annotations
@@ -153,8 +154,10 @@ def bench_cpu_step(args: argparse.Namespace) -> None:
         print(f"minimoe takes {rows[0][1] / rows[1][1]:.2f}x the time of PyTorch eager per step")
 
 
-BENCHMARKS = {"cpu-step": bench_cpu_step}
-
-
 def run(name: str, args: argparse.Namespace) -> None:
-    BENCHMARKS[name](args)
+    if name == "cpu-step":
+        bench_cpu_step(args)
+        return
+    from minimoe import bench_gpu
+
+    bench_gpu.BENCHMARKS[name](args)

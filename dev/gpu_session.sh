@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device-machine call: install minimoe there, run the GPU tests, run the GPU benchmarks.
+# Prepare here first: bash ../shared/tools/device-prep.sh --peers (NumPy 2.4 for numba-cuda, and
+# DeepSpeed for the moe-layer peer), then call the device tool with carry [".whl"] and the command
+#   bash dev/gpu_session.sh [tests|bench|all]
+# Logs land in $OUT (the device tool brings them back).
+set -uo pipefail
+what=${1:-all}
+out=${OUT:-/tmp/minimoe-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if ls .whl/peers/deepspeed-*.tar.gz >/dev/null 2>&1; then
+  DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+    .whl/peers/*.whl .whl/peers/deepspeed-*.tar.gz 2>&1 | grep -v "already exists" || true
+fi
+export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+if [[ $what == tests || $what == all ]]; then
+  timeout 400 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_dispatch.py 2>&1 | tail -3
+fi
+if [[ $what == bench || $what == all ]]; then
+  for name in moe-layer gating dispatch; do
+    timeout 300 python3 -m minimoe.cli bench "$name" 2>&1 | grep -v Warning | tee "$out/bench_$name.log"
+  done
+fi

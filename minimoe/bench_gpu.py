@@ -1,0 +1,364 @@
+"""GPU benchmarks: `minimoe bench moe-layer | gating | dispatch` (need a CUDA GPU and CuPy).
+
+Every table gives minimoe's time, the floor and the peers present on the machine, measured in one run:
+- the floor is the larger of FLOPs / the bf16 GEMM rate and bytes / the copy bandwidth, both measured
+  here first (an 8192^3 bf16 GEMM through cuda/gemm.py; a 1 GiB device-to-device copy, counting bytes
+  read plus bytes written);
+- times are medians of CUDA-event-timed repetitions after warm-up.
+
+moe-layer: T=8192 tokens, d=1024, f=4096, E=8, bf16, training mode; k=2 and k=1 with token dropping
+(capacity factor 1.0) and k=2 dropless. Peers: DeepSpeed's own deepspeed.moe.layer.MoE (the seed
+system), a PyTorch eager loop over experts, transformers' MixtralSparseMoeBlock (SwiGLU experts: 1.5x
+the FLOPs). Correctness first: the bf16 layer's output against the same layer in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from minimoe import backend
+from minimoe.tensor import Tensor
+
+TOKENS, WIDTH, HIDDEN, EXPERTS = 8192, 1024, 4096, 8
+
+
+def event_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of fn() between CUDA events on the current stream."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def torch_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return float(np.median(times))
+
+
+def bf16() -> Any:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(bf16 GEMM FLOP/s, copy bytes/s) measured on this GPU, on random data."""
+    import cupy
+
+    from minimoe.cuda.gemm import matmul
+
+    size = 8192
+    a = cupy.random.standard_normal((size, size), dtype=cupy.float32).astype(bf16())
+    b = cupy.random.standard_normal((size, size), dtype=cupy.float32).astype(bf16())
+    gemm_rate = 2 * size**3 / (event_ms(lambda: matmul(a, b), repeats=10) * 1e-3)
+    source = cupy.random.random(2**28, dtype=cupy.float32)  # 1 GiB
+    target = cupy.empty_like(source)
+    copy_rate = 2 * source.nbytes / (event_ms(lambda: target.__setitem__(Ellipsis, source), repeats=10) * 1e-3)
+    return gemm_rate, copy_rate
+
+
+def header(name: str) -> tuple[float, float]:
+    import cupy
+
+    gemm_rate, copy_rate = measure_ceilings()
+    print(f"bench {name} on {backend.gpu_name()} (CuPy {cupy.__version__}); measured ceilings: "
+          f"bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s, copy {copy_rate / 1e12:.2f} TB/s (read + write)")
+    return gemm_rate, copy_rate
+
+
+# ----------------------------------------------------------------------------- moe-layer
+
+
+def _minimoe_layer(k: int, dropless: bool, dtype: Any) -> Any:
+    from minimoe.moe.layer import MoE, MoESettings
+
+    settings = MoESettings(k=k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4, drop_tokens=not dropless,
+                           use_rts=k == 1, second_expert_sampling=k == 2)
+    return MoE(WIDTH, HIDDEN, EXPERTS, settings, np.random.default_rng(0), 0.02).to(dtype).train()
+
+
+def _check_bf16_against_float32(k: int, dropless: bool, x: Any) -> float:
+    """Relative L2 error of the bf16 layer's output against the same weights in float32 (same noise)."""
+    import cupy
+
+    outputs = []
+    for dtype in (bf16(), np.float32):
+        layer = _minimoe_layer(k, dropless, dtype)
+        backend.manual_seed(0)
+        y, _ = layer(Tensor(x.astype(dtype)))
+        outputs.append(y.data.astype(cupy.float32))
+    return float(cupy.linalg.norm(outputs[0] - outputs[1]) / cupy.linalg.norm(outputs[1]))
+
+
+def _time_minimoe(k: int, dropless: bool, x: Any, grad: Any) -> tuple[float, float, Any]:
+    layer = _minimoe_layer(k, dropless, bf16())
+
+    def forward() -> Any:
+        return layer(Tensor(x, requires_grad=True))
+
+    def forward_backward() -> None:
+        y, _ = forward()
+        y.backward(grad)
+
+    return event_ms(forward), event_ms(forward_backward), layer
+
+
+def _torch_peers(k: int, dropless: bool) -> dict[str, tuple[float, float] | str]:
+    """Forward and forward+backward ms of each peer, or the reason it could not run."""
+    import torch
+
+    results: dict[str, tuple[float, float] | str] = {}
+    x = torch.randn(1, TOKENS, WIDTH, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(1, TOKENS, WIDTH, device="cuda", dtype=torch.bfloat16)
+
+    def timed(module: Any, pick: Callable[[Any], Any]) -> tuple[float, float]:
+        def forward_backward() -> None:
+            pick(module(x)).backward(grad)
+
+        return torch_ms(lambda: module(x)), torch_ms(forward_backward)
+
+    for name, build in (("DeepSpeed 0.19 MoE", _deepspeed_layer), ("PyTorch eager loop", _eager_layer),
+                        ("Mixtral block (SwiGLU, 1.5x FLOPs)", _mixtral_layer)):
+        if name.startswith("Mixtral") and (dropless or k != 2):
+            continue  # Mixtral's block is top-2 and dropless by construction: timed once, with k=2 drop
+        try:
+            module, pick = build(k, dropless)
+            results[name] = timed(module, pick)
+            del module
+        except Exception as error:  # a peer that cannot run here is reported, not fatal
+            results[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+        torch.cuda.empty_cache()
+    return results
+
+
+def _deepspeed_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
+    import torch
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511"}.items():
+        os.environ.setdefault(key, value)
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed("nccl")
+    expert = torch.nn.Sequential(torch.nn.Linear(WIDTH, HIDDEN), torch.nn.GELU(approximate="tanh"),
+                                 torch.nn.Linear(HIDDEN, WIDTH))
+    layer = MoE(hidden_size=WIDTH, expert=expert, num_experts=EXPERTS, ep_size=1, k=k, capacity_factor=1.0,
+                eval_capacity_factor=1.0, min_capacity=4, drop_tokens=not dropless, use_rts=k == 1)
+    layer = layer.cuda().to(torch.bfloat16).train()
+    layer.set_deepspeed_parallelism()
+    return layer, lambda out: out[0]
+
+
+def _eager_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
+    """The usual PyTorch eager MoE: softmax top-k, then a Python loop over experts (no capacity)."""
+    import torch
+    import torch.nn.functional as F
+
+    class EagerMoE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Linear(WIDTH, EXPERTS, bias=False).float()
+            self.experts = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(WIDTH, HIDDEN), torch.nn.GELU(approximate="tanh"),
+                                    torch.nn.Linear(HIDDEN, WIDTH)).to(torch.bfloat16) for _ in range(EXPERTS))
+
+        def forward(self, x: Any) -> Any:
+            tokens = x.reshape(-1, WIDTH)
+            probs = F.softmax(self.gate(tokens.float()), dim=-1)
+            weights, chosen = probs.topk(k, dim=-1)
+            if k == 2:
+                weights = weights / weights.sum(-1, keepdim=True)
+            out = torch.zeros_like(tokens)
+            for e, expert in enumerate(self.experts):
+                token, slot = (chosen == e).nonzero(as_tuple=True)
+                out.index_add_(0, token, (expert(tokens[token]) * weights[token, slot, None]).to(out.dtype))
+            return out.reshape(x.shape)
+
+    return EagerMoE().cuda().train(), lambda out: out
+
+
+def _mixtral_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=WIDTH, intermediate_size=HIDDEN, num_local_experts=EXPERTS,
+                           num_experts_per_tok=2)
+    block = MixtralSparseMoeBlock(config).cuda().to(torch.bfloat16).train()
+    return block, lambda out: out[0] if isinstance(out, tuple) else out
+
+
+def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
+    """Time of each kernel family of one forward and backward, run on their own on the layer's arrays."""
+    import cupy
+
+    import minimoe.cuda.bias_gelu as bias_gelu
+    import minimoe.cuda.dispatch as dispatch
+    import minimoe.cuda.gating as gating
+    from minimoe.cuda.gemm import matmul
+    from minimoe.moe.gate import route
+
+    experts = layer.experts
+    w1, b1, w2, b2 = (p.data for p in (experts.fc_weight, experts.fc_bias, experts.proj_weight, experts.proj_bias))
+    gate_weight = layer.gate.weight.data
+    settings = layer.settings
+    backend.manual_seed(0)
+    x32 = x.astype(cupy.float32)
+    logits = matmul(x32, gate_weight)
+    routing = route(logits, settings.k, settings.capacity_factor, settings.min_capacity, settings.drop_tokens,
+                    training=True, use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling)
+    table = routing.expert_index, routing.position
+    weight = routing.weight.data
+    buffer = dispatch.dispatch(x, *table, EXPERTS, routing.capacity)
+    pre = matmul(buffer, w1)
+    hidden = bias_gelu.bias_gelu_forward(pre, b1)
+    out = matmul(hidden, w2)
+    grad_out, _ = dispatch.combine_backward(grad, out, *table, weight)
+    gating_result = gating.topk_gating(logits, settings.k, routing.capacity)
+    rows = [
+        ("gate: cast + logits GEMM (float32)", event_ms(lambda: matmul(x.astype(cupy.float32), gate_weight))),
+        ("gate: routing (cuda/gating)", event_ms(lambda: route(
+            logits, settings.k, settings.capacity_factor, settings.min_capacity, settings.drop_tokens, training=True,
+            use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling))),
+        ("dispatch (Numba)", event_ms(lambda: dispatch.dispatch(x, *table, EXPERTS, routing.capacity))),
+        ("expert GEMM 1 [E,C,d]x[E,d,f]", event_ms(lambda: matmul(buffer, w1))),
+        ("bias + GELU", event_ms(lambda: bias_gelu.bias_gelu_forward(pre, b1))),
+        ("expert GEMM 2 [E,C,f]x[E,f,d] (+ bias)", event_ms(lambda: matmul(hidden, w2) + b2)),
+        ("combine", event_ms(lambda: dispatch.combine(out, *table, weight))),
+        ("backward: combine", event_ms(lambda: dispatch.combine_backward(grad, out, *table, weight))),
+        ("backward: GEMM 2 (2 GEMMs + bias sum)", event_ms(lambda: (
+            matmul(grad_out, w2, transpose_b=True), matmul(hidden, grad_out, transpose_a=True),
+            grad_out.sum(axis=1, dtype=cupy.float32)))),
+        ("backward: bias + GELU", event_ms(lambda: bias_gelu.bias_gelu_backward(hidden, pre, b1))),
+        ("backward: GEMM 1 (2 GEMMs)", event_ms(lambda: (
+            matmul(hidden, w1, transpose_b=True), matmul(buffer, hidden, transpose_a=True)))),
+        ("backward: dispatch (= combine, unit weights)", event_ms(lambda: dispatch.combine(buffer, *table))),
+        ("backward: gate (weights + aux + GEMMs)", event_ms(lambda: (
+            gating.gate_weight_backward(weight, gating_result), gating.aux_loss_backward(1.0, gating_result),
+            matmul(logits, gate_weight, transpose_b=True), matmul(x32, logits, transpose_a=True)))),
+    ]
+    return rows
+
+
+def bench_moe_layer(args: argparse.Namespace) -> None:
+    import cupy
+
+    backend.set_device("cuda")
+    gemm_rate, copy_rate = header("moe-layer")
+    cases = [(args.k, args.dropless)] if args.k else [(2, False), (1, False), (2, True)]
+    rng = cupy.random.default_rng(0)
+    x = rng.standard_normal((TOKENS, WIDTH), dtype=cupy.float32).astype(bf16())
+    grad = rng.standard_normal((TOKENS, WIDTH), dtype=cupy.float32).astype(bf16())
+    print(f"T={TOKENS}, d={WIDTH}, f={HIDDEN}, E={EXPERTS}, bf16 activations and experts, float32 gate; "
+          "capacity factor 1.0 unless dropless; times in ms (median of 20)")
+    for k, dropless in cases:
+        error = _check_bf16_against_float32(k, dropless, x)
+        forward, forward_backward, layer = _time_minimoe(k, dropless, x, grad)
+        flops = 2 * 2 * TOKENS * k * WIDTH * HIDDEN + 2 * TOKENS * WIDTH * EXPERTS  # routed tokens only
+        weight_bytes = 2 * 2 * EXPERTS * WIDTH * HIDDEN
+        floor_forward = max(flops / gemm_rate, (weight_bytes + 2 * 2 * TOKENS * WIDTH) / copy_rate) * 1e3
+        floor_both = max(3 * flops / gemm_rate, (3 * weight_bytes + 6 * 2 * TOKENS * WIDTH) / copy_rate) * 1e3
+        label = f"k={k}, {'dropless' if dropless else 'capacity factor 1.0'}"
+        print(f"\n{label}: bf16 output vs float32 layer, relative L2 error {error:.2e}")
+        print(f"{'implementation':<42}{'forward':>10}{'fwd+bwd':>10}")
+        print(f"{'floor (FLOPs / GEMM rate, bytes / copy)':<42}{floor_forward:>10.3f}{floor_both:>10.3f}")
+        print(f"{'minimoe':<42}{forward:>10.3f}{forward_backward:>10.3f}")
+        if not args.no_peers:
+            for name, result in _torch_peers(k, dropless).items():
+                if isinstance(result, str):
+                    print(f"{name:<42}  could not run: {result}")
+                else:
+                    print(f"{name:<42}{result[0]:>10.3f}{result[1]:>10.3f}")
+        if (k, dropless) == cases[0]:
+            rows = _breakdown(layer, x, grad)
+            print(f"\nwhere minimoe's time goes ({label}; each kernel family timed on its own):")
+            for name, ms in rows:
+                print(f"  {name:<48}{ms:>8.3f} ms")
+            print(f"  {'sum of the parts':<48}{sum(ms for _, ms in rows):>8.3f} ms "
+                  f"(measured forward + backward: {forward_backward:.3f} ms; the rest is Python and launches)")
+        del layer
+
+
+# ----------------------------------------------------------------------------- gating and dispatch
+
+
+def bench_gating(args: argparse.Namespace) -> None:
+    import cupy
+
+    from minimoe.cuda.gating import expert_capacity, topk_gating
+
+    backend.set_device("cuda")
+    _, copy_rate = header("gating")
+    tokens, experts = 65536, 64
+    logits = cupy.random.default_rng(0).standard_normal((tokens, experts), dtype=cupy.float32)
+    print(f"T={tokens}, E={experts}, float32 logits; bytes = logits read + probabilities written + the "
+          "table (expert_index, position int64; weight float32)")
+    for k in (1, 2):
+        capacity = expert_capacity(tokens, experts, k, 1.0, 4)
+        gating = topk_gating(logits, k, capacity)
+        expected = topk_gating(cupy.asnumpy(logits), k, capacity)
+        assert np.array_equal(cupy.asnumpy(gating.position), expected.position), "GPU gating differs from reference"
+        ms = event_ms(lambda: topk_gating(logits, k, capacity))  # noqa: B023
+        moved = 2 * logits.nbytes + tokens * k * (8 + 8 + 4)
+        print(f"k={k}: {ms * 1e3:8.1f} us, {moved / (ms * 1e-3) / 1e12:.2f} TB/s = "
+              f"{100 * moved / (ms * 1e-3) / copy_rate:.0f}% of the copy ceiling (checked against the reference)")
+
+
+def bench_dispatch(args: argparse.Namespace) -> None:
+    import cupy
+
+    from minimoe.cuda.dispatch import combine, dispatch
+    from minimoe.cuda.gating import expert_capacity, topk_gating
+
+    backend.set_device("cuda")
+    _, copy_rate = header("dispatch")
+    tokens, experts, width = 65536, 64, 1024
+    rng = cupy.random.default_rng(0)
+    x = rng.standard_normal((tokens, width), dtype=cupy.float32).astype(bf16())
+    for k in (1, 2):
+        capacity = expert_capacity(tokens, experts, k, 1.0, 4)
+        gating = topk_gating(rng.standard_normal((tokens, experts), dtype=cupy.float32), k, capacity)
+        table = gating.expert_index, gating.position
+        kept = int((gating.position >= 0).sum())
+        row_bytes = width * 2
+        buffer = dispatch(x, *table, experts, capacity)
+        expected = dispatch(cupy.asnumpy(x).astype(np.float32), *(cupy.asnumpy(a) for a in table), experts, capacity)
+        assert np.array_equal(cupy.asnumpy(buffer).astype(np.float32), expected), "GPU dispatch differs"
+        dispatch_ms = event_ms(lambda: dispatch(x, *table, experts, capacity))  # noqa: B023
+        combine_ms = event_ms(lambda: combine(buffer, *table, gating.weight))  # noqa: B023
+        dispatch_bytes = kept * row_bytes + experts * capacity * row_bytes  # kept rows read, every slot written
+        combine_bytes = kept * row_bytes + tokens * row_bytes  # kept rows read, every token written
+        for name, ms, moved in (("dispatch", dispatch_ms, dispatch_bytes), ("combine", combine_ms, combine_bytes)):
+            rate = moved / (ms * 1e-3)
+            print(f"k={k}, T={tokens}, E={experts}, d={width}, C={capacity}, bf16: {name:<8} {ms * 1e3:8.1f} us, "
+                  f"{rate / 1e12:.2f} TB/s = {100 * rate / copy_rate:.0f}% of the copy ceiling")
+
+
+BENCHMARKS = {"moe-layer": bench_moe_layer, "gating": bench_gating, "dispatch": bench_dispatch}
