@@ -1,31 +1,57 @@
 // Fused bias + GELU for the first layer of every MLP and expert (cuda/bias_gelu.py is the reference).
+// x is viewed as [groups, rows_per_group, features] with bias [groups, features] (groups = experts,
+// or 1 for a dense MLP: then rows_per_group is every row).
 #include "common.cuh"
 
-// y[g, r, f] = gelu(x[g, r, f] + bias[g, f]) for x viewed as [groups, rows, features]
-// (groups = experts, or 1 for a dense MLP). One thread per element, grid-stride: every access is
-// coalesced, the bias row is tiny and stays in L1/L2, and GELU's tanh is one SFU instruction, so the
-// kernel runs at memory speed: one read of x, one write of y.
-template <typename T>
+// y = gelu(x + bias). One block per row; threads stride over the features in 16-byte vectors. Each
+// element is read once and written once, the bias row stays in L1/L2: the kernel runs at memory speed.
+template <typename T, bool VEC>
 __global__ void bias_gelu_forward(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
-                                  long long total, long long rows_times_features, int features) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long group = i / rows_times_features;
-    const float pre = to_float(x[i]) + to_float(bias[group * features + i % features]);
-    y[i] = from_float<T>(gelu_tanh(pre));
+                                  int rows_per_group, int features) {
+  using R = Row<T, VEC>;
+  const long long row = blockIdx.x;
+  const T* bias_row = bias + (row / rows_per_group) * features;
+  for (int i = threadIdx.x * R::per_load; i < features; i += blockDim.x * R::per_load) {
+    float values[R::per_load], shift[R::per_load];
+    R::load(x + row * features, i, values);
+    R::load(bias_row, i, shift);
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j) values[j] = gelu_tanh(values[j] + shift[j]);
+    R::store(y + row * features, i, values);
   }
 }
 
-// grad_pre = grad_y * gelu'(x + bias): recomputes x + bias instead of storing it (one read of x and
-// grad_y, one write). The bias gradient is the sum of grad_pre over rows, done by the caller.
-template <typename T>
-__global__ void bias_gelu_backward(const T* __restrict__ grad_y, const T* __restrict__ x,
-                                   const T* __restrict__ bias, T* __restrict__ grad_pre, long long total,
-                                   long long rows_times_features, int features) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long group = i / rows_times_features;
-    const float pre = to_float(x[i]) + to_float(bias[group * features + i % features]);
-    grad_pre[i] = from_float<T>(to_float(grad_y[i]) * gelu_tanh_grad(pre));
+// grad_pre = grad_y * gelu'(x + bias), recomputing x + bias instead of storing it, and the bias
+// gradient's partial sums: block (tile, group) covers TILE consecutive rows of one group and writes
+// the float32 column sums of its grad_pre rows to partial[group][tile][features]; the caller adds the
+// tiles up (a small [groups, tiles, features] reduction instead of a second pass over grad_pre).
+constexpr int TILE = 32;
+
+template <typename T, bool VEC>
+__global__ void bias_gelu_backward(const T* __restrict__ grad_y, const T* __restrict__ x, const T* __restrict__ bias,
+                                   T* __restrict__ grad_pre, float* __restrict__ partial, int rows_per_group,
+                                   int features) {
+  using R = Row<T, VEC>;
+  const int tile = blockIdx.x, group = blockIdx.y, tiles = gridDim.x;
+  const long long first_row = (long long)group * rows_per_group + (long long)tile * TILE;
+  const int rows = min(TILE, rows_per_group - tile * TILE);
+  const T* bias_row = bias + (long long)group * features;
+  for (int i = threadIdx.x * R::per_load; i < features; i += blockDim.x * R::per_load) {
+    float shift[R::per_load], column_sum[R::per_load] = {};
+    R::load(bias_row, i, shift);
+    for (int r = 0; r < rows; ++r) {
+      const long long offset = (first_row + r) * features;
+      float grad[R::per_load], pre[R::per_load];
+      R::load(grad_y + offset, i, grad);
+      R::load(x + offset, i, pre);
+#pragma unroll
+      for (int j = 0; j < R::per_load; ++j) {
+        grad[j] *= gelu_tanh_grad(pre[j] + shift[j]);
+        column_sum[j] += grad[j];
+      }
+      R::store(grad_pre + offset, i, grad);
+    }
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j) partial[((long long)group * tiles + tile) * features + i + j] = column_sum[j];
   }
 }

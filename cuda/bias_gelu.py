@@ -18,45 +18,61 @@ from minimoe.cuda.gelu import gelu_backward, gelu_forward
 
 from minimoe.backend import is_gpu
 
-build.register("bias_gelu.cu", "bias_gelu_forward<float>", "bias_gelu_forward<bf16>",
-               "bias_gelu_backward<float>", "bias_gelu_backward<bf16>")
+build.register("bias_gelu.cu", *(f"bias_gelu_{direction}<{t}, {v}>" for direction in ("forward", "backward")
+                                 for t in ("float", "bf16") for v in ("true", "false")))
 THREADS = 256
+TILE = 32  # rows per block in the backward (bias_gelu.cu's TILE)
 
 
 def bias_gelu_forward(x: Any, bias: Any) -> Any:
     if is_gpu(x):
-        return _gpu_launch("bias_gelu_forward", x, bias, (x,))
+        return _gpu_forward(x, bias)
     return gelu_forward(x + bias)
 
 
 def bias_gelu_backward(grad_y: Any, x: Any, bias: Any) -> tuple[Any, Any]:
+    """(grad_x, grad_bias) with grad_bias summed over the rows in float32, then cast to bias's dtype."""
     if is_gpu(x):
-        grad_pre = _gpu_launch("bias_gelu_backward", x, bias, (grad_y, x))
-    else:
-        grad_pre = gelu_backward(grad_y, x + bias)
-    return grad_pre, _sum_to_bias(grad_pre, bias)
-
-
-def _sum_to_bias(grad_pre: Any, bias: Any) -> Any:
-    """Sum over every axis the bias was broadcast along, accumulating in float32."""
+        return _gpu_backward(grad_y, x, bias)
+    grad_pre = gelu_backward(grad_y, x + bias)
     features = grad_pre.shape[-1]
     if bias.ndim == 1:
-        rows = grad_pre.reshape(-1, features)
-        return rows.sum(axis=0, dtype=np.float32).astype(bias.dtype)
-    return grad_pre.sum(axis=-2, keepdims=True, dtype=np.float32).astype(bias.dtype)
+        grad_bias = grad_pre.reshape(-1, features).sum(axis=0, dtype=np.float32)
+    else:
+        grad_bias = grad_pre.sum(axis=-2, keepdims=True, dtype=np.float32)
+    return grad_pre, grad_bias.astype(bias.dtype)
 
 
-def _gpu_launch(name: str, x: Any, bias: Any, inputs: tuple[Any, ...]) -> Any:
+def _layout(x: Any, bias: Any) -> tuple[int, int, int, str, str]:
+    """(groups, rows per group, features, kernel type name, vectorised) for x and its bias."""
+    features = x.shape[-1]
+    rows = x.size // features
+    groups = 1 if bias.ndim == 1 else bias.shape[0]
+    type_name = {"float32": "float", "bfloat16": "bf16"}[x.dtype.name]
+    vectorised = "true" if (features * x.dtype.itemsize) % 16 == 0 else "false"
+    return groups, rows // groups, features, type_name, vectorised
+
+
+def _gpu_forward(x: Any, bias: Any) -> Any:
     import cupy
 
-    type_name = {"float32": "float", "bfloat16": "bf16"}[x.dtype.name]
-    features = x.shape[-1]
-    rows_times_features = x.size if bias.ndim == 1 else x.shape[-2] * features
-    inputs = tuple(cupy.ascontiguousarray(array) for array in inputs)
-    out = cupy.empty_like(inputs[0])
-    blocks = min(65535, (x.size + THREADS - 1) // THREADS)
-    build.kernel("bias_gelu.cu", f"{name}<{type_name}>")(
-        (max(blocks, 1),), (THREADS,),
-        (*inputs, cupy.ascontiguousarray(bias), out, np.int64(x.size), np.int64(rows_times_features),
-         np.int32(features)))
-    return out
+    groups, rows_per_group, features, type_name, vectorised = _layout(x, bias)
+    x, bias = cupy.ascontiguousarray(x), cupy.ascontiguousarray(bias)
+    y = cupy.empty_like(x)
+    build.kernel("bias_gelu.cu", f"bias_gelu_forward<{type_name}, {vectorised}>")(
+        (groups * rows_per_group,), (THREADS,), (x, bias, y, np.int32(rows_per_group), np.int32(features)))
+    return y
+
+
+def _gpu_backward(grad_y: Any, x: Any, bias: Any) -> tuple[Any, Any]:
+    import cupy
+
+    groups, rows_per_group, features, type_name, vectorised = _layout(x, bias)
+    grad_y, x, bias = (cupy.ascontiguousarray(a) for a in (grad_y, x, bias))
+    tiles = (rows_per_group + TILE - 1) // TILE
+    grad_pre = cupy.empty_like(x)
+    partial = cupy.empty((groups, tiles, features), dtype=cupy.float32)
+    build.kernel("bias_gelu.cu", f"bias_gelu_backward<{type_name}, {vectorised}>")(
+        (tiles, groups), (THREADS,),
+        (grad_y, x, bias, grad_pre, partial, np.int32(rows_per_group), np.int32(features)))
+    return grad_pre, partial.sum(axis=1).reshape(bias.shape).astype(bias.dtype)

@@ -29,6 +29,34 @@ template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
   return out;
 }
 
+// Row<T, VEC>: load and store `per_load` consecutive elements of a row as floats: one 16-byte vector
+// (8 bf16 or 4 float) when VEC (the row length in bytes is a multiple of 16 and rows start 16-byte
+// aligned), else one element.
+template <typename T, bool VEC> struct Row {
+  static constexpr int per_load = VEC ? 16 / sizeof(T) : 1;
+  // Load `per_load` consecutive elements starting at element index i as floats.
+  __device__ static void load(const T* row, int i, float* out) {
+    if constexpr (VEC) {
+      union { uint4 vector; T elements[per_load]; } bits;
+      bits.vector = *reinterpret_cast<const uint4*>(row + i);
+#pragma unroll
+      for (int j = 0; j < per_load; ++j) out[j] = to_float(bits.elements[j]);
+    } else {
+      out[0] = to_float(row[i]);
+    }
+  }
+  __device__ static void store(T* row, int i, const float* values) {
+    if constexpr (VEC) {
+      union { uint4 vector; T elements[per_load]; } bits;
+#pragma unroll
+      for (int j = 0; j < per_load; ++j) bits.elements[j] = from_float<T>(values[j]);
+      *reinterpret_cast<uint4*>(row + i) = bits.vector;
+    } else {
+      row[i] = from_float<T>(values[0]);
+    }
+  }
+};
+
 // GELU, tanh approximation, and its derivative (cuda/gelu.py states the formulas).
 __device__ __forceinline__ float gelu_tanh(float x) {
   const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);

@@ -3,33 +3,8 @@
 // -1 = dropped); slot = expert * capacity + position indexes the rows of the [E * C, width] buffer.
 //
 // One block per token; its threads stride over the row in 16-byte vectors (8 bf16 or 4 float) when
-// the row length allows (VEC = true), else element by element. Sums run in float32.
+// the row length allows (VEC = true, common.cuh's Row), else element by element. Sums run in float32.
 #include "common.cuh"
-
-template <typename T, bool VEC> struct Row {
-  static constexpr int per_load = VEC ? 16 / sizeof(T) : 1;
-  // Load `per_load` consecutive elements starting at element index i as floats.
-  __device__ static void load(const T* row, int i, float* out) {
-    if constexpr (VEC) {
-      union { uint4 vector; T elements[per_load]; } bits;
-      bits.vector = *reinterpret_cast<const uint4*>(row + i);
-#pragma unroll
-      for (int j = 0; j < per_load; ++j) out[j] = to_float(bits.elements[j]);
-    } else {
-      out[0] = to_float(row[i]);
-    }
-  }
-  __device__ static void store(T* row, int i, const float* values) {
-    if constexpr (VEC) {
-      union { uint4 vector; T elements[per_load]; } bits;
-#pragma unroll
-      for (int j = 0; j < per_load; ++j) bits.elements[j] = from_float<T>(values[j]);
-      *reinterpret_cast<uint4*>(row + i) = bits.vector;
-    } else {
-      row[i] = from_float<T>(values[0]);
-    }
-  }
-};
 
 // y[t] = sum_c weight[t, c] * rows[slot(t, c)] over kept choices (weight == nullptr: 1).
 // Memory: reads k rows per token, writes one row.
@@ -97,4 +72,13 @@ __global__ void combine_backward(const T* __restrict__ grad_y, const T* __restri
     }
     __syncthreads();  // warp_sums is reused by the next choice
   }
+}
+
+// The inverse of the table: source[slot(t, c)] = t for every kept choice (source is pre-filled with -1,
+// the mark of an empty slot). One thread per (token, choice); kept slots are distinct, so no two threads
+// write one entry.
+extern "C" __global__ void invert_table(const long long* __restrict__ expert_index, const long long* __restrict__ position,
+                                        long long* __restrict__ source, int entries, int k, long long capacity) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < entries && position[i] >= 0) source[expert_index[i] * capacity + position[i]] = i / k;
 }

@@ -107,10 +107,16 @@ def row_words(rows: Any) -> Any:
 
 def source_tokens(expert_index: Any, position: Any, num_experts: int, capacity: int) -> Any:
     """The inverse table: for each of the E * C slots, the token whose kept choice sits there, or -1.
-    Dropped choices all write into one extra slot past the end, which is cut off (no boolean
-    indexing, so no host synchronisation on the GPU)."""
+    Reference: dropped choices all write into one extra slot past the end, which is cut off.
+    GPU: dispatch.cu's invert_table."""
     xp = array_module(position)
     tokens, k = position.shape
+    if is_gpu(position):
+        source = xp.full(num_experts * capacity, -1, dtype=xp.int64)
+        build.kernel("dispatch.cu", "invert_table")(
+            ((tokens * k + 255) // 256,), (256,), (expert_index, position, source, np.int32(tokens * k),
+                                                   np.int32(k), np.int64(capacity)))
+        return source
     slot = xp.where(position >= 0, expert_index * capacity + position, num_experts * capacity)
     source = xp.full(num_experts * capacity + 1, -1, dtype=xp.int64)
     source[slot.reshape(-1)] = xp.repeat(xp.arange(tokens, dtype=xp.int64), k)
@@ -126,9 +132,8 @@ def launch_fill_slots(x: Any, source: Any, buffer_rows: Any) -> None:
     x_words, buffer_words = row_words(x), row_words(buffer_rows)
     if is_gpu(x):  # hand CuPy memory to Numba without the per-call stream synchronisation
         x_words, buffer_words, source = (cuda.as_cuda_array(a, sync=False) for a in (x_words, buffer_words, source))
-    total = buffer_words.shape[0] * buffer_words.shape[1]
-    blocks = max(1, min(65535, (total + THREADS - 1) // THREADS))
-    fill_slots[blocks, THREADS](x_words, source, buffer_words)
+    if buffer_words.shape[0]:
+        fill_slots[buffer_words.shape[0], THREADS](x_words, source, buffer_words)
 
 
 def _gpu_dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacity: int) -> Any:

@@ -2,11 +2,12 @@
 //   gate_softmax_topk  softmax over the experts and the k choices of each token (one warp per token)
 //   gate_rank_in_block each block ranks 1024 consecutive entries of one choice column, taken in a given
 //                      order, among the entries of the same expert, and counts them per expert
-//   gate_finish        global rank = rank in block + the counts of earlier blocks (+ a queue offset for
-//                      second choices) -> position or -1 past the capacity; then the combine weights
+//   gate_finish_rank   global rank = rank in block + the counts of earlier blocks (+ a queue offset for
+//                      second choices) -> position or -1 past the capacity
+//   gate_weights       the combine weights
 // The per-expert positions are a scan over tokens; a scan across blocks needs the earlier blocks'
-// counts, which is why ranking is split in two launches (the cumulative sum of the per-block counts
-// runs in between, on CuPy).
+// counts, which is why ranking is split in two launches. The per-block counts also give the load of
+// every expert (tokens_per_expert) and the dropless capacity.
 #include "common.cuh"
 
 constexpr int WARP = 32;
@@ -93,13 +94,14 @@ extern "C" __global__ void gate_rank_in_block(const long long* __restrict__ expe
   if (i < entries) rank_in_block[i] = expert >= 0 ? warp_counts[warp * experts + expert] + rank_in_warp : -1;
 }
 
-// Global rank = rank in block + block_offsets[block][e] (the exclusive cumulative sum of block_counts)
-// + queue_offset[e] (second choices queue behind all first choices). The rank becomes the position
-// when it is below the capacity; in a `mark_only` pass (random token selection: ranking in priority
-// order only decides which tokens are kept) it sets keep[token] instead.
+// Global rank = rank in block + the entries of the same expert in earlier blocks (a short loop over
+// block_counts: at most T / 1024 blocks, read from cache) + queue_offset[e] (second choices queue
+// behind all first choices). The rank becomes the position when it is below the capacity; in a
+// `mark_only` pass (random token selection: ranking in priority order only decides which tokens are
+// kept) it sets keep[token] instead.
 extern "C" __global__ void gate_finish_rank(const long long* __restrict__ expert_index, int k, int column,
                                             const long long* __restrict__ order, const int* __restrict__ rank_in_block,
-                                            const int* __restrict__ block_offsets, const long long* __restrict__ queue_offset,
+                                            const int* __restrict__ block_counts, const long long* __restrict__ queue_offset,
                                             int entries, int experts, int block_size, long long capacity, int mark_only,
                                             long long* __restrict__ position, unsigned char* __restrict__ keep) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -108,7 +110,10 @@ extern "C" __global__ void gate_finish_rank(const long long* __restrict__ expert
   const int rank = rank_in_block[i];
   const int expert = (int)expert_index[token * k + column];
   long long global_rank = -1;
-  if (rank >= 0) global_rank = rank + block_offsets[(i / block_size) * experts + expert] + (queue_offset ? queue_offset[expert] : 0);
+  if (rank >= 0) {
+    global_rank = rank + (queue_offset ? queue_offset[expert] : 0);
+    for (int b = 0; b < i / block_size; ++b) global_rank += block_counts[b * experts + expert];
+  }
   const bool kept = global_rank >= 0 && global_rank < capacity;
   if (mark_only) keep[token] = kept;
   else position[token * k + column] = kept ? global_rank : -1;
@@ -130,4 +135,41 @@ extern "C" __global__ void gate_weights(const float* __restrict__ probs, const l
   }
   const float denominator = k == 1 ? 1.0f : fmaxf(total, 1.1920928955078125e-07f);
   for (int c = 0; c < k; ++c) weight[(long long)token * k + c] = chosen[c] / denominator;
+}
+
+// Backward of the combine weights to the logits, one warp per token (cuda/gating.py's
+// gate_weight_backward states the math). With g the weight gradient and the kept choices' probabilities
+// a_c = p[e_c] kept_c: top-1 dL/da = g; top-2 dL/da_c = (g_c - sum_i g_i w_i) / s, s = max(a_1 + a_2, eps)
+// (g_c / s where s was clamped). Then dL/dp[e] = sum_c [e == e_c] dL/da_c, and through the softmax
+// dL/dz[e] = p[e] (dL/dp[e] - sum_c dL/da_c p[e_c]); the sum needs only the k chosen entries.
+extern "C" __global__ void gate_weight_backward(const float* __restrict__ grad_weight, const float* __restrict__ probs,
+                                                const long long* __restrict__ expert_index,
+                                                const long long* __restrict__ position, const float* __restrict__ weight,
+                                                float* __restrict__ grad_logits, int tokens, int experts, int k) {
+  const int token = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+  const int lane = threadIdx.x % WARP;
+  if (token >= tokens) return;
+  const float* p = probs + (long long)token * experts;
+  int chosen[2] = {-1, -1};
+  float grad_chosen[2] = {0.0f, 0.0f}, kept[2] = {0.0f, 0.0f}, total = 0.0f, dot = 0.0f;
+  for (int c = 0; c < k; ++c) {
+    const long long slot = (long long)token * k + c;
+    chosen[c] = (int)expert_index[slot];
+    kept[c] = position[slot] >= 0 ? 1.0f : 0.0f;
+    total += p[chosen[c]] * kept[c];
+    dot += grad_weight[slot] * weight[slot];
+  }
+  const float eps = 1.1920928955078125e-07f;
+  for (int c = 0; c < k; ++c) {
+    const float g = grad_weight[(long long)token * k + c];
+    if (k == 1) grad_chosen[c] = g * kept[c];
+    else grad_chosen[c] = (total < eps ? g / eps : (g - dot) / total) * kept[c];
+  }
+  float through = 0.0f;  // sum_e dL/dp[e] p[e]
+  for (int c = 0; c < k; ++c) through += grad_chosen[c] * p[chosen[c]];
+  for (int e = lane; e < experts; e += WARP) {
+    float grad_p = 0.0f;
+    for (int c = 0; c < k; ++c) grad_p += e == chosen[c] ? grad_chosen[c] : 0.0f;
+    grad_logits[(long long)token * experts + e] = p[e] * (grad_p - through);
+  }
 }

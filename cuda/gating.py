@@ -131,8 +131,8 @@ def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = N
 
 def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any, second_scores: Any,
                      priority: Any) -> Gating:
-    """cuda/gating.cu: softmax and choices, then per column a block-local ranking, a cumulative sum of
-    the per-block counts, and the global positions; then the weights. Float32 throughout."""
+    """cuda/gating.cu: softmax and choices, then per column a block-local ranking and the global
+    positions; then the weights. Float32 throughout."""
     import cupy
 
     null = np.uint64(0)
@@ -146,35 +146,44 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
         ((num_tokens + warps_per_block - 1) // warps_per_block,), (32 * warps_per_block,),
         (logits, as_float(first_scores), as_float(second_scores), probs, expert_index, np.int32(num_tokens),
          np.int32(num_experts), np.int32(k)))
-    tokens_per_expert = cupy.bincount(expert_index.reshape(-1), minlength=num_experts)
-    first_counts = cupy.bincount(expert_index[:, 0], minlength=num_experts)
-    if capacity is None:
-        capacity = max(int(tokens_per_expert.max()), 1)
-    position = cupy.empty((num_tokens, k), dtype=cupy.int64)
     blocks = (num_tokens + RANK_BLOCK - 1) // RANK_BLOCK
 
-    def rank(column: int, order: Any = null, keep: Any = null, queue_offset: Any = null, mark: Any = None) -> None:
-        rank_in_block = cupy.empty(num_tokens, dtype=cupy.int32)
+    def rank_in_block(column: int, order: Any = null, keep: Any = null) -> tuple[Any, Any]:
+        ranks = cupy.empty(num_tokens, dtype=cupy.int32)
         block_counts = cupy.empty((blocks, num_experts), dtype=cupy.int32)
         build.kernel("gating.cu", "gate_rank_in_block")(
             (blocks,), (RANK_BLOCK,),
             (expert_index, np.int32(k), np.int32(column), order, keep, np.int32(num_tokens), np.int32(num_experts),
-             rank_in_block, block_counts), shared_mem=4 * (RANK_BLOCK // 32) * num_experts)
-        block_offsets = cupy.cumsum(block_counts, axis=0, dtype=cupy.int32) - block_counts
+             ranks, block_counts), shared_mem=4 * (RANK_BLOCK // 32) * num_experts)
+        return ranks, block_counts
+
+    def finish(column: int, ranks: Any, block_counts: Any, order: Any = null, queue_offset: Any = null,
+               mark: Any = None) -> None:
         build.kernel("gating.cu", "gate_finish_rank")(
             ((num_tokens + 255) // 256,), (256,),
-            (expert_index, np.int32(k), np.int32(column), order, rank_in_block, block_offsets, queue_offset,
+            (expert_index, np.int32(k), np.int32(column), order, ranks, block_counts, queue_offset,
              np.int32(num_tokens), np.int32(num_experts), np.int32(RANK_BLOCK), np.int64(capacity),
              np.int32(mark is not None), position, null if mark is None else mark))
 
-    if priority is None:
-        rank(0)
-    else:  # random token selection: rank in priority order to decide who is kept, then number in token order
-        kept_first = cupy.empty(num_tokens, dtype=cupy.uint8)
-        rank(0, order=cupy.argsort(priority).astype(cupy.int64), mark=kept_first)
-        rank(0, keep=kept_first)
+    # Rank every column first: the per-block counts give each expert's load, which dropless needs.
+    order = null if priority is None else cupy.argsort(priority).astype(cupy.int64)
+    first_ranks, first_block_counts = rank_in_block(0, order)
+    first_counts = first_block_counts.sum(axis=0, dtype=cupy.int64)
+    tokens_per_expert = first_counts
     if k == 2:
-        rank(1, queue_offset=first_counts)
+        second_ranks, second_block_counts = rank_in_block(1)
+        tokens_per_expert = first_counts + second_block_counts.sum(axis=0, dtype=cupy.int64)
+    if capacity is None:
+        capacity = max(int(tokens_per_expert.max()), 1)
+    position = cupy.empty((num_tokens, k), dtype=cupy.int64)
+    if priority is None:
+        finish(0, first_ranks, first_block_counts)
+    else:  # random token selection: the priority ranking decides who is kept, then number in token order
+        kept_first = cupy.empty(num_tokens, dtype=cupy.uint8)
+        finish(0, first_ranks, first_block_counts, order=order, mark=kept_first)
+        finish(0, *rank_in_block(0, keep=kept_first))
+    if k == 2:
+        finish(1, second_ranks, second_block_counts, queue_offset=first_counts)
     weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
     build.kernel("gating.cu", "gate_weights")(
         ((num_tokens + 255) // 256,), (256,),
@@ -187,6 +196,8 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
 
 def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
     """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs."""
+    if is_gpu(grad_weight):
+        return _gpu_gate_weight_backward(grad_weight, gating)
     xp = array_module(grad_weight)
     probs, expert_index, weight = gating.probs, gating.expert_index, gating.weight
     kept = gating.position >= 0
@@ -205,6 +216,20 @@ def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
     for choice in range(k):
         grad_probs[xp.arange(len(probs)), expert_index[:, choice]] += grad_chosen[:, choice]
     return softmax_backward(grad_probs, probs)
+
+
+def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
+    import cupy
+
+    num_tokens, num_experts = gating.probs.shape
+    k = gating.expert_index.shape[1]
+    grad_logits = cupy.empty_like(gating.probs)
+    warps_per_block = 8
+    build.kernel("gating.cu", "gate_weight_backward")(
+        ((num_tokens + warps_per_block - 1) // warps_per_block,), (32 * warps_per_block,),
+        (cupy.ascontiguousarray(grad_weight, dtype=cupy.float32), gating.probs, gating.expert_index, gating.position,
+         gating.weight, grad_logits, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
+    return grad_logits
 
 
 def aux_loss_backward(grad_loss: Any, gating: Gating) -> Any:

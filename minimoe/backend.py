@@ -51,6 +51,7 @@ def set_device(device: str) -> str:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
         _device, xp = "cpu", np
+        manual_seed(0)
         return _device
     cupy, reason = _cupy_or_reason()
     if cupy is None:
@@ -58,8 +59,10 @@ def set_device(device: str) -> str:
             raise DeviceError(f"device 'cuda' was asked for but {reason}")
         log.info("device auto: using the CPU (NumPy) because %s", reason)
         _device, xp = "cpu", np
+        manual_seed(0)
         return _device
     _device, xp = "cuda", cupy
+    manual_seed(0)  # the generator lives on the device the arrays live on
     log.info("device %s: using the GPU (CuPy %s, %s)", device, cupy.__version__, gpu_name())
     return _device
 

@@ -127,6 +127,21 @@ def test_gating_matches_reference(case, poison):
                                    atol=1e-7, err_msg=name)
 
 
+@given(case=gating_inputs(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_gate_weight_backward_matches_reference(case, seed, poison):
+    from minimoe.cuda.gating import gate_weight_backward, topk_gating
+
+    cupy = cupy_module()
+    logits, k, capacity, _ = case
+    expected_gating = topk_gating(logits.astype(np.float64), k, capacity)
+    gating = topk_gating(cupy.asarray(logits), k, capacity)
+    grad = np.random.default_rng(seed).standard_normal((len(logits), k)).astype(np.float32)
+    poison_pool(poison)
+    actual = cupy.asnumpy(gate_weight_backward(cupy.asarray(grad), gating)).astype(np.float64)
+    assert_close(actual, gate_weight_backward(grad.astype(np.float64), expected_gating), "float32",
+                 "gate weight backward")
+
+
 @given(k=st.sampled_from([1, 2]), num_experts=st.integers(2, 16), num_tokens=st.integers(1, 400),
        width=st.sampled_from([1, 3, 8, 24, 64, 136, 1000]), capacity_share=st.sampled_from([0.3, 1.0, None]),
        dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
