@@ -3,7 +3,7 @@ derivative are in cuda/gelu.py).
 
 x is [..., rows, features] with bias [features] (a dense MLP) or x [groups, rows, features] with bias
 [groups, 1, features] (the experts: one bias row per expert). Backward returns (grad_x, grad_bias) with
-grad_x = grad_y * gelu'(x + bias) and grad_bias its sum over the rows (in float32, then cast).
+grad_x = grad_y * gelu'(x + bias) and grad_bias its sum over the rows (accumulated in at least float32).
 GPU: cuda/bias_gelu.cu, one pass over the data each way instead of three (add, GELU, and GELU's
 backward reading the sum back).
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from minimoe.cuda import build
-from minimoe.cuda.gelu import gelu_backward, gelu_forward
 
 from minimoe.backend import is_gpu
+from minimoe.cuda import build
+from minimoe.cuda.gelu import gelu_backward, gelu_forward
 
 build.register("bias_gelu.cu", *(f"bias_gelu_{direction}<{t}, {v}>" for direction in ("forward", "backward")
                                  for t in ("float", "bf16") for v in ("true", "false")))
@@ -36,10 +36,11 @@ def bias_gelu_backward(grad_y: Any, x: Any, bias: Any) -> tuple[Any, Any]:
         return _gpu_backward(grad_y, x, bias)
     grad_pre = gelu_backward(grad_y, x + bias)
     features = grad_pre.shape[-1]
+    accumulate = np.promote_types(grad_pre.dtype, np.float32)  # float32 at least, float64 in gradient checks
     if bias.ndim == 1:
-        grad_bias = grad_pre.reshape(-1, features).sum(axis=0, dtype=np.float32)
+        grad_bias = grad_pre.reshape(-1, features).sum(axis=0, dtype=accumulate)
     else:
-        grad_bias = grad_pre.sum(axis=-2, keepdims=True, dtype=np.float32)
+        grad_bias = grad_pre.sum(axis=-2, keepdims=True, dtype=accumulate)
     return grad_pre, grad_bias.astype(bias.dtype)
 
 

@@ -67,3 +67,23 @@ __device__ __forceinline__ float gelu_tanh_grad(float x) {
   const float t = tanhf(u);
   return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
 }
+
+// Block-wide sum and max of one float per thread (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the result. Uses 32 floats of shared memory; safe to call repeatedly.
+__device__ __forceinline__ float warp_sum(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+__device__ __forceinline__ float warp_max(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+template <bool MAX> __device__ __forceinline__ float block_reduce(float value) {
+  __shared__ float partial[32];
+  value = MAX ? warp_max(value) : warp_sum(value);
+  __syncthreads();  // a previous call may still be reading `partial`
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
+  __syncthreads();
+  value = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : (MAX ? -infinity() : 0.0f);
+  return MAX ? warp_max(value) : warp_sum(value);
+}

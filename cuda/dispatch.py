@@ -25,9 +25,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from minimoe.cuda import build
 
 from minimoe.backend import array_module, is_gpu
+from minimoe.cuda import build
 
 build.register("dispatch.cu", *(f"{name}<{t}, {v}>" for name in ("combine_rows", "combine_backward")
                                 for t in ("float", "bf16") for v in ("true", "false")))
@@ -126,8 +126,9 @@ def source_tokens(expert_index: Any, position: Any, num_experts: int, capacity: 
 def launch_fill_slots(x: Any, source: Any, buffer_rows: Any) -> None:
     """Run the Numba kernel: buffer_rows [E * C, d] from x [T, d] and the inverse table (device arrays,
     or host arrays on the simulator)."""
-    from minimoe.cuda.dispatch_numba import fill_slots
     from numba import cuda
+
+    from minimoe.cuda.dispatch_numba import fill_slots
 
     x_words, buffer_words = row_words(x), row_words(buffer_rows)
     if is_gpu(x):  # hand CuPy memory to Numba without the per-call stream synchronisation

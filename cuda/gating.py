@@ -34,10 +34,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from minimoe.cuda import build
-from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
 from minimoe.backend import array_module, is_gpu
+from minimoe.cuda import build
+from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
 RANK_BLOCK = 1024  # entries one block of gate_rank_in_block ranks (32 warps)
 

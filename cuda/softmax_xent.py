@@ -10,13 +10,22 @@ logsumexp, so the [N, V] probabilities never exist as a second array beside the 
     d loss / d z_{n, v} = (softmax(z_n)_v - [v == t_n]) / n_valid     (0 for ignored rows)
 
 A batch with every row ignored has loss 0 and zero gradient (n_valid is clamped to 1).
+
+GPU: cuda/softmax_xent.cu, one block per row, float32 arithmetic on bf16 or float32 logits; the count
+of valid rows stays on the device (no host synchronisation).
 """
 
 from typing import Any
 
+import numpy as np
+
+from minimoe.backend import array_module, is_gpu
+from minimoe.cuda import build
 from minimoe.cuda.softmax import logsumexp as row_logsumexp
 
-from minimoe.backend import array_module
+build.register("softmax_xent.cu", *(f"cross_entropy_{d}<{t}>" for d in ("forward", "backward")
+                                    for t in ("float", "bf16")))
+THREADS = 256
 
 
 def _valid_rows(targets: Any, ignore_index: int) -> tuple[Any, Any, Any]:
@@ -29,6 +38,8 @@ def _valid_rows(targets: Any, ignore_index: int) -> tuple[Any, Any, Any]:
 
 def cross_entropy_forward(logits: Any, targets: Any, ignore_index: int = -100) -> tuple[Any, Any]:
     """Returns (mean loss as a 0-d array, logsumexp [N]) for logits [N, V] and integer targets [N]."""
+    if is_gpu(logits):
+        return _gpu_forward(logits, targets, ignore_index)
     xp = array_module(logits)
     logsumexp = row_logsumexp(logits)
     valid, safe_targets, count = _valid_rows(targets, ignore_index)
@@ -40,9 +51,46 @@ def cross_entropy_forward(logits: Any, targets: Any, ignore_index: int = -100) -
 def cross_entropy_backward(
     grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ignore_index: int = -100
 ) -> Any:
+    if is_gpu(logits):
+        return _gpu_backward(grad_loss, logits, targets, logsumexp, ignore_index)
     xp = array_module(logits)
     valid, safe_targets, count = _valid_rows(targets, ignore_index)
     grad_logits = xp.exp(logits - logsumexp[:, None])
     grad_logits[xp.arange(len(targets)), safe_targets] -= 1.0
     grad_logits *= (valid * (grad_loss / count))[:, None].astype(logits.dtype)
+    return grad_logits
+
+
+def _type_name(logits: Any) -> str:
+    return {"float32": "float", "bfloat16": "bf16"}[logits.dtype.name]
+
+
+def _valid_count(targets: Any, ignore_index: int) -> Any:
+    """max(number of valid rows, 1) as a float32 device scalar."""
+    import cupy
+
+    return cupy.maximum((targets != ignore_index).sum(), 1).astype(cupy.float32)
+
+
+def _gpu_forward(logits: Any, targets: Any, ignore_index: int) -> tuple[Any, Any]:
+    import cupy
+
+    rows, vocab = logits.shape
+    logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
+    row_loss = cupy.empty(rows, dtype=cupy.float32)
+    logsumexp = cupy.empty(rows, dtype=cupy.float32)
+    build.kernel("softmax_xent.cu", f"cross_entropy_forward<{_type_name(logits)}>")(
+        (rows,), (THREADS,), (logits, targets, row_loss, logsumexp, np.int32(vocab), np.int64(ignore_index)))
+    return row_loss.sum() / _valid_count(targets, ignore_index), logsumexp
+
+
+def _gpu_backward(grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ignore_index: int) -> Any:
+    import cupy
+
+    rows, vocab = logits.shape
+    logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
+    scale = (cupy.asarray(grad_loss, dtype=cupy.float32) / _valid_count(targets, ignore_index)).reshape(1)
+    grad_logits = cupy.empty_like(logits)
+    build.kernel("softmax_xent.cu", f"cross_entropy_backward<{_type_name(logits)}>")(
+        (rows,), (THREADS,), (logits, targets, logsumexp, scale, grad_logits, np.int32(vocab), np.int64(ignore_index)))
     return grad_logits

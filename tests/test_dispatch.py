@@ -5,9 +5,9 @@ import numpy as np
 from helpers import check_gradients
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from minimoe.cuda.dispatch import combine, combine_weight_grad, dispatch, launch_fill_slots, source_tokens
 from minimoe.cuda.gating import topk_gating
-
 from minimoe.moe.gate import Routing
 from minimoe.moe.layer import Combine, Dispatch
 

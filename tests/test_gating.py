@@ -6,9 +6,9 @@ import pytest
 from helpers import check_gradients
 from hypothesis import given
 from hypothesis import strategies as st
-from minimoe.cuda.gating import expert_capacity, topk_gating
 
 from minimoe import backend
+from minimoe.cuda.gating import expert_capacity, topk_gating
 from minimoe.moe.gate import route
 
 seeds = st.integers(0, 2**32 - 1)

@@ -49,9 +49,11 @@ def to_host(array):
     return cupy_module().asnumpy(array).astype(np.float64)
 
 
-def assert_close(actual, expected, dtype, what):
+def assert_close(actual, expected, dtype, what, scale=None):
+    """Relative L2 error within the dtype's tolerance. For a sum whose terms cancel, pass `scale`, the
+    same sum over the terms' absolute values: rounding error grows with the terms, not the result."""
     assert np.all(np.isfinite(actual)), f"{what}: non-finite values (unwritten outputs?)"
-    error = np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+    error = np.linalg.norm(actual - expected) / max(np.linalg.norm(expected if scale is None else scale), 1e-30)
     assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.2e} > {TOLERANCE[dtype]:.0e} ({dtype})"
 
 
@@ -90,7 +92,9 @@ def test_bias_gelu_matches_reference(groups, rows, features, per_expert, dtype, 
     assert_close(to_host(y), bias_gelu_forward(x_values, bias_values), dtype, "bias_gelu forward")
     assert_close(to_host(grad_x), expected_grad_x, dtype, "bias_gelu grad x")
     assert grad_bias.shape == bias.shape
-    assert_close(to_host(grad_bias), expected_grad_bias, dtype, "bias_gelu grad bias")
+    terms = np.abs(expected_grad_x)
+    absolute_sum = terms.sum(axis=1, keepdims=True) if per_expert else terms.reshape(-1, features).sum(axis=0)
+    assert_close(to_host(grad_bias), expected_grad_bias, dtype, "bias_gelu grad bias", scale=absolute_sum)
 
 
 @st.composite
@@ -199,3 +203,47 @@ def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
         results[device] = [y.data, inputs.grad] + [p.grad for p in layer.parameters()]
     for cpu, gpu in zip(results["cpu"], results["cuda"]):
         assert_close(to_host(gpu), cpu.astype(np.float64), "float32", "MoE layer output or gradient")
+
+
+@given(rows=st.integers(1, 300), width=st.sampled_from([1, 7, 8, 64, 130, 768, 1024]), dtype=dtypes, seed=seeds,
+       poison=st.sampled_from([0xFF, 0x7F]))
+def test_layernorm_matches_reference(rows, width, dtype, seed, poison):
+    from minimoe.cuda.layernorm import layernorm_backward, layernorm_forward
+
+    rng = np.random.default_rng(seed)
+    x, x_values = to_gpu(rng.standard_normal((rows, width)) * 3 + 1, dtype)
+    weight, weight_values = to_gpu(rng.standard_normal(width), dtype)
+    bias, bias_values = to_gpu(rng.standard_normal(width), dtype)
+    grad, grad_values = to_gpu(rng.standard_normal((rows, width)), dtype)
+    poison_pool(poison)
+    y, mean, rstd = layernorm_forward(x, weight, bias, 1e-5)
+    grad_x, grad_weight, grad_bias = layernorm_backward(grad, x, weight, mean, rstd)
+    expected_y, expected_mean, expected_rstd = layernorm_forward(x_values, weight_values, bias_values, 1e-5)
+    expected = layernorm_backward(grad_values, x_values, weight_values, expected_mean, expected_rstd)
+    assert_close(to_host(y), expected_y, dtype, "layernorm y")
+    np.testing.assert_allclose(to_host(mean), expected_mean, rtol=1e-5, atol=1e-6)  # float32 statistics
+    np.testing.assert_allclose(to_host(rstd), expected_rstd, rtol=1e-4)
+    assert_close(to_host(grad_x), expected[0], dtype, "layernorm grad x")
+    scale = np.abs(grad_values * (x_values - expected_mean) * expected_rstd).sum(0)
+    assert_close(to_host(grad_weight), expected[1], dtype, "layernorm grad weight", scale=scale)
+    assert_close(to_host(grad_bias), expected[2], dtype, "layernorm grad bias", scale=np.abs(grad_values).sum(0))
+
+
+@given(rows=st.integers(1, 200), vocab=st.sampled_from([2, 50, 256, 1000, 50257]), dtype=dtypes, seed=seeds,
+       ignored=st.floats(0.0, 1.0), poison=st.sampled_from([0xFF, 0x7F]))
+def test_cross_entropy_matches_reference(rows, vocab, dtype, seed, ignored, poison):
+    from minimoe.cuda.softmax_xent import cross_entropy_backward, cross_entropy_forward
+
+    cupy = cupy_module()
+    rng = np.random.default_rng(seed)
+    logits, logits_values = to_gpu(rng.standard_normal((rows, vocab)) * 2, dtype)
+    targets = rng.integers(0, vocab, rows)
+    targets[rng.random(rows) < ignored] = -100
+    poison_pool(poison)
+    loss, logsumexp = cross_entropy_forward(logits, cupy.asarray(targets), -100)
+    grad = cross_entropy_backward(cupy.asarray(np.float32(0.7)), logits, cupy.asarray(targets), logsumexp, -100)
+    expected_loss, expected_logsumexp = cross_entropy_forward(logits_values, targets, -100)
+    expected_grad = cross_entropy_backward(0.7, logits_values, targets, expected_logsumexp, -100)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5, atol=1e-6)  # float32 arithmetic in both
+    np.testing.assert_allclose(to_host(logsumexp), expected_logsumexp, rtol=1e-5)
+    assert_close(to_host(grad), expected_grad, dtype, "cross-entropy gradient")

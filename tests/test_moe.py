@@ -36,7 +36,7 @@ def test_one_expert_with_room_for_every_token_is_the_dense_mlp(tokens, width, se
     x = Tensor(rng.standard_normal((tokens, width)))
     y, stats = moe(x)
     np.testing.assert_allclose(y.data, mlp(x).data, rtol=1e-12, atol=1e-14)  # softmax over one expert = 1
-    assert stats.dropped_fraction == 0.0 and stats.tokens_per_expert.tolist() == [tokens]
+    assert stats.dropped == 0.0 and stats.tokens_per_expert.tolist() == [tokens]
 
 
 @settings(max_examples=12)

@@ -35,11 +35,6 @@ class Routing:
     def num_experts(self) -> int:
         return len(self.tokens_per_expert)
 
-    @property
-    def dropped_fraction(self) -> float:
-        """Fraction of all T * k choices that found their expert full."""
-        return float((self.position < 0).mean())
-
 
 class GateWeights(Function):
     """logits -> the combine weights gating computed; backward through the kept (renormalised) probs."""

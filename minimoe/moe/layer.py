@@ -23,7 +23,7 @@ import numpy as np
 import minimoe.cuda.dispatch as dispatch_kernels
 from minimoe import backend, ops
 from minimoe.moe.experts import Experts
-from minimoe.moe.gate import Routing, jitter, route
+from minimoe.moe.gate import jitter, route
 from minimoe.nn import MLP, Linear, Module
 from minimoe.tensor import Function, Tensor
 
@@ -58,10 +58,13 @@ class Combine(Function):
 
 @dataclass
 class MoEStats:
+    """What one MoE layer reports. The arrays stay on the device: reading them on the host would stop
+    the GPU pipeline inside every forward, so the training loop reads them only when it logs."""
+
     aux_loss: Tensor
     z_loss: Tensor | None
-    tokens_per_expert: np.ndarray  # [E] choices per expert before drops (host copy, for logs)
-    dropped_fraction: float
+    tokens_per_expert: Any  # [E] choices per expert before drops
+    dropped: Any  # 0-d: fraction of the T * k choices dropped
     capacity: int
 
 
@@ -112,15 +115,12 @@ class MoE(Module):
             mix = ops.softmax(self.coefficient(tokens))
             y = y * mix[:, 0:1] + self.residual_mlp(tokens) * mix[:, 1:2]
         y = ops.dropout(y, self.dropout, self.training)
-        return y.reshape(x.shape), self._stats(routing)
-
-    @staticmethod
-    def _stats(routing: Routing) -> MoEStats:
-        return MoEStats(routing.aux_loss, routing.z_loss, backend.to_numpy(routing.tokens_per_expert),
-                        routing.dropped_fraction, routing.capacity)
+        stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert, (routing.position < 0).mean(),
+                         routing.capacity)
+        return y.reshape(x.shape), stats
 
 
 def describe(stats: list[MoEStats]) -> list[dict[str, Any]]:
     """Per MoE layer, what the training log records: tokens per expert, dropped fraction, capacity."""
-    return [{"tokens_per_expert": s.tokens_per_expert.tolist(), "dropped": round(s.dropped_fraction, 6),
-             "capacity": s.capacity} for s in stats]
+    return [{"tokens_per_expert": backend.to_numpy(s.tokens_per_expert).tolist(),
+             "dropped": round(float(s.dropped), 6), "capacity": s.capacity} for s in stats]

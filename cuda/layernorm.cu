@@ -1,0 +1,103 @@
+// LayerNorm over the last axis (cuda/layernorm.py is the reference and states the formulas).
+// x is [rows, d]; statistics (mean, rstd) are float32 whatever the storage type.
+#include "common.cuh"
+
+// One warp per row: the mean, then the variance of (x - mean) (two passes over the row, the second
+// from cache, numerically safer than E[x^2] - E[x]^2), then y = (x - mean) * rstd * weight + bias.
+template <typename T, bool VEC>
+__global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
+                                  T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                  int rows, int width, float eps) {
+  using R = Row<T, VEC>;
+  const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T* x_row = x + row * width;
+  float sum = 0.0f;
+  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
+    float v[R::per_load];
+    R::load(x_row, i, v);
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j) sum += v[j];
+  }
+  const float mean = warp_sum(sum) / width;
+  float squares = 0.0f;
+  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
+    float v[R::per_load];
+    R::load(x_row, i, v);
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j) squares += (v[j] - mean) * (v[j] - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(squares) / width + eps);
+  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
+    float v[R::per_load], w[R::per_load], b[R::per_load];
+    R::load(x_row, i, v);
+    R::load(weight, i, w);
+    R::load(bias, i, b);
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j) v[j] = (v[j] - mean) * rstd * w[j] + b[j];
+    R::store(y + row * width, i, v);
+  }
+  if (lane == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd.
+// One warp per row: two row reductions, then the write.
+template <typename T, bool VEC>
+__global__ void layernorm_backward_input(const T* __restrict__ grad_y, const T* __restrict__ x,
+                                         const T* __restrict__ weight, const float* __restrict__ mean,
+                                         const float* __restrict__ rstd, T* __restrict__ grad_x, int rows, int width) {
+  using R = Row<T, VEC>;
+  const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float row_mean = mean[row], row_rstd = rstd[row];
+  float sum_g = 0.0f, sum_g_xhat = 0.0f;
+  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
+    float dy[R::per_load], v[R::per_load], w[R::per_load];
+    R::load(grad_y + row * width, i, dy);
+    R::load(x + row * width, i, v);
+    R::load(weight, i, w);
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j) {
+      const float g = dy[j] * w[j];
+      sum_g += g;
+      sum_g_xhat += g * (v[j] - row_mean) * row_rstd;
+    }
+  }
+  const float mean_g = warp_sum(sum_g) / width, mean_g_xhat = warp_sum(sum_g_xhat) / width;
+  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
+    float dy[R::per_load], v[R::per_load], w[R::per_load], out[R::per_load];
+    R::load(grad_y + row * width, i, dy);
+    R::load(x + row * width, i, v);
+    R::load(weight, i, w);
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j)
+      out[j] = row_rstd * (dy[j] * w[j] - mean_g - (v[j] - row_mean) * row_rstd * mean_g_xhat);
+    R::store(grad_x + row * width, i, out);
+  }
+}
+
+// Partial parameter gradients: thread = one column, block row y = one slice of the rows (every
+// `slices`-th row). partial_weight[slice][col] = sum dy * xhat, partial_bias[slice][col] = sum dy; the
+// caller adds the slices (deterministic: no atomics).
+template <typename T>
+__global__ void layernorm_backward_params(const T* __restrict__ grad_y, const T* __restrict__ x,
+                                          const float* __restrict__ mean, const float* __restrict__ rstd,
+                                          float* __restrict__ partial_weight, float* __restrict__ partial_bias,
+                                          int rows, int width) {
+  const int column = blockIdx.x * blockDim.x + threadIdx.x;
+  const int slice = blockIdx.y, slices = gridDim.y;
+  if (column >= width) return;
+  float sum_weight = 0.0f, sum_bias = 0.0f;
+  for (long long row = slice; row < rows; row += slices) {
+    const float dy = to_float(grad_y[row * width + column]);
+    sum_weight += dy * (to_float(x[row * width + column]) - mean[row]) * rstd[row];
+    sum_bias += dy;
+  }
+  partial_weight[(long long)slice * width + column] = sum_weight;
+  partial_bias[(long long)slice * width + column] = sum_bias;
+}
