@@ -16,12 +16,14 @@ dispatch of the output gradient scaled by the weights (plus the weights' own gra
 
 GPU: dispatch is a Numba CUDA kernel (cuda/dispatch_numba.py) that fills the buffer slot by slot from
 the inverse table (slot -> token), each word written once, zeros included, in the widest words the row
-length allows (16 bytes for bf16 rows of a multiple of 8); combine and combine's backward are CUDA C in
-cuda/dispatch.cu (one block per token, 16-byte vectors, float32 sums).
+length allows (complex128 words for bf16 rows of a multiple of 8; Numba's PTX moves each as two 8-byte
+loads, not one 16-byte load); combine and combine's backward are CUDA C in cuda/dispatch.cu (one block
+per token, 16-byte vectors, float32 sums).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -124,17 +126,46 @@ def source_tokens(expert_index: Any, position: Any, num_experts: int, capacity: 
 
 
 def launch_fill_slots(x: Any, source: Any, buffer_rows: Any) -> None:
-    """Run the Numba kernel: buffer_rows [E * C, d] from x [T, d] and the inverse table (device arrays,
-    or host arrays on the simulator)."""
-    from numba import cuda
+    """Run the Numba kernel: buffer_rows [E * C, d] from x [T, d] and the inverse table. Host arrays
+    go through Numba's own launcher (the CUDA simulator in CI); CuPy arrays through CuPy (below)."""
+    x_words, buffer_words = row_words(x), row_words(buffer_rows)
+    if buffer_words.shape[0] == 0:
+        return
+    if is_gpu(x):
+        _fill_slots_through_cupy(x_words.dtype.str)((buffer_words.shape[0],), (THREADS,), (
+            *_numba_array_arguments(x_words), *_numba_array_arguments(source), *_numba_array_arguments(buffer_words)))
+        return
+    from minimoe.cuda.dispatch_numba import fill_slots
+
+    fill_slots[buffer_words.shape[0], THREADS](x_words, source, buffer_words)
+
+
+@functools.cache
+def _fill_slots_through_cupy(word_dtype: str) -> Any:
+    """The Numba kernel compiled by Numba to PTX for this word type, loaded and launched by CuPy.
+    Numba's own launcher spends a few hundred microseconds per call on argument handling; CuPy's
+    spends a few. The kernel is the same Python function the simulator runs."""
+    import re
+
+    import cupy
+    from numba import cuda, from_dtype, types
 
     from minimoe.cuda.dispatch_numba import fill_slots
 
-    x_words, buffer_words = row_words(x), row_words(buffer_rows)
-    if is_gpu(x):  # hand CuPy memory to Numba without the per-call stream synchronisation
-        x_words, buffer_words, source = (cuda.as_cuda_array(a, sync=False) for a in (x_words, buffer_words, source))
-    if buffer_words.shape[0]:
-        fill_slots[buffer_words.shape[0], THREADS](x_words, source, buffer_words)
+    word = from_dtype(np.dtype(word_dtype))
+    signature = (types.Array(word, 2, "C"), types.Array(types.int64, 1, "C"), types.Array(word, 2, "C"))
+    capability = cupy.cuda.Device().compute_capability  # e.g. "90"
+    ptx, _ = cuda.compile_ptx(fill_slots.py_func, signature, cc=(int(capability[:-1]), int(capability[-1])))
+    module = cupy.cuda.function.Module()
+    module.load(ptx.encode())
+    return module.get_function(re.search(r"\.entry\s+(\S+)\(", ptx).group(1))
+
+
+def _numba_array_arguments(array: Any) -> tuple[Any, ...]:
+    """A C-contiguous CuPy array as Numba passes an array to a kernel: meminfo and parent (unused,
+    null), the element count, the item size, the data pointer, then the shape and the strides in bytes."""
+    return (np.uint64(0), np.uint64(0), np.int64(array.size), np.int64(array.dtype.itemsize),
+            np.uint64(array.data.ptr), *(np.int64(n) for n in array.shape), *(np.int64(n) for n in array.strides))
 
 
 def _gpu_dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacity: int) -> Any:
