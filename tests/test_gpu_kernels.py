@@ -89,8 +89,12 @@ def test_bias_gelu_matches_reference(groups, rows, features, per_expert, dtype, 
     y = bias_gelu_forward(x, bias)
     grad_x, grad_bias = bias_gelu_backward(grad, x, bias)
     expected_grad_x, expected_grad_bias = bias_gelu_backward(grad_values, x_values, bias_values)
-    assert_close(to_host(y), bias_gelu_forward(x_values, bias_values), dtype, "bias_gelu forward")
-    assert_close(to_host(grad_x), expected_grad_x, dtype, "bias_gelu grad x")
+    # float32 evaluates 1 + tanh(u) with cancellation where tanh(u) is near -1 (inputs below about -2):
+    # the rounding is relative to the input's size there, not to the tiny result.
+    pre = x_values + bias_values
+    assert_close(to_host(y), bias_gelu_forward(x_values, bias_values), dtype, "bias_gelu forward",
+                 scale=np.abs(pre))
+    assert_close(to_host(grad_x), expected_grad_x, dtype, "bias_gelu grad x", scale=np.abs(grad_values))
     assert grad_bias.shape == bias.shape
     terms = np.abs(expected_grad_x)
     absolute_sum = terms.sum(axis=1, keepdims=True) if per_expert else terms.reshape(-1, features).sum(axis=0)
