@@ -84,6 +84,8 @@ template <bool MAX> __device__ __forceinline__ float block_reduce(float value) {
   __syncthreads();  // a previous call may still be reading `partial`
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = value;
   __syncthreads();
-  value = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : (MAX ? -infinity() : 0.0f);
+  // Every warp (not only the first) reduces the per-warp results, so every thread gets the total.
+  const int lane = threadIdx.x % 32;
+  value = lane < blockDim.x / 32 ? partial[lane] : (MAX ? -infinity() : 0.0f);
   return MAX ? warp_max(value) : warp_sum(value);
 }
