@@ -2,8 +2,11 @@
 
 `kernel("bias_gelu.cu", "bias_gelu_forward<bf16>")` compiles bias_gelu.cu once per process with NVRTC
 (CuPy also keeps the binary in its on-disk kernel cache across processes) and returns the function.
-Every .cu file can `#include "common.cuh"` (the bf16 type and conversions). A compile error is raised
-as a KernelBuildError that names the .cu file and line, not NVRTC's temporary file.
+Every .cu file can `#include "common.cuh"` (the bf16 type, conversions, reductions). The header is
+pasted into the source here rather than included by NVRTC: CuPy's disk cache is keyed on the source
+text, so an edit of the header must change that text, or a stale binary would be loaded. `#line`
+directives keep compiler messages pointing at the right file and line, and a compile error is raised
+as a KernelBuildError that names them, not NVRTC's temporary file.
 """
 
 from __future__ import annotations
@@ -27,22 +30,36 @@ def register(filename: str, *name_expressions: str) -> None:
     _NAME_EXPRESSIONS[filename] = tuple(name_expressions)
 
 
-def _readable_log(log: str, filename: str) -> str:
-    """NVRTC reports '/tmp/tmpXXXX/<hash>.cubin.cu(12): error: ...'; say 'cuda/<file>:12: error: ...'."""
-    return re.sub(r"\S*?\.cu\((\d+)\)", lambda m: f"{KERNEL_DIR / filename}:{m.group(1)}", log)
+HEADER = "common.cuh"
+
+
+def _source(filename: str) -> str:
+    """The .cu file with common.cuh pasted in place of its #include, framed by #line directives."""
+    text = (KERNEL_DIR / filename).read_text()
+    header = (KERNEL_DIR / HEADER).read_text()
+    include = f'#include "{HEADER}"'
+    if include not in text:
+        return f'#line 1 "{filename}"\n{text}'
+    before, after = text.split(include, 1)
+    resume = before.count("\n") + 1
+    return f'#line 1 "{filename}"\n{before}\n#line 1 "{HEADER}"\n{header}\n#line {resume} "{filename}"\n{after}'
+
+
+def _readable_log(log: str) -> str:
+    """NVRTC reports 'layernorm.cu(12): error: ...'; say '<path>/cuda/layernorm.cu:12: error: ...'."""
+    return re.sub(r"([\w.]+\.cuh?)\((\d+)\)", lambda m: f"{KERNEL_DIR / m.group(1)}:{m.group(2)}", log)
 
 
 @functools.cache
 def load_module(filename: str) -> Any:
     import cupy
 
-    source = (KERNEL_DIR / filename).read_text()
-    module = cupy.RawModule(code=source, options=("-std=c++17", f"-I{KERNEL_DIR}"),
+    module = cupy.RawModule(code=_source(filename), options=("-std=c++17",),
                             name_expressions=_NAME_EXPRESSIONS.get(filename, ()))
     try:
         module.compile()
     except cupy.cuda.compiler.CompileException as error:
-        raise KernelBuildError(_readable_log(str(error), filename)) from None
+        raise KernelBuildError(_readable_log(str(error))) from None
     return module
 
 
