@@ -13,26 +13,34 @@ The reference keeps probs [B, H, T, T] for the backward:
 
 from typing import Any
 
+import numpy as np
+
 from minimoe.backend import array_module
+from minimoe.cuda.gemm import matmul
 
 
 def causal_attention_forward(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
-    """Returns (out [B, H, T, D], probs [B, H, T, T])."""
+    """Returns (out [B, H, T, D], probs [B, H, T, T]). The matmuls run in the inputs' dtype (bf16 on
+    the GPU, through cuBLAS); the masked softmax in float32 at least."""
     xp = array_module(q)
     length, width = q.shape[-2], q.shape[-1]
-    scores = (q @ k.swapaxes(-1, -2)) * (1.0 / width**0.5)
+    compute = np.promote_types(q.dtype, np.float32)
+    scores = matmul(q, k, transpose_b=True).astype(compute) * (1.0 / width**0.5)
     future = xp.triu(xp.ones((length, length), dtype=bool), k=1)
     scores = xp.where(future, -xp.inf, scores)
     scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
-    return probs @ v, probs
+    probs = (scores / scores.sum(axis=-1, keepdims=True)).astype(q.dtype)
+    return matmul(probs, v), probs
 
 
 def causal_attention_backward(
     grad_out: Any, q: Any, k: Any, v: Any, probs: Any
 ) -> tuple[Any, Any, Any]:
+    compute = np.promote_types(q.dtype, np.float32)
     scale = 1.0 / q.shape[-1] ** 0.5
-    grad_v = probs.swapaxes(-1, -2) @ grad_out
-    grad_probs = grad_out @ v.swapaxes(-1, -2)
-    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True)) * scale
-    return grad_scores @ k, grad_scores.swapaxes(-1, -2) @ q, grad_v
+    grad_v = matmul(probs, grad_out, transpose_a=True)
+    grad_probs = matmul(grad_out, v, transpose_b=True).astype(compute)
+    probs_compute = probs.astype(compute)
+    grad_scores = probs_compute * (grad_probs - (grad_probs * probs_compute).sum(axis=-1, keepdims=True)) * scale
+    grad_scores = grad_scores.astype(q.dtype)
+    return matmul(grad_scores, k), matmul(grad_scores, q, transpose_a=True), grad_v

@@ -117,9 +117,21 @@ def manual_seed(*seed: int) -> None:
 
 
 def random_uniform(shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
-    """Uniform [0, 1) numbers on the current device from the seeded generator."""
-    return _rng.random(shape, dtype=dtype)
+    """Uniform [0, 1) numbers on the current device from the seeded generator (drawn in float32 or
+    float64 and cast, so bf16 works too)."""
+    draw_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    numbers = _rng.random(shape, dtype=draw_dtype)
+    return numbers if numbers.dtype == dtype else numbers.astype(dtype)
 
 
 def random_generator() -> Any:
     return _rng
+
+
+def bfloat16() -> np.dtype:
+    """The bf16 dtype (ml_dtypes' NumPy extension, which CuPy 14 understands)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise DeviceError("bfloat16 needs the ml_dtypes package (it comes with the cuda12 / cuda13 extras)") from None
+    return np.dtype(ml_dtypes.bfloat16)

@@ -36,6 +36,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     device: str = "cpu"  # "cpu", "cuda" or "auto"
+    precision: str = "auto"  # "float32", "bfloat16" (GPU: bf16 compute, float32 master weights) or "auto"
     seed: int = 0  # seeds batches and dropout (model.init_seed seeds the weights)
     batch_size: int = 32
     max_steps: int = 600
@@ -155,6 +156,10 @@ def validate(config: Config) -> None:
     _validate_moe(model)
     if train.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"train.device must be 'cpu', 'cuda' or 'auto', got {train.device!r}")
+    if train.precision not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"train.precision must be 'auto', 'float32' or 'bfloat16', got {train.precision!r}")
+    if train.precision == "bfloat16" and train.device == "cpu":
+        raise ConfigError("train.precision = 'bfloat16' needs train.device = 'cuda' (the NumPy path is float32)")
 
 
 def _validate_moe(model: GPTConfig) -> None:

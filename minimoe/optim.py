@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend
-from minimoe.cuda.adamw import adamw_step
+from minimoe.cuda.adamw import adamw_update, sum_of_squares
 from minimoe.nn import Parameter
 
 
@@ -28,58 +28,74 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def global_grad_norm(parameters: list[Parameter]) -> float:
-    """sqrt of the sum of squares of every gradient element (parameters without a gradient skipped)."""
-    total = 0.0
-    for parameter in parameters:
-        if parameter.grad is not None:
-            total += float((parameter.grad.astype(np.float32) ** 2).sum())
-    return math.sqrt(total)
+def global_grad_norm(parameters: list[Parameter]) -> Any:
+    """sqrt of the sum of squares of every gradient element (parameters without a gradient skipped),
+    as a 0-d array on the parameters' device: reading it is the caller's choice (a host sync on a GPU)."""
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    return backend.array_module(grads[0]).sqrt(sum_of_squares(grads))
 
 
-def clip_scale(grad_norm: float, max_norm: float) -> float:
+def clip_scale(grad_norm: Any, max_norm: float) -> Any:
     """The factor that brings the global gradient norm down to max_norm (1 when it is already below,
-    or when clipping is off with max_norm <= 0)."""
-    if max_norm <= 0 or grad_norm <= max_norm:
+    or when clipping is off with max_norm <= 0); a 0-d array like grad_norm."""
+    if max_norm <= 0:
         return 1.0
-    return max_norm / (grad_norm + 1e-6)
+    xp = backend.array_module(grad_norm)
+    return xp.where(grad_norm > max_norm, max_norm / (grad_norm + 1e-6), 1.0)
 
 
 class AdamW:
+    """AdamW over a model's parameters. A parameter kept in bf16 (the GPU's working copy) gets a float32
+    master weight here: the update happens on the master, and the working copy receives it rounded."""
+
     def __init__(self, parameters: list[Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.1):
         self.parameters = parameters
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
-        self.exp_avg = [backend.array_module(p.data).zeros_like(p.data) for p in parameters]
-        self.exp_avg_sq = [backend.array_module(p.data).zeros_like(p.data) for p in parameters]
+        self.master = [p.data.astype(np.float32) if p.data.dtype.itemsize < 4 else None for p in parameters]
+        self.exp_avg = [backend.array_module(v).zeros_like(v) for v in self.values()]
+        self.exp_avg_sq = [backend.array_module(v).zeros_like(v) for v in self.values()]
 
-    def step(self, grad_scale: float = 1.0) -> None:
-        """One update of every parameter that has a gradient; `grad_scale` multiplies the gradients
-        first (global-norm clipping)."""
+    def values(self) -> list[Any]:
+        """The arrays the update acts on: the float32 master where there is one, else the parameter."""
+        return [p.data if master is None else master for p, master in zip(self.parameters, self.master)]
+
+    def step(self, grad_scale: Any = 1.0) -> None:
+        """One update of every parameter that has a gradient; `grad_scale` (a number or a 0-d array)
+        multiplies the gradients first (global-norm clipping)."""
         self.step_count += 1
         beta1, beta2 = self.betas
-        for parameter, exp_avg, exp_avg_sq in zip(self.parameters, self.exp_avg, self.exp_avg_sq):
-            if parameter.grad is None:
-                continue
-            adamw_step(parameter.data, parameter.grad, exp_avg, exp_avg_sq, lr=self.lr, beta1=beta1,
-                       beta2=beta2, eps=self.eps, weight_decay=self.weight_decay if parameter.decay else 0.0,
-                       step=self.step_count, grad_scale=grad_scale)
+        active = [i for i, p in enumerate(self.parameters) if p.grad is not None]
+        values = self.values()
+        adamw_update([values[i] for i in active], [self.parameters[i].grad for i in active],
+                     [self.exp_avg[i] for i in active], [self.exp_avg_sq[i] for i in active],
+                     [None if self.master[i] is None else self.parameters[i].data for i in active],
+                     [self.weight_decay if self.parameters[i].decay else 0.0 for i in active],
+                     lr=self.lr, beta1=beta1, beta2=beta2, eps=self.eps, step=self.step_count, grad_scale=grad_scale)
 
     def state_dict(self) -> dict[str, Any]:
-        """Moments as host arrays, indexed like the parameter list, plus the step count."""
+        """Moments (and master weights) as host arrays, indexed like the parameter list, plus the step."""
         state: dict[str, Any] = {"step_count": self.step_count}
-        for index, (exp_avg, exp_avg_sq) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
+        for index, (exp_avg, exp_avg_sq, master) in enumerate(zip(self.exp_avg, self.exp_avg_sq, self.master)):
             state[f"exp_avg.{index}"] = backend.to_numpy(exp_avg)
             state[f"exp_avg_sq.{index}"] = backend.to_numpy(exp_avg_sq)
+            if master is not None:
+                state[f"master.{index}"] = backend.to_numpy(master)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for index, parameter in enumerate(self.parameters):
-            for name, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+        for index, value in enumerate(self.values()):
+            names = [("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)]
+            if self.master[index] is not None:
+                names.append(("master", self.master))
+            for name, arrays in names:
                 saved = state.get(f"{name}.{index}")
-                if saved is None or tuple(saved.shape) != parameter.shape:
+                if saved is None or tuple(saved.shape) != value.shape:
                     raise ValueError(f"optimizer state {name}.{index} is missing or does not fit "
-                                     f"parameter shape {parameter.shape}")
-                moments[index] = backend.asarray(saved).astype(parameter.dtype)
+                                     f"parameter shape {value.shape}")
+                arrays[index] = backend.asarray(saved).astype(value.dtype)
+        for parameter, master in zip(self.parameters, self.master):
+            if master is not None:
+                parameter.data[...] = master.astype(parameter.dtype)
         self.step_count = int(state["step_count"])

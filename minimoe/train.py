@@ -68,7 +68,10 @@ def evaluate(model: GPT, data: TokenData, config: Config) -> float:
 
 
 def checkpoint_arrays(model: GPT, optimizer: AdamW) -> dict[str, np.ndarray]:
-    arrays = {f"model.{name}": value for name, value in model.state_dict().items()}
+    """The model's weights in float32 (the optimizer's master weights where training runs in bf16) and
+    the optimizer's state."""
+    arrays = {f"model.{name}": backend.to_numpy(value)
+              for (name, _), value in zip(model.named_parameters(), optimizer.values())}
     for name, value in optimizer.state_dict().items():
         arrays[f"optim.{name}"] = np.asarray(value)
     return arrays
@@ -140,9 +143,13 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
 
     data = load_data(config)
     model = GPT(config.model)
+    precision = train_config.precision if train_config.precision != "auto" else (
+        "bfloat16" if device == "cuda" else "float32")
+    if precision == "bfloat16":
+        model.to(backend.bfloat16())  # the working copies; AdamW keeps float32 masters
     optimizer = AdamW(model.parameters(), lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2),
                       eps=optim_config.eps, weight_decay=optim_config.weight_decay)
-    print(f"minimoe: {model.num_parameters():,} parameters on {device}; "
+    print(f"minimoe: {model.num_parameters():,} parameters on {device} ({precision}); "
           f"{len(data.splits['train']):,} training tokens; out_dir {out_dir}")
 
     step, initial_val_loss = 0, None
@@ -188,6 +195,7 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
             output.loss.backward()
             grad_norm = global_grad_norm(optimizer.parameters)
             optimizer.step(clip_scale(grad_norm, train_config.grad_clip))
+            grad_norm = float(grad_norm)
             model.zero_grad()
             step += 1
             window_steps += 1

@@ -76,7 +76,7 @@ def gumbel_noise(shape: tuple[int, ...], dtype: Any) -> Any:
 
 def jitter(shape: tuple[int, ...], dtype: Any) -> Any:
     """Uniform(1 - eps, 1 + eps) factors for the gate input (DeepSpeed's multiplicative_jitter)."""
-    return 1.0 - JITTER_EPS + 2.0 * JITTER_EPS * backend.random_uniform(shape, dtype)
+    return (1.0 - JITTER_EPS + 2.0 * JITTER_EPS * backend.random_uniform(shape)).astype(dtype)
 
 
 def route(logits: Tensor | Any, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool = True, *,
