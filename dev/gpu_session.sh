@@ -17,8 +17,13 @@ export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 if [[ $what == tests || $what == all ]]; then
-  timeout 400 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+  timeout 500 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_training.py \
+    2>&1 | tee "$out/gpu_tests.log" | tail -25
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_dispatch.py 2>&1 | tail -3
+fi
+if [[ $what == train || $what == all ]]; then  # the README's MoE example on the GPU
+  timeout 300 python3 -m minimoe.cli train --config examples/moe.toml --set train.device=cuda \
+    --set train.out_dir=/tmp/runs/moe-gpu 2>&1 | tee "$out/train_moe_gpu.log" | grep -v "^\[" | tail -12
 fi
 if [[ $what == bench || $what == all ]]; then
   for name in moe-layer gating dispatch; do

@@ -255,3 +255,37 @@ def test_cross_entropy_matches_reference(rows, vocab, dtype, seed, ignored, pois
     # __logf's absolute error is ~1e-7, so a logsumexp near 0 needs an absolute tolerance too.
     np.testing.assert_allclose(to_host(logsumexp), expected_logsumexp, rtol=1e-5, atol=1e-6)
     assert_close(to_host(grad), expected_grad, dtype, "cross-entropy gradient")
+
+
+@given(sizes=st.lists(st.sampled_from([1, 3, 1000, 70_001]), min_size=1, max_size=4), step=st.integers(1, 50),
+       seed=seeds, data=st.data())
+def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, data):
+    """One launch over several tensors (one larger than a chunk), float32 and bf16 gradients, with and
+    without bf16 working copies, a device clip factor; against adamw_step per tensor on the host."""
+    from minimoe.cuda.adamw import adamw_update, sum_of_squares
+
+    cupy = cupy_module()
+    rng = np.random.default_rng(seed)
+    kinds = [data.draw(st.sampled_from(["float32", "bfloat16"])) for _ in sizes]
+    host = {name: [rng.standard_normal(n).astype(np.float32) for n in sizes] for name in ("value", "m")}
+    host["v"] = [np.abs(rng.standard_normal(n)).astype(np.float32) for n in sizes]
+    grads = [to_gpu(rng.standard_normal(n), kind) for n, kind in zip(sizes, kinds)]
+    decays = [float(d) for d in rng.choice([0.0, 0.1], len(sizes))]
+    device = {name: [cupy.asarray(a) for a in arrays] for name, arrays in host.items()}
+    from minimoe.backend import bfloat16
+
+    working = [cupy.empty(n, dtype=bfloat16()) if kind == "bfloat16" else None for n, kind in zip(sizes, kinds)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, step=step)
+    norm = float(cupy.sqrt(sum_of_squares([g for g, _ in grads])))
+    expected_norm = np.sqrt(sum((values ** 2).sum() for _, values in grads))
+    np.testing.assert_allclose(norm, expected_norm, rtol=1e-5)
+    adamw_update(device["value"], [g for g, _ in grads], device["m"], device["v"], working, decays,
+                 grad_scale=cupy.asarray(0.5, dtype=cupy.float32), **hyper)
+    adamw_update(host["value"], [values.astype(np.float32) for _, values in grads], host["m"], host["v"],
+                 [None] * len(sizes), decays, grad_scale=0.5, **hyper)
+    for name in ("value", "m", "v"):
+        for actual, expected in zip(device[name], host[name]):
+            np.testing.assert_allclose(cupy.asnumpy(actual), expected, rtol=2e-5, atol=1e-6, err_msg=name)
+    for copy, value in zip(working, host["value"]):
+        if copy is not None:  # the working copy is the updated master rounded to bf16
+            np.testing.assert_allclose(to_host(copy), value, rtol=2**-8)
