@@ -28,7 +28,7 @@ if [[ $what == train || $what == all ]]; then  # the README's MoE example on the
     --set train.out_dir=/tmp/runs/moe-gpu 2>&1 | tee "$out/train_moe_gpu.log" | grep -v "^\[" | tail -12
 fi
 if [[ $what == bench || $what == all ]]; then
-  for name in moe-layer gating dispatch; do
+  for name in moe-layer gating dispatch train-step; do
     timeout 300 python3 -m minimoe.cli bench "$name" 2>&1 | grep -v Warning | tee "$out/bench_$name.log"
   done
 fi

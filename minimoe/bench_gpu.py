@@ -6,6 +6,7 @@ Every table gives minimoe's time, the floor and the peers present on the machine
   read plus bytes written);
 - times are medians of CUDA-event-timed repetitions after warm-up.
 
+train-step: a 12-layer GPT-MoE training step against the same model in PyTorch eager (see STEP_MODEL).
 moe-layer: T=8192 tokens, d=1024, f=4096, E=8, bf16, training mode; k=2 and k=1 with token dropping
 (capacity factor 1.0) and k=2 dropless. Peers: DeepSpeed's own deepspeed.moe.layer.MoE (the seed
 system), a PyTorch eager loop over experts, transformers' MixtralSparseMoeBlock (SwiGLU experts: 1.5x
@@ -361,4 +362,143 @@ def bench_dispatch(args: argparse.Namespace) -> None:
                   f"{rate / 1e12:.2f} TB/s = {100 * rate / copy_rate:.0f}% of the copy ceiling")
 
 
-BENCHMARKS = {"moe-layer": bench_moe_layer, "gating": bench_gating, "dispatch": bench_dispatch}
+# ----------------------------------------------------------------------------- train-step
+
+
+STEP_MODEL = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, moe_every=2,
+                  experts_per_layer=[8], k=2, capacity_factor=1.0)
+STEP_BATCH = 8
+
+
+def _minimoe_train_step(tokens: Any, targets: Any) -> tuple[Callable[[], float], int]:
+    from minimoe.model import GPT, GPTConfig
+    from minimoe.optim import AdamW, clip_scale, global_grad_norm
+
+    model = GPT(GPTConfig(**STEP_MODEL)).to(bf16())
+    optimizer = AdamW(model.parameters(), lr=3e-4)
+
+    def step() -> Any:
+        loss = model(tokens, targets).loss
+        loss.backward()
+        optimizer.step(clip_scale(global_grad_norm(optimizer.parameters), 1.0))
+        model.zero_grad()
+        return loss.data
+
+    return step, model.num_parameters()
+
+
+def _torch_train_step(tokens: Any, targets: Any) -> Callable[[], Any]:
+    """The same GPT-MoE in PyTorch eager: pre-LayerNorm blocks, fused SDPA attention, tanh-GELU MLPs,
+    top-2 softmax MoE in every other block as a loop over experts, tied embeddings; bf16 autocast with
+    float32 weights and AdamW (PyTorch's default multi-tensor implementation)."""
+    import torch
+    import torch.nn.functional as F
+
+    width, heads, layers = STEP_MODEL["n_embd"], STEP_MODEL["n_head"], STEP_MODEL["n_layer"]
+    experts, vocab, length = STEP_MODEL["experts_per_layer"][0], STEP_MODEL["vocab_size"], STEP_MODEL["block_size"]
+
+    def mlp() -> Any:
+        return torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(approximate="tanh"),
+                                   torch.nn.Linear(4 * width, width))
+
+    class MoE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Linear(width, experts, bias=False)
+            self.experts = torch.nn.ModuleList(mlp() for _ in range(experts))
+
+        def forward(self, x: Any) -> Any:
+            tokens_ = x.reshape(-1, width)
+            with torch.autocast("cuda", enabled=False):
+                probs = F.softmax(self.gate(tokens_.float()), dim=-1)
+            weights, chosen = probs.topk(2, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
+            out = torch.zeros_like(tokens_)
+            for e, expert in enumerate(self.experts):
+                token, slot = (chosen == e).nonzero(as_tuple=True)
+                out.index_add_(0, token, (expert(tokens_[token]) * weights[token, slot, None]).to(out.dtype))
+            return out.reshape(x.shape)
+
+    class Block(torch.nn.Module):
+        def __init__(self, moe: bool) -> None:
+            super().__init__()
+            self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+            self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+            self.mlp = MoE() if moe else mlp()
+
+        def forward(self, x: Any) -> Any:
+            batch, steps, _ = x.shape
+            q, k, v = self.qkv(self.ln_1(x)).view(batch, steps, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(attended.transpose(1, 2).reshape(batch, steps, width))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.wpe = torch.nn.Embedding(vocab, width), torch.nn.Embedding(length, width)
+            self.blocks = torch.nn.ModuleList(Block((i + 1) % 2 == 0) for i in range(layers))
+            self.ln_f = torch.nn.LayerNorm(width)
+
+        def forward(self, idx: Any, targets: Any) -> Any:
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for block in self.blocks:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.T
+            return F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
+
+    model = GPT().cuda()
+    for parameter in model.parameters():
+        if parameter.dim() > 1:  # GPT-2's init for every matrix, as minimoe's model uses
+            torch.nn.init.normal_(parameter, std=0.02)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    idx, tgt = torch.as_tensor(tokens, device="cuda"), torch.as_tensor(targets, device="cuda")
+
+    def step() -> Any:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def bench_train_step(args: argparse.Namespace) -> None:
+    import cupy
+
+    backend.set_device("cuda")
+    header("train-step")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, STEP_MODEL["vocab_size"], (STEP_BATCH, STEP_MODEL["block_size"] + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    step, parameters = _minimoe_train_step(cupy.asarray(inputs), cupy.asarray(targets))
+    print(f"GPT-MoE: {STEP_MODEL}, {parameters / 1e6:.0f} M parameters, batch {STEP_BATCH} x "
+          f"{STEP_MODEL['block_size']} tokens; one step = forward, backward, clipping, AdamW")
+    first = float(step())
+    expected = float(np.log(STEP_MODEL["vocab_size"]))
+    print(f"minimoe first-step loss {first:.3f} (a random model should give about ln V = {expected:.3f})")
+    tokens_per_step = STEP_BATCH * STEP_MODEL["block_size"]
+    minimoe_ms = event_ms(step, warmup=2, repeats=10)
+    print(f"{'implementation':<44}{'ms/step':>10}{'tokens/s':>12}")
+    print(f"{'minimoe (bf16, float32 master weights)':<44}{minimoe_ms:>10.1f}"
+          f"{tokens_per_step / minimoe_ms * 1e3:>12,.0f}")
+    del step
+    cupy.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+
+        torch_step = _torch_train_step(inputs, targets)
+        print(f"PyTorch first-step loss {float(torch_step()):.3f}")
+        torch_step_ms = torch_ms(torch_step, warmup=2, repeats=10)
+        print(f"{f'PyTorch {torch.__version__} eager (bf16 autocast)':<44}{torch_step_ms:>10.1f}"
+              f"{tokens_per_step / torch_step_ms * 1e3:>12,.0f}")
+        print(f"minimoe's throughput is {torch_step_ms / minimoe_ms:.2f}x PyTorch eager's")
+    except Exception as error:  # the peer is reported, not fatal
+        print(f"PyTorch eager could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+
+
+BENCHMARKS = {"moe-layer": bench_moe_layer, "gating": bench_gating, "dispatch": bench_dispatch,
+              "train-step": bench_train_step}

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=_plot)
 
     bench = commands.add_parser("bench", help="benchmarks with side-by-side peers")
-    bench.add_argument("name", choices=["cpu-step", "moe-layer", "gating", "dispatch"])
+    bench.add_argument("name", choices=["cpu-step", "moe-layer", "gating", "dispatch", "train-step"])
     bench.add_argument("--config", help="cpu-step: TOML config of the model to time (default: the default config)")
     bench.add_argument("--steps", type=int, default=10, help="cpu-step: timed steps (after 2 warm-up steps)")
     bench.add_argument("--k", type=int, choices=[1, 2], help="moe-layer: top-k (default: both)")
