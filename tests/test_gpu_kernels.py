@@ -289,3 +289,22 @@ def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, dat
     for copy, value in zip(working, host["value"]):
         if copy is not None:  # the working copy is the updated master rounded to bf16
             np.testing.assert_allclose(to_host(copy), value, rtol=2**-8)
+
+
+@given(batch=st.integers(1, 3), heads=st.integers(1, 3), length=st.sampled_from([1, 5, 33, 64, 200]),
+       width=st.sampled_from([8, 16, 64]), dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_causal_attention_matches_reference(batch, heads, length, width, dtype, seed, poison):
+    from minimoe.cuda.attention import causal_attention_backward, causal_attention_forward
+
+    rng = np.random.default_rng(seed)
+    (q, q_values), (k, k_values), (v, v_values), (grad, grad_values) = (
+        to_gpu(rng.standard_normal((batch, heads, length, width)), dtype) for _ in range(4))
+    poison_pool(poison)
+    out, probs = causal_attention_forward(q, k, v)
+    grads = causal_attention_backward(grad, q, k, v, probs)
+    expected_out, expected_probs = causal_attention_forward(q_values, k_values, v_values)
+    expected_grads = causal_attention_backward(grad_values, q_values, k_values, v_values, expected_probs)
+    assert_close(to_host(probs), expected_probs, dtype, "attention probabilities")
+    assert_close(to_host(out), expected_out, dtype, "attention output")
+    for name, actual, expected in zip(("q", "k", "v"), grads, expected_grads):
+        assert_close(to_host(actual), expected, dtype, f"attention grad {name}")
