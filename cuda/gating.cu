@@ -119,6 +119,31 @@ extern "C" __global__ void gate_finish_rank(const long long* __restrict__ expert
   else position[token * k + column] = kept ? global_rank : -1;
 }
 
+// The load-balancing statistics in one block: per-expert totals of the per-block counts of each choice
+// column (counts is [k][blocks][experts]), the first-choice fraction ce, and aux = E * sum_e me_e ce_e
+// with me (mean_probs) computed beforehand. One launch in place of a dozen small array operations.
+extern "C" __global__ void gate_statistics(const int* __restrict__ counts, const float* __restrict__ mean_probs,
+                                           int k, int blocks, int experts, int tokens,
+                                           long long* __restrict__ tokens_per_expert, long long* __restrict__ first_counts,
+                                           float* __restrict__ first_fraction, float* __restrict__ aux_loss) {
+  float aux = 0.0f;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    long long total = 0, first = 0;
+    for (int c = 0; c < k; ++c) {
+      long long column_total = 0;
+      for (int b = 0; b < blocks; ++b) column_total += counts[((long long)c * blocks + b) * experts + e];
+      if (c == 0) first = column_total;
+      total += column_total;
+    }
+    tokens_per_expert[e] = total;
+    first_counts[e] = first;
+    first_fraction[e] = (float)first / tokens;
+    aux += mean_probs[e] * ((float)first / tokens);
+  }
+  aux = block_reduce<false>(aux);
+  if (threadIdx.x == 0) aux_loss[0] = experts * aux;
+}
+
 // Combine weights per token: top-1 w = p[first] (0 if dropped); top-2 the kept probabilities divided
 // by their sum, clamped below by float32 epsilon.
 extern "C" __global__ void gate_weights(const float* __restrict__ probs, const long long* __restrict__ expert_index,

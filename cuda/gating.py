@@ -31,12 +31,14 @@ received, so nothing is dropped.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
+from minimoe.cuda.gemm import matmul
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
 RANK_BLOCK = 1024  # entries one block of gate_rank_in_block ranks (32 warps)
@@ -147,51 +149,74 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
         (logits, as_float(first_scores), as_float(second_scores), probs, expert_index, np.int32(num_tokens),
          np.int32(num_experts), np.int32(k)))
     blocks = (num_tokens + RANK_BLOCK - 1) // RANK_BLOCK
+    block_counts = cupy.empty((k, blocks, num_experts), dtype=cupy.int32)
 
-    def rank_in_block(column: int, order: Any = null, keep: Any = null) -> tuple[Any, Any]:
+    def rank_in_block(column: int, order: Any = null, keep: Any = null, counts: Any = None) -> tuple[Any, Any]:
         ranks = cupy.empty(num_tokens, dtype=cupy.int32)
-        block_counts = cupy.empty((blocks, num_experts), dtype=cupy.int32)
+        counts = block_counts[column] if counts is None else counts
         build.kernel("gating.cu", "gate_rank_in_block")(
             (blocks,), (RANK_BLOCK,),
             (expert_index, np.int32(k), np.int32(column), order, keep, np.int32(num_tokens), np.int32(num_experts),
-             ranks, block_counts), shared_mem=4 * (RANK_BLOCK // 32) * num_experts)
-        return ranks, block_counts
+             ranks, counts), shared_mem=4 * (RANK_BLOCK // 32) * num_experts)
+        return ranks, counts
 
-    def finish(column: int, ranks: Any, block_counts: Any, order: Any = null, queue_offset: Any = null,
+    def finish(column: int, ranks: Any, counts: Any, order: Any = null, queue_offset: Any = null,
                mark: Any = None) -> None:
         build.kernel("gating.cu", "gate_finish_rank")(
             ((num_tokens + 255) // 256,), (256,),
-            (expert_index, np.int32(k), np.int32(column), order, ranks, block_counts, queue_offset,
+            (expert_index, np.int32(k), np.int32(column), order, ranks, counts, queue_offset,
              np.int32(num_tokens), np.int32(num_experts), np.int32(RANK_BLOCK), np.int64(capacity),
              np.int32(mark is not None), position, null if mark is None else mark))
 
-    # Rank every column first: the per-block counts give each expert's load, which dropless needs.
+    # Rank every column first: the per-block counts give each expert's load (dropless needs it) and
+    # the statistics of the load-balancing loss, all in one small kernel.
     order = null if priority is None else cupy.argsort(priority).astype(cupy.int64)
-    first_ranks, first_block_counts = rank_in_block(0, order)
-    first_counts = first_block_counts.sum(axis=0, dtype=cupy.int64)
-    tokens_per_expert = first_counts
-    if k == 2:
-        second_ranks, second_block_counts = rank_in_block(1)
-        tokens_per_expert = first_counts + second_block_counts.sum(axis=0, dtype=cupy.int64)
+    ranks = [rank_in_block(column, order if column == 0 else null)[0] for column in range(k)]
+    # me = column means of probs as a product with a row of ones: cuBLAS reads [T, E] once, where a
+    # CuPy reduction over axis 0 was measured at 0.67 ms for T = 65536, E = 64.
+    mean_probs = matmul(cupy.full((1, num_tokens), 1.0 / num_tokens, dtype=cupy.float32), probs)[0]
+    tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
+    first_counts = cupy.empty(num_experts, dtype=cupy.int64)
+    first_choice_fraction = cupy.empty(num_experts, dtype=cupy.float32)
+    aux_loss = cupy.empty((), dtype=cupy.float32)
+    build.kernel("gating.cu", "gate_statistics")(
+        (1,), (256,), (block_counts, mean_probs, np.int32(k), np.int32(blocks), np.int32(num_experts),
+                       np.int32(num_tokens), tokens_per_expert, first_counts, first_choice_fraction, aux_loss))
     if capacity is None:
         capacity = max(int(tokens_per_expert.max()), 1)
     position = cupy.empty((num_tokens, k), dtype=cupy.int64)
     if priority is None:
-        finish(0, first_ranks, first_block_counts)
+        finish(0, ranks[0], block_counts[0])
     else:  # random token selection: the priority ranking decides who is kept, then number in token order
         kept_first = cupy.empty(num_tokens, dtype=cupy.uint8)
-        finish(0, first_ranks, first_block_counts, order=order, mark=kept_first)
-        finish(0, *rank_in_block(0, keep=kept_first))
+        finish(0, ranks[0], block_counts[0], order=order, mark=kept_first)
+        finish(0, *rank_in_block(0, keep=kept_first, counts=cupy.empty((blocks, num_experts), dtype=cupy.int32)))
     if k == 2:
-        finish(1, second_ranks, second_block_counts, queue_offset=first_counts)
+        finish(1, ranks[1], block_counts[1], queue_offset=first_counts)
     weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
     build.kernel("gating.cu", "gate_weights")(
         ((num_tokens + 255) // 256,), (256,),
         (probs, expert_index, position, weight, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
-    first_choice_fraction = (first_counts / num_tokens).astype(cupy.float32)
-    aux_loss = num_experts * (probs.mean(axis=0) * first_choice_fraction).sum()
     return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, first_choice_fraction,
                   aux_loss)
+
+
+def add_gumbel_noise(logits: Any, uniform: Any) -> Any:
+    """logits - log(-log(u)) for u ~ Uniform(0, 1) (clamped away from 0): argmax of the result samples
+    from softmax(logits), DeepSpeed's gumbel_rsample. On the GPU one fused elementwise kernel."""
+    xp = array_module(logits)
+    tiny = np.finfo(np.float32).tiny
+    if is_gpu(logits):
+        return _gumbel_kernel()(logits, uniform.astype(logits.dtype), np.float32(tiny))
+    return logits - xp.log(-xp.log(xp.maximum(uniform, tiny)))
+
+
+@functools.cache
+def _gumbel_kernel() -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel("T logits, T uniform, float32 tiny", "T noisy",
+                                  "noisy = logits - log(-log(max(uniform, (T)tiny)))", "minimoe_add_gumbel_noise")
 
 
 def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:

@@ -308,3 +308,16 @@ def test_causal_attention_matches_reference(batch, heads, length, width, dtype, 
     assert_close(to_host(out), expected_out, dtype, "attention output")
     for name, actual, expected in zip(("q", "k", "v"), grads, expected_grads):
         assert_close(to_host(actual), expected, dtype, f"attention grad {name}")
+
+
+@given(rows=st.integers(1, 500), experts=st.integers(1, 64), seed=seeds)
+def test_gumbel_noise_matches_reference(rows, experts, seed):
+    from minimoe.cuda.gating import add_gumbel_noise
+
+    cupy = cupy_module()
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((rows, experts)).astype(np.float32)
+    uniform = rng.random((rows, experts)).astype(np.float32)
+    uniform.flat[0] = 0.0  # the clamp keeps log(0) out
+    actual = cupy.asnumpy(add_gumbel_noise(cupy.asarray(logits), cupy.asarray(uniform)))
+    np.testing.assert_allclose(actual, add_gumbel_noise(logits, uniform), rtol=1e-5, atol=1e-5)

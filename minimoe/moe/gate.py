@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 import minimoe.cuda.gating as gating_kernels
 from minimoe import backend
 from minimoe.tensor import Function, Tensor
@@ -66,14 +64,6 @@ class RouterZLoss(Function):
         return gating_kernels.z_loss_backward(grad, *ctx.saved)
 
 
-def gumbel_noise(shape: tuple[int, ...], dtype: Any) -> Any:
-    """-log(-log U), U ~ Uniform(0, 1): argmax(z + noise) samples from softmax(z) (DeepSpeed's gumbel_rsample)."""
-    uniform = backend.random_uniform(shape, dtype)
-    xp = backend.array_module(uniform)
-    uniform = xp.clip(uniform, np.finfo(dtype).tiny, 1.0)
-    return -xp.log(-xp.log(uniform))
-
-
 def jitter(shape: tuple[int, ...], dtype: Any) -> Any:
     """Uniform(1 - eps, 1 + eps) factors for the gate input (DeepSpeed's multiplicative_jitter)."""
     return (1.0 - JITTER_EPS + 2.0 * JITTER_EPS * backend.random_uniform(shape)).astype(dtype)
@@ -100,9 +90,9 @@ def route(logits: Tensor | Any, k: int, capacity_factor: float, min_capacity: in
     data = logits.data
     first_scores = second_scores = priority = None
     if training and noisy_gate_policy == "RSample":
-        first_scores = data + gumbel_noise(data.shape, data.dtype)
+        first_scores = gating_kernels.add_gumbel_noise(data, backend.random_uniform(data.shape, data.dtype))
     if training and second_expert_sampling and k == 2:
-        second_scores = data + gumbel_noise(data.shape, data.dtype)
+        second_scores = gating_kernels.add_gumbel_noise(data, backend.random_uniform(data.shape, data.dtype))
     if training and use_rts:
         priority = backend.random_uniform((num_tokens,), data.dtype)
     capacity = (gating_kernels.expert_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity)
