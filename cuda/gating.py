@@ -137,9 +137,12 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     positions; then the weights. Float32 throughout."""
     import cupy
 
-    null = np.uint64(0)
+    null = np.uint64(0)  # a null pointer argument: "not given"
     num_tokens, num_experts = logits.shape
-    as_float = lambda a: null if a is None else cupy.ascontiguousarray(a, dtype=cupy.float32)  # noqa: E731
+
+    def as_float(array: Any) -> Any:
+        return null if array is None else cupy.ascontiguousarray(array, dtype=cupy.float32)
+
     logits = as_float(logits)
     probs = cupy.empty((num_tokens, num_experts), dtype=cupy.float32)
     expert_index = cupy.empty((num_tokens, k), dtype=cupy.int64)

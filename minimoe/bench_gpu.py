@@ -178,9 +178,8 @@ def _deepspeed_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]
 
 
 def _eager_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
-    """The usual PyTorch eager MoE: softmax top-k, then a Python loop over experts (no capacity)."""
+    """The usual PyTorch eager MoE layer (see _eager_moe)."""
     import torch
-    import torch.nn.functional as F
 
     class EagerMoE(torch.nn.Module):
         def __init__(self) -> None:
@@ -191,18 +190,27 @@ def _eager_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
                                     torch.nn.Linear(HIDDEN, WIDTH)).to(torch.bfloat16) for _ in range(EXPERTS))
 
         def forward(self, x: Any) -> Any:
-            tokens = x.reshape(-1, WIDTH)
-            probs = F.softmax(self.gate(tokens.float()), dim=-1)
-            weights, chosen = probs.topk(k, dim=-1)
-            if k == 2:
-                weights = weights / weights.sum(-1, keepdim=True)
-            out = torch.zeros_like(tokens)
-            for e, expert in enumerate(self.experts):
-                token, slot = (chosen == e).nonzero(as_tuple=True)
-                out.index_add_(0, token, (expert(tokens[token]) * weights[token, slot, None]).to(out.dtype))
-            return out.reshape(x.shape)
+            return _eager_moe(x.reshape(-1, WIDTH), self.gate, self.experts, k).reshape(x.shape)
 
     return EagerMoE().cuda().train(), lambda out: out
+
+
+def _eager_moe(tokens: Any, gate: Any, experts: Any, k: int) -> Any:
+    """The usual PyTorch eager MoE on tokens [T, d]: a float32 softmax gate, top-k (renormalised for
+    k = 2), then a Python loop over the experts, each on the tokens that chose it (no capacity)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast("cuda", enabled=False):
+        probs = F.softmax(gate(tokens.float()), dim=-1)
+    weights, chosen = probs.topk(k, dim=-1)
+    if k == 2:
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(tokens)
+    for e, expert in enumerate(experts):
+        token, slot = (chosen == e).nonzero(as_tuple=True)
+        out.index_add_(0, token, (expert(tokens[token]) * weights[token, slot, None]).to(out.dtype))
+    return out
 
 
 def _mixtral_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
@@ -408,16 +416,7 @@ def _torch_train_step(tokens: Any, targets: Any) -> Callable[[], Any]:
             self.experts = torch.nn.ModuleList(mlp() for _ in range(experts))
 
         def forward(self, x: Any) -> Any:
-            tokens_ = x.reshape(-1, width)
-            with torch.autocast("cuda", enabled=False):
-                probs = F.softmax(self.gate(tokens_.float()), dim=-1)
-            weights, chosen = probs.topk(2, dim=-1)
-            weights = weights / weights.sum(-1, keepdim=True)
-            out = torch.zeros_like(tokens_)
-            for e, expert in enumerate(self.experts):
-                token, slot = (chosen == e).nonzero(as_tuple=True)
-                out.index_add_(0, token, (expert(tokens_[token]) * weights[token, slot, None]).to(out.dtype))
-            return out.reshape(x.shape)
+            return _eager_moe(x.reshape(-1, width), self.gate, self.experts, 2).reshape(x.shape)
 
     class Block(torch.nn.Module):
         def __init__(self, moe: bool) -> None:
