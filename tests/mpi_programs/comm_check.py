@@ -1,0 +1,52 @@
+"""Run under mpiexec by tests/test_comm_mpi.py: every rank checks the collectives against a NumPy model
+of the exchange and exits non-zero (failing the whole mpiexec) on a mismatch.
+
+argv[1] is JSON: {"counts": P x P rows each rank sends each rank, "local_size": L, "ep_size": ep}.
+"""
+
+import json
+import sys
+
+import numpy as np
+
+from minimoe.comm.alltoall import flat_all_to_all_v, hierarchical_all_to_all_v
+from minimoe.comm.communicator import MPIComm
+from minimoe.comm.groups import build_groups
+
+spec = json.loads(sys.argv[1])
+world = MPIComm()
+rank, size = world.rank, world.size
+counts = np.array(spec["counts"], dtype=np.int64)
+assert counts.shape == (size, size), f"counts {counts.shape} for {size} ranks"
+
+
+def rows(source: int, destination: int) -> np.ndarray:
+    """The rows `source` sends `destination`: each names its source, destination and index."""
+    n = counts[source, destination]
+    return np.stack([np.full(n, source), np.full(n, destination), np.arange(n)], axis=1).astype(np.float64)
+
+
+send = np.concatenate([rows(rank, d) for d in range(size)])
+expected = np.concatenate([rows(s, rank) for s in range(size)])  # the model: by source rank, in order
+expected_counts = counts[:, rank].tolist()
+for name, exchange in (("flat", lambda: flat_all_to_all_v(world, send, counts[rank].tolist())),
+                       ("hierarchical", lambda: hierarchical_all_to_all_v(world, spec["local_size"], send,
+                                                                          counts[rank].tolist()))):
+    received, received_counts = exchange()
+    assert received_counts == expected_counts, f"rank {rank} {name}: counts {received_counts} != {expected_counts}"
+    np.testing.assert_array_equal(received, expected, err_msg=f"rank {rank} {name}")
+
+chunks = np.arange(size * 3, dtype=np.float64).reshape(size, 3) + 100 * rank  # equal chunks
+received = world.all_to_all(chunks)
+np.testing.assert_array_equal(received, [np.arange(3) + 3 * rank + 100 * source for source in range(size)])
+assert world.all_reduce(np.array([rank + 1.0]))[0] == size * (size + 1) / 2
+assert world.all_reduce(np.array([rank]), op="max")[0] == size - 1
+assert world.broadcast(np.array([rank * 7]), root=size - 1)[0] == (size - 1) * 7
+
+groups = build_groups(world, spec["ep_size"], [spec["ep_size"] * 2])
+ep = spec["ep_size"]
+members = groups.expert_parallel.all_reduce(np.array([1 << rank]))[0]
+assert members == sum(1 << r for r in range(rank // ep * ep, rank // ep * ep + ep)), f"EP group of {rank}"
+members = groups.expert_data_parallel.all_reduce(np.array([1 << rank]))[0]
+assert members == sum(1 << r for r in range(rank % ep, size, ep)), f"expert-data-parallel group of {rank}"
+print(f"rank {rank}: ok")

@@ -1,0 +1,72 @@
+"""Communicators without MPI (LocalComm, layout checks), and with it: flat and hierarchical all-to-all,
+the collectives and the EP x DP groups against a NumPy model, under `mpiexec -n 2` and `-n 4`
+(marker `mpi`; skipped, with the reason, where the mpi extra is not installed)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from minimoe.comm.alltoall import flat_all_to_all_v, hierarchical_all_to_all_v
+from minimoe.comm.communicator import LocalComm
+from minimoe.comm.groups import LayoutError, check_layout
+
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+PROGRAM = Path(__file__).parent / "mpi_programs" / "comm_check.py"
+
+
+def test_local_comm_is_the_identity():
+    comm = LocalComm()
+    rows = np.arange(12.0).reshape(4, 3)
+    for received, counts in (flat_all_to_all_v(comm, rows, [4]), hierarchical_all_to_all_v(comm, 1, rows, [4])):
+        np.testing.assert_array_equal(received, rows)
+        assert counts == [4]
+    assert comm.all_reduce(np.ones(2), "max").tolist() == [1, 1]
+    with pytest.raises(ValueError, match="counts adding up to the 4 rows"):
+        comm.all_to_all_v(rows, [3])
+    with pytest.raises(ValueError, match="op must be one of"):
+        comm.all_reduce(rows, "mean")
+
+
+def test_layouts_that_do_not_divide_are_refused():
+    assert check_layout(8, 4, [8, 16]) == 2
+    with pytest.raises(LayoutError, match="world size 6 is not ep_size=4 x dp_size"):
+        check_layout(6, 4, [8])
+    with pytest.raises(LayoutError, match="6 experts, which ep_size=4 does not divide"):
+        check_layout(8, 4, [8, 6])
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found beside this Python: pip install -e '.[mpi]'")
+# No shrinking: each example is an mpiexec launch, and shrinking a failure would take minutes.
+@settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(ranks=st.sampled_from([2, 4]), data=st.data())
+def test_all_to_all_and_groups_match_the_model_under_mpiexec(ranks, data):
+    local_size = data.draw(st.sampled_from([d for d in (1, 2, ranks) if ranks % d == 0]))
+    ep_size = data.draw(st.sampled_from([d for d in (1, 2, ranks) if ranks % d == 0]))
+    counts = data.draw(arrays(np.int64, (ranks, ranks), elements=st.integers(0, 3)))  # zeros included
+    run_check(ranks, counts, local_size, ep_size)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found beside this Python: pip install -e '.[mpi]'")
+def test_hierarchical_all_to_all_on_two_simulated_nodes_of_two():
+    """The layout the design names: 4 ranks as 2 nodes x 2 local ranks, EP=2 x DP=2."""
+    counts = np.random.default_rng(0).integers(0, 4, (4, 4))
+    counts[1, 2] = 0
+    run_check(4, counts, local_size=2, ep_size=2)
+
+
+def run_check(ranks: int, counts: np.ndarray, local_size: int, ep_size: int) -> None:
+    spec = json.dumps({"counts": counts.tolist(), "local_size": local_size, "ep_size": ep_size})
+    result = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(PROGRAM), spec],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": ok") == ranks
