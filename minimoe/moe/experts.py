@@ -21,6 +21,11 @@ class Experts(Module):
         self.proj_weight = Parameter(normal_init((num_experts, hidden, width), output_std, rng))
         self.proj_bias = Parameter(np.zeros((num_experts, 1, width), np.float32), decay=False)
 
+    def keep_slice(self, first: int, count: int) -> None:
+        """Keep experts first .. first + count - 1 (this rank's share under expert parallelism)."""
+        for parameter in self.parameters():
+            parameter.data = parameter.data[first:first + count].copy()
+
     def forward(self, buffer: Tensor) -> Tensor:
         hidden = ops.bias_gelu(buffer @ self.fc_weight, self.fc_bias)
         return hidden @ self.proj_weight + self.proj_bias

@@ -8,6 +8,12 @@ One token's path, with the shapes (T tokens, d wide, E experts, capacity C, k ch
       --experts--> out [E, C, d]      (expert e's MLP on buffer[e])
       --combine--> y [T, d]           (y[t] = sum_j weight[t, j] * out[expert_index[t, j], position[t, j]])
 
+Expert parallelism (DeepSpeed-MoE sec. 5): with an expert-parallel communicator of ep ranks, each rank
+holds E / ep experts; after dispatch, an all-to-all splits the [E, C, d] buffer on E so that each rank
+receives [E / ep, ep * C, d], the rows of every rank for its own experts; the experts run; the reverse
+all-to-all brings the outputs home before the combine. The gate is replicated: every rank routes its
+own tokens.
+
 Residual MoE (DeepSpeed-MoE sec. 4.1, DeepSpeed's `use_residual`): a dense MLP runs beside the MoE on
 every token, and a learned per-token 2-way softmax mixes the two: y = c0 * moe(x) + c1 * mlp(x),
 c = softmax(Linear(d -> 2)(x)). The MoE then only has to learn a correction to a fixed MLP.
@@ -39,6 +45,36 @@ class Dispatch(Function):
     def backward(ctx, grad_buffer):
         routing = ctx.routing
         return dispatch_kernels.combine(grad_buffer, routing.expert_index, routing.position)
+
+
+def to_local_experts(buffer: Any, comm: Any) -> Any:
+    """[E, C, d] on every rank -> [E / ep, ep * C, d]: for each of my experts, the rows of rank 0, 1, ..."""
+    ep = comm.size
+    experts, capacity, width = buffer.shape
+    chunks = buffer.reshape(ep, experts // ep, capacity, width)  # chunk j: the rows for rank j's experts
+    received = comm.all_to_all(chunks)  # chunk i: rank i's rows for my experts
+    return received.transpose(1, 0, 2, 3).reshape(experts // ep, ep * capacity, width)
+
+
+def from_local_experts(rows: Any, comm: Any) -> Any:
+    """The inverse of to_local_experts: [E / ep, ep * C, d] -> [E, C, d] of this rank's own tokens."""
+    ep = comm.size
+    local_experts, rows_per_expert, width = rows.shape
+    capacity = rows_per_expert // ep
+    chunks = rows.reshape(local_experts, ep, capacity, width).transpose(1, 0, 2, 3)  # chunk i: rank i's rows
+    return comm.all_to_all(chunks).reshape(local_experts * ep, capacity, width)
+
+
+class ExpertAllToAll(Function):
+    """The all-to-all of expert parallelism, in either direction. Each direction is the other's adjoint
+    (every row returns to where it came from), so the backward is the reverse exchange of the gradient."""
+
+    def forward(ctx, array, comm, to_experts):
+        ctx.comm, ctx.to_experts = comm, to_experts
+        return to_local_experts(array, comm) if to_experts else from_local_experts(array, comm)
+
+    def backward(ctx, grad):
+        return from_local_experts(grad, ctx.comm) if ctx.to_experts else to_local_experts(grad, ctx.comm)
 
 
 class Combine(Function):
@@ -85,12 +121,20 @@ class MoESettings:
 
 class MoE(Module):
     def __init__(self, width: int, hidden: int, num_experts: int, settings: MoESettings, rng: np.random.Generator,
-                 output_std: float, residual: bool = False, dropout: float = 0.0):
+                 output_std: float, residual: bool = False, dropout: float = 0.0, expert_parallel: Any = None):
+        """expert_parallel: a Communicator over the ranks that share the experts (None: one process)."""
         self.settings = settings
+        self.expert_parallel = expert_parallel
+        ep_size = 1 if expert_parallel is None else expert_parallel.size
+        if num_experts % ep_size:
+            raise ValueError(f"{num_experts} experts cannot be split over ep_size={ep_size} ranks")
         # DeepSpeed's TopKGate keeps its weight and computes the logits in float32, whatever the model's
         # precision: routing decisions and the softmax are too sensitive for bf16.
         self.gate = Linear(width, num_experts, rng, bias=False, keep_float32=True)
+        # All E experts are drawn, so that every layout starts from the same weights; this rank keeps its own.
         self.experts = Experts(num_experts, width, hidden, rng, output_std)
+        if ep_size > 1:
+            self.experts.keep_slice(expert_parallel.rank * num_experts // ep_size, num_experts // ep_size)
         self.residual_mlp = MLP(width, hidden, rng, output_std) if residual else None
         self.coefficient = Linear(width, 2, rng) if residual else None
         self.dropout = dropout
@@ -110,7 +154,12 @@ class MoE(Module):
             second_expert_sampling=settings.second_expert_sampling, z_loss=settings.z_loss,
         )
         buffer = Dispatch.apply(tokens, routing=routing)
-        y = Combine.apply(self.experts(buffer), routing.weight, routing=routing)
+        if self.expert_parallel is None or self.expert_parallel.size == 1:
+            out = self.experts(buffer)
+        else:
+            local = ExpertAllToAll.apply(buffer, comm=self.expert_parallel, to_experts=True)
+            out = ExpertAllToAll.apply(self.experts(local), comm=self.expert_parallel, to_experts=False)
+        y = Combine.apply(out, routing.weight, routing=routing)
         if self.residual_mlp is not None:
             mix = ops.softmax(self.coefficient(tokens))
             y = y * mix[:, 0:1] + self.residual_mlp(tokens) * mix[:, 1:2]
