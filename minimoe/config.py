@@ -36,9 +36,12 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     device: str = "cpu"  # "cpu", "cuda" or "auto"
-    precision: str = "auto"  # "float32", "bfloat16" (GPU: bf16 compute, float32 master weights) or "auto"
+    # "float32", "bfloat16" (GPU: bf16 compute, float32 master weights), "float64" (for exactness tests) or "auto"
+    precision: str = "auto"
     seed: int = 0  # seeds batches and dropout (model.init_seed seeds the weights)
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per micro-batch; a step takes one per rank and accumulation step
+    grad_accum_steps: int = 1  # micro-batches per rank per step
+    ep_size: int = 1  # expert-parallel ranks (with mpirun); the world is ep_size x dp_size
     max_steps: int = 600
     eval_interval: int = 100
     eval_batches: int = 8
@@ -142,6 +145,7 @@ def validate(config: Config) -> None:
     positive = {"model.vocab_size": model.vocab_size, "model.block_size": model.block_size,
                 "model.n_layer": model.n_layer, "model.n_head": model.n_head, "model.n_embd": model.n_embd,
                 "train.batch_size": train.batch_size, "train.max_steps": train.max_steps,
+                "train.grad_accum_steps": train.grad_accum_steps, "train.ep_size": train.ep_size,
                 "train.eval_interval": train.eval_interval, "train.eval_batches": train.eval_batches,
                 "train.log_interval": train.log_interval}
     for name, value in positive.items():
@@ -156,8 +160,9 @@ def validate(config: Config) -> None:
     _validate_moe(model)
     if train.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"train.device must be 'cpu', 'cuda' or 'auto', got {train.device!r}")
-    if train.precision not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"train.precision must be 'auto', 'float32' or 'bfloat16', got {train.precision!r}")
+    if train.precision not in ("auto", "float32", "bfloat16", "float64"):
+        raise ConfigError(f"train.precision must be 'auto', 'float32', 'bfloat16' or 'float64', "
+                          f"got {train.precision!r}")
     if train.precision == "bfloat16" and train.device == "cpu":
         raise ConfigError("train.precision = 'bfloat16' needs train.device = 'cuda' (the NumPy path is float32)")
 

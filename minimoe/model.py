@@ -79,7 +79,7 @@ class ModelOutput:
 
 
 class Block(Module):
-    def __init__(self, config: GPTConfig, rng: np.random.Generator, num_experts: int = 0):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator, num_experts: int = 0, expert_parallel: Any = None):
         # GPT-2: projections into the residual stream start with std 0.02 / sqrt(2 * n_layer).
         output_std = 0.02 / (2 * config.n_layer) ** 0.5
         width, hidden = config.n_embd, config.mlp_ratio * config.n_embd
@@ -88,7 +88,7 @@ class Block(Module):
         self.ln_2 = LayerNorm(width)
         if num_experts:
             self.mlp = MoE(width, hidden, num_experts, config.moe_settings(), rng, output_std, config.residual,
-                           config.dropout)
+                           config.dropout, expert_parallel)
         else:
             self.mlp = MLP(width, hidden, rng, output_std, config.dropout, config.bias)
 
@@ -101,12 +101,13 @@ class Block(Module):
 
 
 class GPT(Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, expert_parallel: Any = None):
+        """expert_parallel: the Communicator of the ranks sharing the experts (None: one process)."""
         self.config = config
         rng = np.random.default_rng(config.init_seed)
         self.wte = Embedding(config.vocab_size, config.n_embd, rng)
         self.wpe = Embedding(config.block_size, config.n_embd, rng, decay=False)
-        self.blocks = [Block(config, rng, experts) for experts in config.experts_in_block()]
+        self.blocks = [Block(config, rng, experts, expert_parallel) for experts in config.experts_in_block()]
         self.ln_f = LayerNorm(config.n_embd)
 
     def forward(self, tokens: Any, targets: Any = None) -> ModelOutput:

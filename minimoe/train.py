@@ -22,12 +22,14 @@ import numpy as np
 
 from minimoe import backend
 from minimoe.checkpoint import load_checkpoint, save_checkpoint
+from minimoe.comm.groups import LayoutError
 from minimoe.config import Config, ConfigError, from_dict, to_dict
 from minimoe.data import ByteTokenizer, DataError, TokenData, load_text
 from minimoe.generate import generate
 from minimoe.model import GPT
 from minimoe.moe.layer import describe
 from minimoe.optim import AdamW, clip_scale, cosine_lr, global_grad_norm
+from minimoe.parallel import Parallel, expert_array_names, world_communicator
 from minimoe.tensor import no_grad
 
 EVAL_STREAM = 2**31 - 1  # seeds the fixed evaluation batches, apart from every training step's seed
@@ -117,6 +119,10 @@ def _progress(step: int, total: int, loss: float, lr: float, tokens_per_s: float
             f"lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """print for ranks other than 0."""
+
+
 class _StopFlag:
     """First Ctrl-C: finish the step in flight, save a checkpoint, stop. A second one stops at once."""
 
@@ -142,27 +148,41 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
         raise ConfigError(f"--until must lie in 1..train.max_steps={train_config.max_steps}, got {stop_at}")
 
     data = load_data(config)
-    model = GPT(config.model)
+    try:
+        parallel = Parallel.build(world_communicator(), train_config.ep_size,
+                                  [count for count in config.model.experts_in_block() if count])
+    except LayoutError as error:
+        raise ConfigError(str(error)) from None
+    say = print if parallel.is_main else _silent
+    expert_parallel = parallel.groups.expert_parallel if train_config.ep_size > 1 else None
+    model = GPT(config.model, expert_parallel)
     precision = train_config.precision if train_config.precision != "auto" else (
         "bfloat16" if device == "cuda" else "float32")
     if precision == "bfloat16":
         model.to(backend.bfloat16())  # the working copies; AdamW keeps float32 masters
+    elif precision == "float64":
+        model.to(np.float64)
     optimizer = AdamW(model.parameters(), lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2),
                       eps=optim_config.eps, weight_decay=optim_config.weight_decay)
-    print(f"minimoe: {model.num_parameters():,} parameters on {device} ({precision}); "
-          f"{len(data.splits['train']):,} training tokens; out_dir {out_dir}")
+    expert_names = expert_array_names(model, optimizer)
+    world = parallel.world
+    say(f"minimoe: {model.num_parameters():,} parameters on {device} ({precision}); "
+        f"{len(data.splits['train']):,} training tokens; out_dir {out_dir}"
+        + (f"; {world.size} ranks, ep_size {train_config.ep_size}" if world.size > 1 else ""))
 
     step, initial_val_loss = 0, None
     if resume:
         arrays, meta = load_checkpoint(checkpoint_path)
         _check_resumable(config, from_dict(meta["config"]))
+        arrays = parallel.local_experts(arrays, expert_names)  # checkpoints hold every expert
         model.load_state_dict(_section(arrays, "model."))
         optimizer.load_state_dict(_section(arrays, "optim."))
         step, initial_val_loss = meta["step"], meta["initial_val_loss"]
-        print(f"resumed from {checkpoint_path} at step {step}")
+        say(f"resumed from {checkpoint_path} at step {step}")
         if step >= stop_at:
             raise ConfigError(f"the checkpoint is already at step {step}; raise train.max_steps or --until")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     metrics = _read_metrics(metrics_path, step)
 
     def record(**fields: Any) -> None:
@@ -170,36 +190,51 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
 
     def save() -> None:
         meta = {"config": to_dict(config), "step": step, "initial_val_loss": initial_val_loss}
-        save_checkpoint(checkpoint_path, checkpoint_arrays(model, optimizer), meta)
-        metrics_path.write_text("\n".join(metrics) + "\n")
+        arrays, parts = parallel.save_expert_parts(checkpoint_path, step, checkpoint_arrays(model, optimizer),
+                                                   expert_names)
+        if parallel.is_main:
+            save_checkpoint(checkpoint_path, arrays, meta, parts)
+            metrics_path.write_text("\n".join(metrics) + "\n")
 
     if step == 0:
         initial_val_loss = val_loss = evaluate(model, data, config)
         record(step=0, val_loss=initial_val_loss)
-        print(f"step     0 | validation loss {initial_val_loss:.4f}")
+        say(f"step     0 | validation loss {initial_val_loss:.4f}")
 
-    interactive = sys.stdout.isatty()
+    interactive = sys.stdout.isatty() and parallel.is_main
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGINT, stop)
-    tokens_per_step = train_config.batch_size * config.model.block_size
+    accumulation = train_config.grad_accum_steps
+    micro_batches = world.size * accumulation  # in one step, over all ranks
+    tokens_per_step = micro_batches * train_config.batch_size * config.model.block_size
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < stop_at and not stop.requested:
             lr = cosine_lr(step, optim_config.lr, optim_config.min_lr, optim_config.warmup_steps,
                            train_config.max_steps)
             optimizer.lr = lr
-            backend.manual_seed(train_config.seed, step)
-            inputs, targets = data.batch("train", train_config.batch_size,
-                                         np.random.default_rng([train_config.seed, step]))
-            output = model(backend.asarray(inputs), backend.asarray(targets))
-            output.loss.backward()
-            grad_norm = global_grad_norm(optimizer.parameters)
+            loss_sum = 0.0
+            for accumulated in range(accumulation):
+                # Micro-batch `micro` of the step is the same data and dropout on any layout; one
+                # micro-batch per step keeps the seeds of a plain single-process run.
+                micro = world.rank * accumulation + accumulated
+                seeds = [train_config.seed, step] + ([micro] if micro_batches > 1 else [])
+                backend.manual_seed(*seeds)
+                inputs, targets = data.batch("train", train_config.batch_size, np.random.default_rng(seeds))
+                output = model(backend.asarray(inputs), backend.asarray(targets))
+                (output.loss * (1.0 / micro_batches) if micro_batches > 1 else output.loss).backward()
+                loss_sum += output.lm_loss.item()
+            if world.size > 1:
+                parallel.sync_gradients(model)
+                grad_norm = parallel.grad_norm(model)
+            else:
+                grad_norm = global_grad_norm(optimizer.parameters)
             optimizer.step(clip_scale(grad_norm, train_config.grad_clip))
             grad_norm = float(grad_norm)
             model.zero_grad()
             step += 1
             window_steps += 1
-            loss_value = output.lm_loss.item()
+            loss_value = parallel.mean(loss_sum / accumulation) if world.size > 1 else loss_sum / accumulation
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
             moe = describe(output.moe)
@@ -207,22 +242,22 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
                    **({"moe": moe} if moe else {}))
             line = _progress(step, train_config.max_steps, loss_value, lr, tokens_per_s)
             if step % train_config.log_interval == 0 or step == stop_at:
-                print(("\r" if interactive else "") + line, flush=True)
+                say(("\r" if interactive else "") + line, flush=True)
                 for layer, stats in enumerate(moe):
-                    print(f"    moe layer {layer}: tokens per expert {stats['tokens_per_expert']}, "
-                          f"dropped {100 * stats['dropped']:.1f}% (capacity {stats['capacity']})")
+                    say(f"    moe layer {layer}: tokens per expert {stats['tokens_per_expert']}, "
+                        f"dropped {100 * stats['dropped']:.1f}% (capacity {stats['capacity']})")
                 window_start, window_steps = time.perf_counter(), 0
             elif interactive:
-                print("\r" + line, end="", flush=True)
+                say("\r" + line, end="", flush=True)
             if step % train_config.eval_interval == 0 or step == stop_at or stop.requested:
                 val_loss = evaluate(model, data, config)
                 record(step=step, val_loss=val_loss)
-                print(f"step {step:>5} | validation loss {val_loss:.4f}")
+                say(f"step {step:>5} | validation loss {val_loss:.4f}")
                 save()
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     if stop.requested:
-        print(f"stopped at step {step}; checkpoint saved to {checkpoint_path}; continue with --resume")
+        say(f"stopped at step {step}; checkpoint saved to {checkpoint_path}; continue with --resume")
 
     tokenizer = ByteTokenizer(config.model.vocab_size)
     prompt = tokenizer.encode(train_config.sample_prompt)

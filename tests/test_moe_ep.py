@@ -23,3 +23,91 @@ def test_expert_parallel_layer_matches_one_process(ranks, ep_size, k, residual):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(": ok") == ranks
+
+
+def train_args(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
+    settings = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "model.moe_every=1",
+                "model.experts_per_layer=[4]", "model.k=2", "model.capacity_factor=0.8", "train.batch_size=4",
+                "train.max_steps=6", "train.eval_interval=3", "train.eval_batches=1", "train.sample_tokens=4",
+                "optim.warmup_steps=2", "optim.lr=0.01", f"data.path={corpus}", f"train.out_dir={out_dir}", *extra]
+    return ["train", *(arg for setting in settings for arg in ("--set", setting))]
+
+
+@pytest.mark.parametrize("precision, loss_tolerance, weight_tolerance",
+                         [("float64", 1e-10, 1e-10), ("float32", 1e-5, 1e-3)])
+@pytest.mark.parametrize("ranks, ep_size", [(2, 2), (4, 2)])
+def test_expert_parallel_training_equals_one_process(tmp_path, ranks, ep_size, precision, loss_tolerance,
+                                                     weight_tolerance):
+    """mpirun -n P minimoe train with ep_size (EP=2, and EP=2 x DP=2) against one process that
+    accumulates the same P micro-batches: the same losses every step and the same final weights and
+    optimizer state, every expert under its global index, whatever the layout.
+
+    Weights are compared relative to each array's largest value. In float32 that bound is looser than the
+    losses': AdamW divides by sqrt(v), so a weight whose gradient is near zero (the attention key bias's
+    is exactly zero in exact arithmetic: softmax ignores a shift) moves by an amount set by rounding,
+    and summing over ranks rounds differently from summing over micro-batches in one process."""
+    import numpy as np
+    from helpers import generated_text
+
+    from minimoe.checkpoint import load_checkpoint
+    from minimoe.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(300))
+    common = [f"train.precision={precision}"]
+    parallel = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "minimoe.cli",
+                               *train_args(corpus, tmp_path / "parallel", f"train.ep_size={ep_size}", *common)],
+                              capture_output=True, text=True, timeout=300)
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    assert main(train_args(corpus, tmp_path / "single", f"train.grad_accum_steps={ranks}", *common)) == 0
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["train_loss"] for line in lines if "train_loss" in line]
+
+    assert len(losses("single")) == 6
+    np.testing.assert_allclose(losses("parallel"), losses("single"), rtol=loss_tolerance)
+    parallel_arrays, _ = load_checkpoint(tmp_path / "parallel" / "checkpoint.bin")
+    single_arrays, _ = load_checkpoint(tmp_path / "single" / "checkpoint.bin")
+    assert parallel_arrays.keys() == single_arrays.keys()
+    for name, value in single_arrays.items():
+        np.testing.assert_allclose(parallel_arrays[name], value, rtol=0,
+                                   atol=weight_tolerance * np.abs(value).max(), err_msg=name)
+
+
+def test_checkpoint_reshards_across_expert_parallel_sizes(tmp_path):
+    """Steps 1-2 on 4 ranks (EP=4), steps 3-4 resumed on 2 ranks (EP=2, 2 micro-batches each), steps 5-6
+    resumed in one process (4 micro-batches): float64 losses and final weights equal those of one process
+    that ran all six steps. Each save writes the experts as part files and loading joins them."""
+    import numpy as np
+    from helpers import generated_text
+
+    from minimoe.checkpoint import load_checkpoint
+    from minimoe.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(300))
+    resharded, single = tmp_path / "resharded", tmp_path / "single"
+    layouts = [(4, ["train.ep_size=4"], 2), (2, ["train.ep_size=2", "train.grad_accum_steps=2"], 4)]
+    for ranks, settings, until in layouts:
+        args = [*train_args(corpus, resharded, "train.precision=float64", *settings), "--until", str(until)]
+        result = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "minimoe.cli", *args,
+                                 *(["--resume"] if until > 2 else [])], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        parts = sorted(path.name for path in resharded.glob("checkpoint.bin.step*"))
+        assert parts == [f"checkpoint.bin.step{until}.part{part}-of-{ranks}" for part in range(ranks)]
+    whole = ["train.precision=float64", "train.grad_accum_steps=4"]
+    assert main([*train_args(corpus, resharded, *whole), "--resume"]) == 0
+    assert not list(resharded.glob("checkpoint.bin.step*"))  # one process writes a single file
+    assert main(train_args(corpus, single, *whole)) == 0
+
+    def losses(run: Path) -> list[float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["train_loss"] for line in lines if "train_loss" in line]
+
+    assert len(losses(single)) == 6
+    np.testing.assert_allclose(losses(resharded), losses(single), rtol=1e-10)
+    resharded_arrays, _ = load_checkpoint(resharded / "checkpoint.bin")
+    for name, value in load_checkpoint(single / "checkpoint.bin")[0].items():
+        np.testing.assert_allclose(resharded_arrays[name], value, rtol=0, atol=1e-10 * np.abs(value).max(),
+                                   err_msg=name)
