@@ -1,6 +1,7 @@
-"""All-to-all for expert parallelism: flat, and hierarchical over nodes x local ranks.
+"""Hierarchical all-to-all for expert parallelism, as a communicator that wraps another.
 
-Flat: one exchange among all P ranks, P - 1 messages per rank (comm.all_to_all_v).
+The flat exchange is any communicator's own all_to_all_v: one exchange among all P ranks, P - 1
+messages per rank.
 
 Hierarchical (DeepSpeed-MoE sec. 5, Tutel's 2DH): ranks are numbered node * L + local for N nodes of
 L local ranks. Step 1, inside each node: every rank sends local peer l everything bound for local rank
@@ -18,45 +19,73 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from minimoe import backend
+from minimoe.comm.communicator import Communicator, check_chunks
 
-from minimoe.comm.communicator import Communicator
+
+class HierarchicalComm:
+    """`world` (all P ranks) with hierarchical all-to-alls over nodes of `local_size` consecutive ranks;
+    the other collectives are the world's own. The node and cross-node sub-communicators are made once."""
+
+    def __init__(self, world: Communicator, local_size: int):
+        if local_size < 1 or world.size % local_size:
+            raise ValueError(f"local_size={local_size} must divide the world size {world.size}")
+        self.world, self.rank, self.size = world, world.rank, world.size
+        self.local_size, self.nodes = local_size, world.size // local_size
+        node, local_rank = divmod(world.rank, local_size)
+        self.intra = world.split(color=node, key=local_rank)  # the ranks of this node
+        self.inter = world.split(color=local_rank, key=node)  # one rank per node, same local index
+
+    def all_reduce(self, array: Any, op: str = "sum") -> Any:
+        return self.world.all_reduce(array, op)
+
+    def broadcast(self, array: Any, root: int = 0) -> Any:
+        return self.world.broadcast(array, root)
+
+    def barrier(self) -> None:
+        self.world.barrier()
+
+    def split(self, color: int, key: int) -> Communicator:
+        return self.world.split(color, key)
+
+    def all_to_all(self, send: Any) -> Any:
+        """Equal chunks: chunk j of send [P, ...] goes to rank j (each chunk one row of the exchange)."""
+        check_chunks(send, self.size)
+        received, _ = self.all_to_all_v(send, [1] * self.size)
+        return received
+
+    def all_to_all_v(self, send: Any, send_counts: list[int]) -> tuple[Any, list[int]]:
+        xp = backend.array_module(send)
+        nodes, local = self.nodes, self.local_size
+        blocks = _blocks(send, list(send_counts))
+
+        # Step 1, inside the node: to local peer l, the blocks for ranks (0, l), (1, l), ... in node order,
+        # with the sizes of those blocks so that the receiver can cut them apart again.
+        step1_counts = [[send_counts[n * local + l] for n in range(nodes)] for l in range(local)]
+        received_sizes = _host_counts(self.intra.all_to_all(xp.asarray(step1_counts, dtype=xp.int64)))
+        step1 = [blocks[n * local + l] for l in range(local) for n in range(nodes)]
+        gathered, _ = self.intra.all_to_all_v(_concat(step1, send), [sum(row) for row in step1_counts])
+
+        # gathered holds, for each local source s and node n, the rows from (node, s) bound for (n, l).
+        by_source_and_node = _blocks(gathered, [size for row in received_sizes for size in row])
+        step2_counts = [[received_sizes[s][n] for s in range(local)] for n in range(nodes)]
+        final_sizes = _host_counts(self.inter.all_to_all(xp.asarray(step2_counts, dtype=xp.int64)))
+        step2 = [by_source_and_node[s * nodes + n] for n in range(nodes) for s in range(local)]
+        received, _ = self.inter.all_to_all_v(_concat(step2, send), [sum(row) for row in step2_counts])
+        # Rows arrive node by node and, within a node, local source by local source: rank order.
+        return received, [size for row in final_sizes for size in row]
 
 
-def flat_all_to_all_v(comm: Communicator, send: Any, send_counts: list[int]) -> tuple[Any, list[int]]:
-    return comm.all_to_all_v(send, send_counts)
+def _host_counts(counts: Any) -> list[list[int]]:
+    return backend.to_numpy(counts).tolist()
 
 
 def _blocks(rows: Any, counts: list[int]) -> list[Any]:
-    return np.split(rows, np.cumsum(counts)[:-1].tolist()) if counts else []
-
-
-def hierarchical_all_to_all_v(world: Communicator, local_size: int, send: Any,
-                              send_counts: list[int]) -> tuple[Any, list[int]]:
-    if local_size < 1 or world.size % local_size:
-        raise ValueError(f"local_size={local_size} must divide the world size {world.size}")
-    nodes, local = world.size // local_size, local_size
-    node, local_rank = divmod(world.rank, local)
-    intra = world.split(color=node, key=local_rank)  # the ranks of this node
-    inter = world.split(color=local_rank, key=node)  # one rank per node, same local index
-    blocks = _blocks(send, list(send_counts))
-
-    # Step 1, inside the node: to local peer l, the blocks for ranks (0, l), (1, l), ... in node order,
-    # with the sizes of those blocks so that the receiver can cut them apart again.
-    step1_counts = [[send_counts[n * local + l] for n in range(nodes)] for l in range(local)]
-    received_sizes = intra.all_to_all(np.asarray(step1_counts, dtype=np.int64)).tolist()  # [source s][node n]
-    step1 = [blocks[n * local + l] for l in range(local) for n in range(nodes)]
-    gathered, _ = intra.all_to_all_v(_concat(step1, send), [sum(row) for row in step1_counts])
-
-    # gathered holds, for each local source s and node n, the rows from (node, s) bound for (n, local_rank).
-    by_source_and_node = _blocks(gathered, [size for row in received_sizes for size in row])
-    step2_counts = [[received_sizes[s][n] for s in range(local)] for n in range(nodes)]
-    final_sizes = inter.all_to_all(np.asarray(step2_counts, dtype=np.int64)).tolist()  # [source node m][s]
-    step2 = [by_source_and_node[s * nodes + n] for n in range(nodes) for s in range(local)]
-    received, _ = inter.all_to_all_v(_concat(step2, send), [sum(row) for row in step2_counts])
-    # Rows arrive node by node and, within a node, local source by local source: rank order.
-    return received, [size for row in final_sizes for size in row]
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    return [rows[start:end] for start, end in zip(starts[:-1], starts[1:])]
 
 
 def _concat(blocks: list[Any], like: Any) -> Any:
-    return np.concatenate(blocks) if blocks else like[:0]
+    return backend.array_module(like).concatenate(blocks) if blocks else like[:0]

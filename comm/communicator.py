@@ -42,7 +42,7 @@ def _check_op(op: str) -> None:
         raise ValueError(f"all_reduce op must be one of {REDUCE_OPS}, got {op!r}")
 
 
-def _check_chunks(send: Any, size: int) -> None:
+def check_chunks(send: Any, size: int) -> None:
     if send.shape[0] != size:
         raise ValueError(f"all_to_all needs one chunk per rank: send has {send.shape[0]} chunks, size is {size}")
 
@@ -69,7 +69,7 @@ class LocalComm:
         pass
 
     def all_to_all(self, send: Any) -> Any:
-        _check_chunks(send, 1)
+        check_chunks(send, 1)
         return send.copy()
 
     def all_to_all_v(self, send: Any, send_counts: list[int]) -> tuple[Any, list[int]]:
@@ -106,7 +106,7 @@ class MPIComm:
         self.comm.Barrier()
 
     def all_to_all(self, send: Any) -> Any:
-        _check_chunks(send, self.size)
+        check_chunks(send, self.size)
         send = np.ascontiguousarray(send)
         out = np.empty_like(send)
         self.comm.Alltoall(send, out)

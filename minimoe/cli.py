@@ -2,7 +2,8 @@
 
 User mistakes (a bad config key or value, a missing or corrupted checkpoint, text the tokenizer cannot
 take, a prompt longer than the context) end with one line on stderr and exit status 2, never a
-traceback; anything else is a bug and keeps its traceback.
+traceback; anything else is a bug and keeps its traceback. Under mpirun either ends every rank of the
+job (MPI_Abort) with the failing rank's message, so that no rank waits forever in a collective.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from minimoe.backend import DeviceError
 from minimoe.checkpoint import CheckpointError
 from minimoe.config import ConfigError
 from minimoe.data import DataError
+from minimoe.parallel import abort_world, launched_ranks, rank_prefix
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError)
 
@@ -112,8 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (*USER_ERRORS, UsageError) as error:
-        print(f"minimoe {args.command}: error: {error}", file=sys.stderr)
+        print(f"minimoe {args.command}: {rank_prefix()}error: {error}", file=sys.stderr)
+        abort_world(2)
         return 2
+    except Exception:
+        if launched_ranks() > 1:  # a bug on one rank ends the job, never leaves the others waiting
+            print(f"minimoe {args.command}: {rank_prefix()}failed:", file=sys.stderr)
+            traceback.print_exc()
+            abort_world(1)
+        raise
     return 0
 
 

@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch; a step takes one per rank and accumulation step
     grad_accum_steps: int = 1  # micro-batches per rank per step
     ep_size: int = 1  # expert-parallel ranks (with mpirun); the world is ep_size x dp_size
+    local_size: int = 0  # ranks per node: an EP group over several nodes all-to-alls hierarchically; 0: flat
     max_steps: int = 600
     eval_interval: int = 100
     eval_batches: int = 8

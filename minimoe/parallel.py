@@ -13,6 +13,7 @@ again on load), so a run saved with one ep_size resumes or generates with any ot
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from minimoe import backend
 from minimoe.checkpoint import part_path, save_part
+from minimoe.comm.alltoall import HierarchicalComm
 from minimoe.comm.communicator import Communicator, LocalComm, MPIComm
 from minimoe.comm.groups import ParallelGroups, build_groups
 from minimoe.cuda.adamw import sum_of_squares
@@ -28,10 +30,31 @@ from minimoe.nn import Module
 from minimoe.optim import AdamW
 
 
+def launched_ranks() -> int:
+    """How many ranks mpirun / mpiexec started (1 without it), read from the launcher's environment."""
+    return max(int(os.environ.get(name, "1")) for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+
+
 def world_communicator() -> Communicator:
     """MPI's world when this process was started by mpirun / mpiexec with more than one rank."""
-    launched = max(int(os.environ.get(name, "1")) for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    return MPIComm() if launched > 1 else LocalComm()
+    return MPIComm() if launched_ranks() > 1 else LocalComm()
+
+
+def abort_world(code: int) -> None:
+    """End every rank of an MPI job (MPI_Abort) after a failure on this one: the others would otherwise
+    wait forever in their next collective. Does nothing in a single process."""
+    if launched_ranks() > 1:
+        from mpi4py import MPI
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
+
+
+def rank_prefix() -> str:
+    """"rank R: " for messages of a multi-rank job, so the failing rank is named; "" otherwise."""
+    return f"rank {os.environ.get('PMI_RANK', os.environ.get('OMPI_COMM_WORLD_RANK', '?'))}: " \
+        if launched_ranks() > 1 else ""
 
 
 class Parallel:
@@ -44,8 +67,14 @@ class Parallel:
         return self.world.rank == 0
 
     @staticmethod
-    def build(world: Communicator, ep_size: int, experts_per_layer: list[int]) -> Parallel:
-        return Parallel(build_groups(world, ep_size, experts_per_layer or [ep_size]))
+    def build(world: Communicator, ep_size: int, experts_per_layer: list[int], local_size: int = 0) -> Parallel:
+        return Parallel(build_groups(world, ep_size, experts_per_layer or [ep_size], local_size))
+
+    def describe_all_to_all(self) -> str:
+        comm = self.groups.expert_parallel
+        if isinstance(comm, HierarchicalComm):
+            return f"hierarchical all-to-all over {comm.nodes} nodes x {comm.local_size}"
+        return "flat all-to-all"
 
     @staticmethod
     def expert_parameters(model: Module) -> set[int]:

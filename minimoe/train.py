@@ -147,13 +147,14 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
     if not 0 < stop_at <= train_config.max_steps:
         raise ConfigError(f"--until must lie in 1..train.max_steps={train_config.max_steps}, got {stop_at}")
 
-    data = load_data(config)
     try:
         parallel = Parallel.build(world_communicator(), train_config.ep_size,
-                                  [count for count in config.model.experts_in_block() if count])
+                                  [count for count in config.model.experts_in_block() if count],
+                                  train_config.local_size)
     except LayoutError as error:
         raise ConfigError(str(error)) from None
     say = print if parallel.is_main else _silent
+    data = load_data(config)
     expert_parallel = parallel.groups.expert_parallel if train_config.ep_size > 1 else None
     model = GPT(config.model, expert_parallel)
     precision = train_config.precision if train_config.precision != "auto" else (
@@ -168,7 +169,8 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
     world = parallel.world
     say(f"minimoe: {model.num_parameters():,} parameters on {device} ({precision}); "
         f"{len(data.splits['train']):,} training tokens; out_dir {out_dir}"
-        + (f"; {world.size} ranks, ep_size {train_config.ep_size}" if world.size > 1 else ""))
+        + (f"; {world.size} ranks, ep_size {train_config.ep_size}, {parallel.describe_all_to_all()}"
+           if world.size > 1 else ""))
 
     step, initial_val_loss = 0, None
     if resume:

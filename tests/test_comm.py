@@ -14,7 +14,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from minimoe.comm.alltoall import flat_all_to_all_v, hierarchical_all_to_all_v
+from minimoe.comm.alltoall import HierarchicalComm
 from minimoe.comm.communicator import LocalComm
 from minimoe.comm.groups import LayoutError, check_layout
 
@@ -25,7 +25,7 @@ PROGRAM = Path(__file__).parent / "mpi_programs" / "comm_check.py"
 def test_local_comm_is_the_identity():
     comm = LocalComm()
     rows = np.arange(12.0).reshape(4, 3)
-    for received, counts in (flat_all_to_all_v(comm, rows, [4]), hierarchical_all_to_all_v(comm, 1, rows, [4])):
+    for received, counts in (comm.all_to_all_v(rows, [4]), HierarchicalComm(comm, 1).all_to_all_v(rows, [4])):
         np.testing.assert_array_equal(received, rows)
         assert counts == [4]
     assert comm.all_reduce(np.ones(2), "max").tolist() == [1, 1]
@@ -41,6 +41,9 @@ def test_layouts_that_do_not_divide_are_refused():
         check_layout(6, 4, [8])
     with pytest.raises(LayoutError, match="6 experts, which ep_size=4 does not divide"):
         check_layout(8, 4, [8, 6])
+    with pytest.raises(LayoutError, match="local_size=3 ranks per node does not divide ep_size=4"):
+        check_layout(8, 4, [8], local_size=3)
+    assert check_layout(8, 4, [8], local_size=2) == check_layout(8, 4, [8], local_size=8) == 2
 
 
 @pytest.mark.mpi

@@ -1,5 +1,7 @@
-"""The expert-parallel MoE layer under mpiexec: EP=2, and EP=2 x DP=2 on 4 ranks, against the
-one-process layer (tests/mpi_programs/moe_ep_check.py states what is compared)."""
+"""Expert parallelism under mpiexec: the MoE layer (EP=2, EP=2 x DP=2, EP=4 flat and as 2 simulated
+nodes x 2; top-1, top-2, dropless) against the one-process layer (tests/mpi_programs/moe_ep_check.py
+states what is compared); `minimoe train` under mpiexec against one process; checkpoints across
+expert-parallel sizes; a failure on one rank ending the job."""
 
 import json
 import shutil
@@ -15,10 +17,11 @@ pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
     MPIEXEC is None, reason="mpiexec not found beside this Python: pip install -e '.[mpi]'")]
 
 
-@pytest.mark.parametrize("ranks, ep_size", [(2, 2), (4, 2), (4, 4)])
-@pytest.mark.parametrize("k, residual", [(1, False), (2, True)])
-def test_expert_parallel_layer_matches_one_process(ranks, ep_size, k, residual):
-    spec = json.dumps({"k": k, "residual": residual, "ep_size": ep_size})
+@pytest.mark.parametrize("ranks, ep_size, local_size", [(2, 2, 0), (4, 2, 0), (4, 4, 0), (4, 4, 2)])
+@pytest.mark.parametrize("k, residual, drop_tokens", [(1, False, True), (2, True, True), (2, False, False)])
+def test_expert_parallel_layer_matches_one_process(ranks, ep_size, local_size, k, residual, drop_tokens):
+    spec = json.dumps({"k": k, "residual": residual, "ep_size": ep_size, "drop_tokens": drop_tokens,
+                       "local_size": local_size})
     result = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(PROGRAM), spec],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -35,10 +38,11 @@ def train_args(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("precision, loss_tolerance, weight_tolerance",
                          [("float64", 1e-10, 1e-10), ("float32", 1e-5, 1e-3)])
-@pytest.mark.parametrize("ranks, ep_size", [(2, 2), (4, 2)])
-def test_expert_parallel_training_equals_one_process(tmp_path, ranks, ep_size, precision, loss_tolerance,
-                                                     weight_tolerance):
-    """mpirun -n P minimoe train with ep_size (EP=2, and EP=2 x DP=2) against one process that
+@pytest.mark.parametrize("ranks, ep_size, local_size", [(2, 2, 0), (4, 2, 0), (4, 4, 2)])
+def test_expert_parallel_training_equals_one_process(tmp_path, ranks, ep_size, local_size, precision,
+                                                     loss_tolerance, weight_tolerance):
+    """mpirun -n P minimoe train with ep_size (EP=2, EP=2 x DP=2, and EP=4 as 2 simulated nodes of 2
+    with the hierarchical all-to-all) against one process that
     accumulates the same P micro-batches: the same losses every step and the same final weights and
     optimizer state, every expert under its global index, whatever the layout.
 
@@ -54,11 +58,12 @@ def test_expert_parallel_training_equals_one_process(tmp_path, ranks, ep_size, p
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(generated_text(300))
-    common = [f"train.precision={precision}"]
+    common = [f"train.precision={precision}", f"train.local_size={local_size}"]
     parallel = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "minimoe.cli",
                                *train_args(corpus, tmp_path / "parallel", f"train.ep_size={ep_size}", *common)],
                               capture_output=True, text=True, timeout=300)
     assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    assert ("hierarchical all-to-all over 2 nodes x 2" if local_size else "flat all-to-all") in parallel.stdout
     assert main(train_args(corpus, tmp_path / "single", f"train.grad_accum_steps={ranks}", *common)) == 0
 
     def losses(run: str) -> list[float]:
@@ -111,3 +116,24 @@ def test_checkpoint_reshards_across_expert_parallel_sizes(tmp_path):
     for name, value in load_checkpoint(single / "checkpoint.bin")[0].items():
         np.testing.assert_allclose(resharded_arrays[name], value, rtol=0, atol=1e-10 * np.abs(value).max(),
                                    err_msg=name)
+
+
+def test_a_failure_on_one_rank_ends_the_whole_job(tmp_path):
+    """Rank 1 raises; rank 0 is inside a collective waiting for it. MPI_Abort ends both, with rank 1's
+    message, well before the timeout; a refused layout ends it the same way with a one-line reason."""
+    from helpers import generated_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(300))
+    program = Path(__file__).parent / "mpi_programs" / "abort_check.py"
+    bug = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(program),
+                          *train_args(corpus, tmp_path / "bug", "train.ep_size=2")],
+                         capture_output=True, text=True, timeout=60)
+    assert bug.returncode != 0
+    assert "minimoe train: rank 1: failed:" in bug.stderr and "a bug that only rank 1 meets" in bug.stderr
+    layout = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "minimoe.cli",
+                             *train_args(corpus, tmp_path / "layout", "train.ep_size=4")],
+                            capture_output=True, text=True, timeout=60)
+    assert layout.returncode != 0
+    assert "error: the world size 2 is not ep_size=4 x dp_size for any whole dp_size" in layout.stderr
+    assert not (tmp_path / "layout").exists()  # refused before any work

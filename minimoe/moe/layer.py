@@ -12,7 +12,8 @@ Expert parallelism (DeepSpeed-MoE sec. 5): with an expert-parallel communicator 
 holds E / ep experts; after dispatch, an all-to-all splits the [E, C, d] buffer on E so that each rank
 receives [E / ep, ep * C, d], the rows of every rank for its own experts; the experts run; the reverse
 all-to-all brings the outputs home before the combine. The gate is replicated: every rank routes its
-own tokens.
+own tokens. Dropless (no capacity), C differs between ranks and most of the buffer is unused: the ranks
+first exchange how many rows each expert uses, and only those rows travel (all_to_all_v).
 
 Residual MoE (DeepSpeed-MoE sec. 4.1, DeepSpeed's `use_residual`): a dense MLP runs beside the MoE on
 every token, and a learned per-token 2-way softmax mixes the two: y = c0 * moe(x) + c1 * mlp(x),
@@ -65,16 +66,82 @@ def from_local_experts(rows: Any, comm: Any) -> Any:
     return comm.all_to_all(chunks).reshape(local_experts * ep, capacity, width)
 
 
-class ExpertAllToAll(Function):
-    """The all-to-all of expert parallelism, in either direction. Each direction is the other's adjoint
-    (every row returns to where it came from), so the backward is the reverse exchange of the gradient."""
+@dataclass
+class ExchangeCounts:
+    """Dropless expert parallelism: how many rows of each expert's buffer are used, on both sides.
+    sent [E]: this rank's rows per expert (they fill positions 0 .. sent[e] - 1); received [ep, E / ep]:
+    the rows each source rank sends each of my experts; capacity: this rank's C."""
 
-    def forward(ctx, array, comm, to_experts):
-        ctx.comm, ctx.to_experts = comm, to_experts
-        return to_local_experts(array, comm) if to_experts else from_local_experts(array, comm)
+    sent: np.ndarray
+    received: np.ndarray
+    capacity: int
+
+    @staticmethod
+    def exchange(tokens_per_expert: Any, capacity: int, comm: Any) -> ExchangeCounts:
+        """All-to-all of the per-expert counts (one integer per expert), before the rows travel."""
+        sent = backend.to_numpy(tokens_per_expert).astype(np.int64)
+        per_rank = backend.asarray(sent.reshape(comm.size, -1))  # row j: the counts of rank j's experts
+        return ExchangeCounts(sent, backend.to_numpy(comm.all_to_all(per_rank)), capacity)
+
+
+def to_local_experts_v(buffer: Any, comm: Any, counts: ExchangeCounts) -> Any:
+    """Dropless: [E, C, d] -> [E / ep, R, d], only the used rows travelling (all_to_all_v). Expert e's
+    rows from rank 0, 1, ... follow one another; R is the most any of my experts received, and the rows
+    beyond an expert's own count are zero padding that from_local_experts_v never reads."""
+    xp = backend.array_module(buffer)
+    experts, _, width = buffer.shape
+    send = xp.concatenate([buffer[e, :counts.sent[e]] for e in range(experts)])
+    received, _ = comm.all_to_all_v(send, counts.sent.reshape(comm.size, -1).sum(axis=1).tolist())
+    rows = xp.zeros((experts // comm.size, int(counts.received.sum(axis=0).max()), width), buffer.dtype)
+    for (expert, start), (begin, end) in _received_blocks(counts):
+        rows[expert, start:start + end - begin] = received[begin:end]
+    return rows
+
+
+def from_local_experts_v(rows: Any, comm: Any, counts: ExchangeCounts) -> Any:
+    """The adjoint of to_local_experts_v: [E / ep, R, d] -> [E, C, d], each expert's rows home to the rank
+    that sent them, the unused rows of the buffer zero."""
+    xp = backend.array_module(rows)
+    send = xp.concatenate([rows[expert, start:start + end - begin]
+                           for (expert, start), (begin, end) in _received_blocks(counts)])
+    received, _ = comm.all_to_all_v(send, counts.received.sum(axis=1).tolist())
+    experts = len(counts.sent)
+    buffer = xp.zeros((experts, counts.capacity, rows.shape[2]), rows.dtype)
+    ends = np.cumsum(counts.sent)
+    for expert in range(experts):
+        buffer[expert, :counts.sent[expert]] = received[ends[expert] - counts.sent[expert]:ends[expert]]
+    return buffer
+
+
+def _received_blocks(counts: ExchangeCounts) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """For each (source rank, local expert) in arrival order: ((expert, first row in its buffer),
+    (begin, end) in the received rows)."""
+    blocks, filled, begin = [], [0] * counts.received.shape[1], 0
+    for source_counts in counts.received:
+        for expert, count in enumerate(source_counts.tolist()):
+            blocks.append(((expert, filled[expert]), (begin, begin + count)))
+            filled[expert] += count
+            begin += count
+    return blocks
+
+
+class ExpertAllToAll(Function):
+    """The all-to-all of expert parallelism, in either direction: equal chunks of the [E, C, d] buffer,
+    or, dropless (counts given), only the used rows. Each direction is the other's adjoint (every row
+    returns to where it came from), so the backward is the reverse exchange of the gradient."""
+
+    def forward(ctx, array, comm, to_experts, counts=None):
+        ctx.comm, ctx.to_experts, ctx.counts = comm, to_experts, counts
+        return _exchange(array, comm, to_experts, counts)
 
     def backward(ctx, grad):
-        return from_local_experts(grad, ctx.comm) if ctx.to_experts else to_local_experts(grad, ctx.comm)
+        return _exchange(grad, ctx.comm, not ctx.to_experts, ctx.counts)
+
+
+def _exchange(array: Any, comm: Any, to_experts: bool, counts: ExchangeCounts | None) -> Any:
+    if counts is None:
+        return to_local_experts(array, comm) if to_experts else from_local_experts(array, comm)
+    return to_local_experts_v(array, comm, counts) if to_experts else from_local_experts_v(array, comm, counts)
 
 
 class Combine(Function):
@@ -157,8 +224,11 @@ class MoE(Module):
         if self.expert_parallel is None or self.expert_parallel.size == 1:
             out = self.experts(buffer)
         else:
-            local = ExpertAllToAll.apply(buffer, comm=self.expert_parallel, to_experts=True)
-            out = ExpertAllToAll.apply(self.experts(local), comm=self.expert_parallel, to_experts=False)
+            comm = self.expert_parallel
+            counts = None if settings.drop_tokens else ExchangeCounts.exchange(routing.tokens_per_expert,
+                                                                               routing.capacity, comm)
+            local = ExpertAllToAll.apply(buffer, comm=comm, to_experts=True, counts=counts)
+            out = ExpertAllToAll.apply(self.experts(local), comm=comm, to_experts=False, counts=counts)
         y = Combine.apply(out, routing.weight, routing=routing)
         if self.residual_mlp is not None:
             mix = ops.softmax(self.coefficient(tokens))

@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_comm_mpi.py: every rank checks the collectives against a NumPy model
+"""Run under mpiexec by tests/test_comm.py: every rank checks the collectives against a NumPy model
 of the exchange and exits non-zero (failing the whole mpiexec) on a mismatch.
 
 argv[1] is JSON: {"counts": P x P rows each rank sends each rank, "local_size": L, "ep_size": ep}.
@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from minimoe.comm.alltoall import flat_all_to_all_v, hierarchical_all_to_all_v
+from minimoe.comm.alltoall import HierarchicalComm
 from minimoe.comm.communicator import MPIComm
 from minimoe.comm.groups import build_groups
 
@@ -29,21 +29,21 @@ def rows(source: int, destination: int) -> np.ndarray:
 send = np.concatenate([rows(rank, d) for d in range(size)])
 expected = np.concatenate([rows(s, rank) for s in range(size)])  # the model: by source rank, in order
 expected_counts = counts[:, rank].tolist()
-for name, exchange in (("flat", lambda: flat_all_to_all_v(world, send, counts[rank].tolist())),
-                       ("hierarchical", lambda: hierarchical_all_to_all_v(world, spec["local_size"], send,
-                                                                          counts[rank].tolist()))):
-    received, received_counts = exchange()
+hierarchical = HierarchicalComm(world, spec["local_size"])
+for name, comm in (("flat", world), ("hierarchical", hierarchical)):
+    received, received_counts = comm.all_to_all_v(send, counts[rank].tolist())
     assert received_counts == expected_counts, f"rank {rank} {name}: counts {received_counts} != {expected_counts}"
     np.testing.assert_array_equal(received, expected, err_msg=f"rank {rank} {name}")
 
 chunks = np.arange(size * 3, dtype=np.float64).reshape(size, 3) + 100 * rank  # equal chunks
-received = world.all_to_all(chunks)
-np.testing.assert_array_equal(received, [np.arange(3) + 3 * rank + 100 * source for source in range(size)])
+for comm in (world, hierarchical):
+    received = comm.all_to_all(chunks)
+    np.testing.assert_array_equal(received, [np.arange(3) + 3 * rank + 100 * source for source in range(size)])
 assert world.all_reduce(np.array([rank + 1.0]))[0] == size * (size + 1) / 2
 assert world.all_reduce(np.array([rank]), op="max")[0] == size - 1
 assert world.broadcast(np.array([rank * 7]), root=size - 1)[0] == (size - 1) * 7
 
-groups = build_groups(world, spec["ep_size"], [spec["ep_size"] * 2])
+groups = build_groups(world, spec["ep_size"], [spec["ep_size"] * 2], spec["local_size"])
 ep = spec["ep_size"]
 members = groups.expert_parallel.all_reduce(np.array([1 << rank]))[0]
 assert members == sum(1 << r for r in range(rank // ep * ep, rank // ep * ep + ep)), f"EP group of {rank}"

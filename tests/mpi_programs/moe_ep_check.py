@@ -4,7 +4,8 @@ Every rank routes its own tokens, so the one-process reference on each rank is t
 experts, the same weights) applied to that rank's tokens with the same noise. Outputs, input
 gradients and gate / residual gradients must match rank by rank; the gradient of an expert, which
 sees the tokens of every rank of the expert-parallel group, must equal the sum over that group of the
-reference's gradients for it. Float64 throughout. argv[1]: JSON {"k", "residual", "ep_size"}.
+reference's gradients for it. Float64 throughout. argv[1]: JSON {"k", "residual", "ep_size",
+"drop_tokens", "local_size"}.
 """
 
 import json
@@ -21,9 +22,12 @@ from minimoe.tensor import Tensor
 spec = json.loads(sys.argv[1])
 world = MPIComm()
 experts, width, hidden, tokens = 4, 6, 10, 13
-groups = build_groups(world, spec["ep_size"], [experts])
+if not spec["drop_tokens"]:
+    tokens += world.rank  # dropless, ranks may route different numbers of tokens (capacity is per rank)
+groups = build_groups(world, spec["ep_size"], [experts], spec["local_size"])
 settings = MoESettings(k=spec["k"], capacity_factor=0.75, min_capacity=1, use_rts=spec["k"] == 1,
-                       second_expert_sampling=spec["k"] == 2)  # short capacity: tokens are dropped
+                       second_expert_sampling=spec["k"] == 2,  # short capacity: tokens are dropped ...
+                       drop_tokens=spec["drop_tokens"])  # ... unless dropless (only used rows travel)
 
 
 def layer(expert_parallel=None) -> MoE:
