@@ -129,3 +129,91 @@ class MPIComm:
 
     def split(self, color: int, key: int) -> MPIComm:
         return MPIComm(self.comm.Split(color, key))
+
+
+class CommError(RuntimeError):
+    """A communicator that cannot be set up (a user-facing, one-line error naming the rank)."""
+
+
+# ncclDataType_t and ncclRedOp_t values from nccl.h (stable since NCCL 2.10, which added bfloat16).
+NCCL_TYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5, "float16": 6,
+              "float32": 7, "float64": 8, "bfloat16": 9}
+NCCL_OPS = {"sum": 0, "max": 2}
+
+
+class NCCLComm:
+    """GPU (CuPy) arrays over NCCL, on the current CuPy stream. It is set up over an MPIComm of the same
+    ranks: rank 0's NCCL unique id is broadcast over MPI, sub-groups are MPI splits with their own NCCL
+    communicators, and the counts of all_to_all_v (host integers) travel over MPI. Each rank must
+    already use its own GPU (see minimoe/parallel.py)."""
+
+    def __init__(self, mpi: MPIComm):
+        from cupy.cuda import nccl
+
+        self.nccl, self.mpi = nccl, mpi
+        self.rank, self.size = mpi.rank, mpi.size
+        unique_id = mpi.comm.bcast(nccl.get_unique_id() if mpi.rank == 0 else None, root=0)
+        try:
+            self.comm = nccl.NcclCommunicator(mpi.size, unique_id, mpi.rank)
+        except Exception as error:  # NcclError or a CUDA error, whichever the failure raises
+            raise CommError(f"NCCL set-up failed on rank {mpi.rank} of {mpi.size} "
+                            f"({type(error).__name__}: {error})") from None
+
+    @staticmethod
+    def _stream() -> int:
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
+
+    def all_reduce(self, array: Any, op: str = "sum") -> Any:
+        _check_op(op)
+        send = array if array.flags.c_contiguous else array.copy()
+        out = send.__class__(send.shape, send.dtype)
+        self.comm.allReduce(send.data.ptr, out.data.ptr, send.size, NCCL_TYPES[send.dtype.name], NCCL_OPS[op],
+                            self._stream())
+        return out
+
+    def broadcast(self, array: Any, root: int = 0) -> Any:
+        out = array.copy()  # contiguous
+        self.comm.bcast(out.data.ptr, out.nbytes, NCCL_TYPES["uint8"], root, self._stream())
+        return out
+
+    def barrier(self) -> None:
+        self.mpi.barrier()
+
+    def all_to_all(self, send: Any) -> Any:
+        check_chunks(send, self.size)
+        send = send if send.flags.c_contiguous else send.copy()
+        out = send.__class__(send.shape, send.dtype)
+        chunk = send.nbytes // self.size
+        self._exchange([(peer * chunk, chunk) for peer in range(self.size)],
+                       [(peer * chunk, chunk) for peer in range(self.size)], send, out)
+        return out
+
+    def all_to_all_v(self, send: Any, send_counts: list[int]) -> tuple[Any, list[int]]:
+        _check_counts(send, send_counts, self.size)
+        send = send if send.flags.c_contiguous else send.copy()
+        received_counts = self.mpi.all_to_all(np.asarray(send_counts, dtype=np.int64)).tolist()
+        out = send.__class__((sum(received_counts), *send.shape[1:]), send.dtype)
+        row_bytes = send.itemsize * int(np.prod(send.shape[1:], dtype=np.int64))
+
+        def spans(counts: list[int]) -> list[tuple[int, int]]:
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+            return [(start * row_bytes, count * row_bytes) for start, count in zip(starts, counts)]
+
+        self._exchange(spans(send_counts), spans(received_counts), send, out)
+        return out, received_counts
+
+    def _exchange(self, sends: list[tuple[int, int]], receives: list[tuple[int, int]], send: Any, out: Any) -> None:
+        """One grouped round of ncclSend / ncclRecv: (byte offset, byte count) per peer, both ways."""
+        uint8, stream = NCCL_TYPES["uint8"], self._stream()
+        self.nccl.groupStart()
+        for peer in range(self.size):
+            if sends[peer][1]:
+                self.comm.send(send.data.ptr + sends[peer][0], sends[peer][1], uint8, peer, stream)
+            if receives[peer][1]:
+                self.comm.recv(out.data.ptr + receives[peer][0], receives[peer][1], uint8, peer, stream)
+        self.nccl.groupEnd()
+
+    def split(self, color: int, key: int) -> NCCLComm:
+        return NCCLComm(self.mpi.split(color, key))

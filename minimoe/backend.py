@@ -29,23 +29,27 @@ xp: ModuleType = np
 _rng: Any = np.random.default_rng(0)
 
 
-def _cupy_or_reason() -> tuple[ModuleType | None, str]:
-    """Import CuPy and touch the GPU; return (cupy, "") or (None, why it is unusable)."""
+def _cupy_or_reason(gpu: int = 0) -> tuple[ModuleType | None, str]:
+    """Import CuPy, make GPU `gpu` (modulo the count) current and touch it; return (cupy, "") or
+    (None, why it is unusable)."""
     try:
         import cupy
     except ImportError as error:
         return None, f"CuPy is not installed ({error})"
     try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
+        count = cupy.cuda.runtime.getDeviceCount()
+        if count < 1:
             return None, "CuPy found no CUDA device"
+        cupy.cuda.Device(gpu % count).use()
         cupy.zeros(1).sum().item()
     except Exception as error:  # a broken driver raises many kinds of errors; report whichever it is
         return None, f"CuPy cannot use the GPU ({type(error).__name__}: {error})"
     return cupy, ""
 
 
-def set_device(device: str) -> str:
-    """Select "cpu", "cuda" or "auto" for everything created from now on; returns the device chosen."""
+def set_device(device: str, gpu: int = 0) -> str:
+    """Select "cpu", "cuda" or "auto" for everything created from now on; returns the device chosen.
+    gpu: which GPU of this machine (each rank of an MPI job takes its own: its rank on the node)."""
     global _device, xp
     if device not in DEVICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -53,7 +57,7 @@ def set_device(device: str) -> str:
         _device, xp = "cpu", np
         manual_seed(0)
         return _device
-    cupy, reason = _cupy_or_reason()
+    cupy, reason = _cupy_or_reason(gpu)
     if cupy is None:
         if device == "cuda":
             raise DeviceError(f"device 'cuda' was asked for but {reason}")

@@ -158,6 +158,11 @@ def run(name: str, args: argparse.Namespace) -> None:
     if name == "cpu-step":
         bench_cpu_step(args)
         return
+    if name == "alltoall" or getattr(args, "ep", 1) > 1:
+        from minimoe import bench_comm
+
+        bench_comm.BENCHMARKS[name](args)
+        return
     from minimoe import bench_gpu
 
     bench_gpu.BENCHMARKS[name](args)

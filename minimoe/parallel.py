@@ -22,7 +22,7 @@ import numpy as np
 from minimoe import backend
 from minimoe.checkpoint import part_path, save_part
 from minimoe.comm.alltoall import HierarchicalComm
-from minimoe.comm.communicator import Communicator, LocalComm, MPIComm
+from minimoe.comm.communicator import Communicator, LocalComm, MPIComm, NCCLComm
 from minimoe.comm.groups import ParallelGroups, build_groups
 from minimoe.cuda.adamw import sum_of_squares
 from minimoe.moe.experts import Experts
@@ -38,6 +38,17 @@ def launched_ranks() -> int:
 def world_communicator() -> Communicator:
     """MPI's world when this process was started by mpirun / mpiexec with more than one rank."""
     return MPIComm() if launched_ranks() > 1 else LocalComm()
+
+
+def start_world(device: str) -> tuple[Communicator, str]:
+    """(world communicator, device chosen) for a training job: on GPUs every rank takes the GPU of its
+    rank on the node and the world talks NCCL; on CPUs, MPI (or no one, in a single process)."""
+    world = world_communicator()
+    local_rank = world.comm.Split_type(world.mpi.COMM_TYPE_SHARED).Get_rank() if isinstance(world, MPIComm) else 0
+    chosen = backend.set_device(device, gpu=local_rank)
+    if chosen == "cuda" and isinstance(world, MPIComm):
+        world = NCCLComm(world)
+    return world, chosen
 
 
 def abort_world(code: int) -> None:

@@ -29,7 +29,7 @@ from minimoe.generate import generate
 from minimoe.model import GPT
 from minimoe.moe.layer import describe
 from minimoe.optim import AdamW, clip_scale, cosine_lr, global_grad_norm
-from minimoe.parallel import Parallel, expert_array_names, world_communicator
+from minimoe.parallel import Parallel, expert_array_names, start_world
 from minimoe.tensor import no_grad
 
 EVAL_STREAM = 2**31 - 1  # seeds the fixed evaluation batches, apart from every training step's seed
@@ -140,7 +140,7 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
     """Train as `config` says, from scratch or from the run's checkpoint, up to step `until`
     (default train.max_steps); returns the losses, a sample and the checkpoint path."""
     train_config, optim_config = config.train, config.optim
-    device = backend.set_device(train_config.device)
+    world, device = start_world(train_config.device)
     out_dir = Path(train_config.out_dir)
     checkpoint_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
     stop_at = train_config.max_steps if until is None else until
@@ -148,7 +148,7 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
         raise ConfigError(f"--until must lie in 1..train.max_steps={train_config.max_steps}, got {stop_at}")
 
     try:
-        parallel = Parallel.build(world_communicator(), train_config.ep_size,
+        parallel = Parallel.build(world, train_config.ep_size,
                                   [count for count in config.model.experts_in_block() if count],
                                   train_config.local_size)
     except LayoutError as error:
@@ -166,7 +166,6 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
     optimizer = AdamW(model.parameters(), lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2),
                       eps=optim_config.eps, weight_decay=optim_config.weight_decay)
     expert_names = expert_array_names(model, optimizer)
-    world = parallel.world
     say(f"minimoe: {model.num_parameters():,} parameters on {device} ({precision}); "
         f"{len(data.splits['train']):,} training tokens; out_dir {out_dir}"
         + (f"; {world.size} ranks, ep_size {train_config.ep_size}, {parallel.describe_all_to_all()}"

@@ -1,8 +1,11 @@
-"""Test helpers: finite-difference gradient checks and small generated text."""
+"""Test helpers: finite-difference gradient checks, small generated text, the MPI launcher."""
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -61,3 +64,8 @@ def generated_text(n_lines: int = 400, seed: int = 0) -> str:
         words = [WORDS[i] for i in rng.integers(0, len(WORDS), rng.integers(3, 9))]
         lines.append(" ".join(words).capitalize() + ".")
     return "\n".join(lines) + "\n"
+
+
+# The launcher of the MPI that mpi4py was built against: the one installed beside this Python by the
+# mpi extra, else the system's (Open MPI on the GPU machine).
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")

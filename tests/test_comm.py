@@ -3,13 +3,13 @@ the collectives and the EP x DP groups against a NumPy model, under `mpiexec -n 
 (marker `mpi`; skipped, with the reason, where the mpi extra is not installed)."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import MPIEXEC
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -18,7 +18,6 @@ from minimoe.comm.alltoall import HierarchicalComm
 from minimoe.comm.communicator import LocalComm
 from minimoe.comm.groups import LayoutError, check_layout
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
 PROGRAM = Path(__file__).parent / "mpi_programs" / "comm_check.py"
 
 
@@ -47,7 +46,7 @@ def test_layouts_that_do_not_divide_are_refused():
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found beside this Python: pip install -e '.[mpi]'")
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found: pip install -e '.[mpi]'")
 # No shrinking: each example is an mpiexec launch, and shrinking a failure would take minutes.
 @settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(ranks=st.sampled_from([2, 4]), data=st.data())
@@ -59,7 +58,7 @@ def test_all_to_all_and_groups_match_the_model_under_mpiexec(ranks, data):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found beside this Python: pip install -e '.[mpi]'")
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found: pip install -e '.[mpi]'")
 def test_hierarchical_all_to_all_on_two_simulated_nodes_of_two():
     """The layout the design names: 4 ranks as 2 nodes x 2 local ranks, EP=2 x DP=2."""
     counts = np.random.default_rng(0).integers(0, 4, (4, 4))
@@ -67,8 +66,28 @@ def test_hierarchical_all_to_all_on_two_simulated_nodes_of_two():
     run_check(4, counts, local_size=2, ep_size=2)
 
 
-def run_check(ranks: int, counts: np.ndarray, local_size: int, ep_size: int) -> None:
-    spec = json.dumps({"counts": counts.tolist(), "local_size": local_size, "ep_size": ep_size})
+@pytest.mark.gpu
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found: pip install -e '.[mpi]'")
+def test_nccl_all_to_all_and_collectives_on_every_gpu():
+    """NCCLComm on CuPy arrays, one rank per GPU of this machine (one GPU: NCCL with one rank), against
+    the same model; bf16 all_reduce too (gradients travel in bf16)."""
+    gpus = gpu_count()
+    counts = np.random.default_rng(1).integers(0, 5, (gpus, gpus))
+    counts[0, -1] = 0
+    run_check(gpus, counts, local_size=max(1, gpus // 2), ep_size=gpus, nccl=True)
+
+
+def gpu_count() -> int:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # no CuPy, no driver: either way no GPU to test on
+        pytest.skip(f"no usable GPU ({type(error).__name__}: {error})")
+
+
+def run_check(ranks: int, counts: np.ndarray, local_size: int, ep_size: int, nccl: bool = False) -> None:
+    spec = json.dumps({"counts": counts.tolist(), "local_size": local_size, "ep_size": ep_size, "nccl": nccl})
     result = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(PROGRAM), spec],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

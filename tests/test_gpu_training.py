@@ -1,12 +1,12 @@
 """Training on the GPU (marker `gpu`): a small MoE GPT in bf16 with float32 master weights follows the
 float32 CPU run's loss curve over its first 200 steps (same seed, same data, no routing noise, so the
-runs differ only by bf16 rounding and summation order)."""
+runs differ only by bf16 rounding and summation order); EP=2 over NCCL on 2 GPUs equals one GPU."""
 
 import json
 
 import numpy as np
 import pytest
-from helpers import generated_text
+from helpers import MPIEXEC, generated_text
 
 from minimoe import backend
 from minimoe.config import load_config
@@ -43,3 +43,33 @@ def test_bf16_gpu_run_follows_the_float32_cpu_run(tmp_path):
     assert gpu_smooth[-1] < 0.6 * gpu_smooth[0], "the GPU run did not learn"
     assert gap.max() < 0.05, f"20-step mean losses differ by up to {gap.max():.3f} nats"
     assert abs(results["cpu"].final_val_loss - results["cuda"].final_val_loss) < 0.05
+
+
+def test_expert_parallel_gpu_training_with_nccl_equals_one_gpu(tmp_path):
+    """mpirun -n 2 on 2 GPUs (NCCL, EP=2) against one GPU that accumulates the same 2 micro-batches, in
+    float32: the same losses over 20 steps (summation order is all that differs)."""
+    import subprocess
+    import sys
+
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2 or MPIEXEC is None:
+        pytest.skip("needs 2 GPUs and mpiexec (NCCL refuses two ranks on one GPU)")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(3000))
+    settings = [*SMALL_MOE, "train.max_steps=20", "train.eval_interval=10", "train.precision=float32",
+                "train.device=cuda", f"data.path={corpus}"]
+
+    def args(out_dir, *extra):
+        return ["train", *(arg for setting in [*settings, f"train.out_dir={out_dir}", *extra]
+                           for arg in ("--set", setting))]
+
+    parallel = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "minimoe.cli",
+                               *args(tmp_path / "parallel", "train.ep_size=2")],
+                              capture_output=True, text=True, timeout=600)
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    single = subprocess.run([sys.executable, "-m", "minimoe.cli", *args(tmp_path / "single",
+                                                                        "train.grad_accum_steps=2")],
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    np.testing.assert_allclose(train_losses(tmp_path / "parallel"), train_losses(tmp_path / "single"), rtol=1e-4)

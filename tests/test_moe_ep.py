@@ -4,17 +4,16 @@ states what is compared); `minimoe train` under mpiexec against one process; che
 expert-parallel sizes; a failure on one rank ending the job."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import MPIEXEC
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
 PROGRAM = Path(__file__).parent / "mpi_programs" / "moe_ep_check.py"
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
-    MPIEXEC is None, reason="mpiexec not found beside this Python: pip install -e '.[mpi]'")]
+    MPIEXEC is None, reason="mpiexec not found: pip install -e '.[mpi]'")]
 
 
 @pytest.mark.parametrize("ranks, ep_size, local_size", [(2, 2, 0), (4, 2, 0), (4, 4, 0), (4, 4, 2)])
