@@ -49,12 +49,18 @@ class HierarchicalComm:
         return self.world.split(color, key)
 
     def all_to_all(self, send: Any) -> Any:
-        """Equal chunks: chunk j of send [P, ...] goes to rank j (each chunk one row of the exchange)."""
+        """Equal chunks: chunk j of send [P, ...] goes to rank j. The same two steps as all_to_all_v, with
+        every size known in advance, so no counts travel: chunks are reordered by transposes."""
         check_chunks(send, self.size)
-        received, _ = self.all_to_all_v(send, [1] * self.size)
-        return received
+        nodes, local, chunk = self.nodes, self.local_size, send.shape[1:]
+        by_local = send.reshape(nodes, local, *chunk).swapaxes(0, 1)  # [l][n]: bound for (n, l)
+        gathered = self.intra.all_to_all(by_local)  # [s][n]: from (node, s), bound for (n, my local rank)
+        received = self.inter.all_to_all(gathered.swapaxes(0, 1))  # [m][s]: from (m, s), bound for me
+        return received.reshape(self.size, *chunk)
 
-    def all_to_all_v(self, send: Any, send_counts: list[int]) -> tuple[Any, list[int]]:
+    def all_to_all_v(self, send: Any, send_counts: list[int],
+                     received_counts: list[int] | None = None) -> tuple[Any, list[int]]:
+        """received_counts is not needed here: the sizes of the intermediate step travel anyway."""
         xp = backend.array_module(send)
         nodes, local = self.nodes, self.local_size
         blocks = _blocks(send, list(send_counts))

@@ -6,7 +6,8 @@ machine and prints what it measured, where, against which floor.
 cpu-step: one full training step (forward, backward, clipping, AdamW) of a config's GPT on the NumPy
 path, against the same model written in PyTorch eager on the CPU when PyTorch is importable (a
 benchmark peer only: minimoe never imports it elsewhere).
-moe-layer, gating, dispatch (GPU): see minimoe/bench_gpu.py.
+moe-layer, gating, dispatch, train-step (one GPU): see minimoe/bench_gpu.py.
+alltoall, moe-layer --ep P (several GPUs under mpirun): see minimoe/bench_comm.py.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def run(name: str, args: argparse.Namespace) -> None:
     if name == "cpu-step":
         bench_cpu_step(args)
         return
-    if name == "alltoall" or getattr(args, "ep", 1) > 1:
+    if name == "alltoall" or args.ep > 1:
         from minimoe import bench_comm
 
         bench_comm.BENCHMARKS[name](args)

@@ -6,8 +6,10 @@
 alltoall: the expert-parallel exchange over message sizes, flat (one grouped ncclSend/ncclRecv round)
 and hierarchical (comm/alltoall.py, the ranks as 2 simulated nodes), against the link itself: a plain
 ncclSend/ncclRecv between ranks 0 and 1, one way and both ways at once. Bus bandwidth follows
-nccl-tests: bytes each rank sends to the others over the time, the slowest rank's time. Correctness
-first: every rank checks what it received against what its peers sent.
+nccl-tests: bytes each rank sends to the others over the time, the slowest rank's time. Every timed
+repetition starts with idle GPUs and the ranks lined up by a barrier; the figure is the median over
+repetitions of the slowest rank. Correctness first: every rank checks what it received against what
+its peers sent.
 
 moe-layer --ep P: weak scaling of the MoE layer (T=8192 tokens per GPU, d=1024, f=4096, E=8, bf16,
 forward and forward+backward): EP=P, each GPU holding E/P experts and exchanging rows by all-to-all,
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend
-from minimoe.bench_gpu import EXPERTS, HIDDEN, TOKENS, WIDTH, bf16, event_ms
+from minimoe.bench_gpu import EXPERTS, HIDDEN, TOKENS, WIDTH, bf16
 from minimoe.comm.alltoall import HierarchicalComm
 from minimoe.comm.communicator import NCCLComm
 from minimoe.parallel import start_world
@@ -40,11 +42,26 @@ def _start() -> NCCLComm:
     return world
 
 
-def _slowest_ms(world: NCCLComm, fn: Callable[[], Any]) -> float:
-    """The median time of fn on this rank, then the largest over ranks (a collective ends with its last)."""
-    world.barrier()
-    ms = event_ms(fn, warmup=3, repeats=20)
-    return float(world.mpi.all_reduce(np.array([ms]), op="max")[0])
+def _slowest_ms(world: NCCLComm, fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
+    """The median over repetitions of the slowest rank's time for fn. Every repetition starts with the
+    GPUs idle and the ranks lined up (device sync, then an MPI barrier): otherwise a rank that launches
+    early would count, inside the collective, the time it waits for a late one."""
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        cupy.cuda.Device().synchronize()
+        world.barrier()
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    slowest = world.mpi.all_reduce(np.array(times), op="max")
+    return float(np.median(slowest))
 
 
 def _say(world: NCCLComm, text: str) -> None:
@@ -57,17 +74,18 @@ def bench_alltoall(args: argparse.Namespace) -> None:
 
     world = _start()
     size, rank = world.size, world.rank
-    nodes_of = size // 2
-    hierarchical = HierarchicalComm(world, nodes_of)
+    hierarchical = HierarchicalComm(world, max(1, size // 2) if size % 2 == 0 else 1)
     _say(world, f"bench alltoall on {size} x {backend.gpu_name()} (CuPy {cupy.__version__}, NCCL "
-                f"{world.nccl.get_version()}); hierarchical = 2 simulated nodes x {nodes_of}; bus bandwidth = "
+                f"{world.nccl.get_version()}); hierarchical = {hierarchical.nodes} simulated nodes x "
+                f"{hierarchical.local_size}; bus bandwidth = "
                 "bytes sent to other ranks / time of the slowest rank; median of 20")
     _say(world, f"{'bytes per peer':>16}{'flat ms':>10}{'flat GB/s':>11}{'hier ms':>10}{'hier GB/s':>11}")
     for exponent in range(10, 29, 2):  # 1 KiB .. 256 MiB to each peer
         per_peer = 2**exponent // 2  # bf16 elements
-        send = (cupy.arange(size * per_peer, dtype=cupy.float32).reshape(size, per_peer) % 251 + rank * 1000)
+        # Element i of the chunk for rank j names j, i and the sender (integers, exact in bf16).
+        send = (cupy.arange(size * per_peer, dtype=cupy.int64).reshape(size, per_peer) % 251 + rank * 256)
         send = send.astype(bf16())
-        expected = cupy.stack([(cupy.arange(per_peer, dtype=cupy.float32) + rank * per_peer) % 251 + source * 1000
+        expected = cupy.stack([(cupy.arange(per_peer, dtype=cupy.int64) + rank * per_peer) % 251 + source * 256
                                for source in range(size)]).astype(bf16())
         row = f"{2**exponent:>16,}"
         for comm in (world, hierarchical):
@@ -119,7 +137,7 @@ def bench_moe_layer_ep(args: argparse.Namespace) -> None:
     x = rng.standard_normal((TOKENS, WIDTH), dtype=cupy.float32).astype(bf16())
     grad = rng.standard_normal((TOKENS, WIDTH), dtype=cupy.float32).astype(bf16())
     _say(world, f"bench moe-layer --ep {args.ep} on {world.size} x {backend.gpu_name()}: per GPU T={TOKENS}, "
-                f"d={WIDTH}, f={HIDDEN}, E={EXPERTS} in all, bf16; times in ms, the slowest rank's median of 20")
+                f"d={WIDTH}, f={HIDDEN}, E={EXPERTS} in all, bf16; times in ms, median of 20 of the slowest rank")
     for k, dropless in cases:
         settings = MoESettings(k=k, capacity_factor=1.0, min_capacity=4, drop_tokens=not dropless,
                                use_rts=k == 1, second_expert_sampling=k == 2)

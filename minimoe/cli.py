@@ -33,6 +33,8 @@ def _train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set)
     result = train(config, resume=args.resume, until=args.until)
+    if not result.is_main_rank:
+        return
     ratio = result.final_val_loss / result.initial_val_loss
     print(f"validation loss: {result.initial_val_loss:.4f} at step 0 -> {result.final_val_loss:.4f} at step "
           f"{result.step} ({100 * ratio:.1f}% of the start)")

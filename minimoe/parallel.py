@@ -91,6 +91,14 @@ class Parallel:
     def expert_parameters(model: Module) -> set[int]:
         return {id(p) for module in model.modules() if isinstance(module, Experts) for p in module.parameters()}
 
+    def describe_parameters(self, model: Module) -> str:
+        """The model's size in parameters, and this rank's share when the experts are split."""
+        here = sum(p.size for p in model.parameters())
+        if self.groups.ep_size == 1:
+            return f"{here:,} parameters"
+        experts = sum(p.size for p in model.parameters() if id(p) in self.expert_parameters(model))
+        return f"{here + experts * (self.groups.ep_size - 1):,} parameters ({here:,} on each rank)"
+
     def sync_gradients(self, model: Module) -> None:
         experts = self.expert_parameters(model)
         for parameter in model.parameters():

@@ -44,6 +44,7 @@ class TrainResult:
     final_val_loss: float
     sample: str
     checkpoint: Path
+    is_main_rank: bool = True  # rank 0 of an MPI job (or the only process): the one that reports
 
 
 def load_data(config: Config) -> TokenData:
@@ -166,7 +167,7 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
     optimizer = AdamW(model.parameters(), lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2),
                       eps=optim_config.eps, weight_decay=optim_config.weight_decay)
     expert_names = expert_array_names(model, optimizer)
-    say(f"minimoe: {model.num_parameters():,} parameters on {device} ({precision}); "
+    say(f"minimoe: {parallel.describe_parameters(model)} on {device} ({precision}); "
         f"{len(data.splits['train']):,} training tokens; out_dir {out_dir}"
         + (f"; {world.size} ranks, ep_size {train_config.ep_size}, {parallel.describe_all_to_all()}"
            if world.size > 1 else ""))
@@ -264,4 +265,4 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
     prompt = tokenizer.encode(train_config.sample_prompt)
     sample = tokenizer.decode(generate(model, prompt, train_config.sample_tokens, train_config.temperature,
                                        train_config.top_k, seed=train_config.seed))
-    return TrainResult(step, initial_val_loss, val_loss, sample, checkpoint_path)
+    return TrainResult(step, initial_val_loss, val_loss, sample, checkpoint_path, parallel.is_main)

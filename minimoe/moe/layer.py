@@ -68,61 +68,63 @@ def from_local_experts(rows: Any, comm: Any) -> Any:
 
 @dataclass
 class ExchangeCounts:
-    """Dropless expert parallelism: how many rows of each expert's buffer are used, on both sides.
-    sent [E]: this rank's rows per expert (they fill positions 0 .. sent[e] - 1); received [ep, E / ep]:
-    the rows each source rank sends each of my experts; capacity: this rank's C."""
+    """Dropless expert parallelism: which rows travel, worked out once per forward on the host and used
+    by both exchanges and their backward. sent [E]: this rank's rows per expert (they fill positions
+    0 .. sent[e] - 1 of the [E, C, d] buffer); received [ep, E / ep]: the rows each source rank sends
+    each of my experts; R: the most rows any of my experts receives in all. Two mapping tables, in the
+    (expert_index [n, 1], position [n, 1]) form dispatch and combine take, so that the same kernels move
+    the rows: send_table, for each row sent in send order, its slot in the [E, C] buffer; place_table,
+    for each row received in arrival order (source by source, expert by expert), its slot in the
+    [E / ep, R] buffer of my experts, each expert's rows end to end from position 0."""
 
     sent: np.ndarray
     received: np.ndarray
     capacity: int
+    rows_per_expert: int
+    send_table: tuple[Any, Any]
+    place_table: tuple[Any, Any]
 
     @staticmethod
     def exchange(tokens_per_expert: Any, capacity: int, comm: Any) -> ExchangeCounts:
-        """All-to-all of the per-expert counts (one integer per expert), before the rows travel."""
+        """All-to-all of the per-expert counts (one host integer per expert), before the rows travel."""
         sent = backend.to_numpy(tokens_per_expert).astype(np.int64)
-        per_rank = backend.asarray(sent.reshape(comm.size, -1))  # row j: the counts of rank j's experts
-        return ExchangeCounts(sent, backend.to_numpy(comm.all_to_all(per_rank)), capacity)
+        received = comm.all_to_all(sent.reshape(comm.size, -1))  # row j: the counts of rank j's experts
+        rows_per_expert = int(received.sum(axis=0).max())
+        send_table = _table([(expert, 0, count) for expert, count in enumerate(sent)])
+        filled = np.zeros(received.shape[1], dtype=np.int64)  # rows of each local expert placed so far
+        placed = []
+        for source_counts in received:
+            for expert, count in enumerate(source_counts):
+                placed.append((expert, filled[expert], count))
+                filled[expert] += count
+        return ExchangeCounts(sent, received, capacity, rows_per_expert, send_table, _table(placed))
+
+
+def _table(runs: list[tuple[int, int, int]]) -> tuple[Any, Any]:
+    """(expert_index [n, 1], position [n, 1]) on the device for runs of (expert, first position, count)."""
+    experts = np.concatenate([np.full(count, expert) for expert, _, count in runs]).astype(np.int64)
+    positions = np.concatenate([first + np.arange(count) for _, first, count in runs]).astype(np.int64)
+    return backend.asarray(experts[:, None]), backend.asarray(positions[:, None])
 
 
 def to_local_experts_v(buffer: Any, comm: Any, counts: ExchangeCounts) -> Any:
-    """Dropless: [E, C, d] -> [E / ep, R, d], only the used rows travelling (all_to_all_v). Expert e's
-    rows from rank 0, 1, ... follow one another; R is the most any of my experts received, and the rows
-    beyond an expert's own count are zero padding that from_local_experts_v never reads."""
-    xp = backend.array_module(buffer)
-    experts, _, width = buffer.shape
-    send = xp.concatenate([buffer[e, :counts.sent[e]] for e in range(experts)])
-    received, _ = comm.all_to_all_v(send, counts.sent.reshape(comm.size, -1).sum(axis=1).tolist())
-    rows = xp.zeros((experts // comm.size, int(counts.received.sum(axis=0).max()), width), buffer.dtype)
-    for (expert, start), (begin, end) in _received_blocks(counts):
-        rows[expert, start:start + end - begin] = received[begin:end]
-    return rows
+    """Dropless: [E, C, d] -> [E / ep, R, d], only the used rows travelling (all_to_all_v): a combine
+    gathers them by send_table, a dispatch places what arrives by place_table (zero-filling the rest,
+    padding that from_local_experts_v never reads)."""
+    send = dispatch_kernels.combine(buffer, *counts.send_table)
+    received, _ = comm.all_to_all_v(send, counts.sent.reshape(comm.size, -1).sum(axis=1).tolist(),
+                                    counts.received.sum(axis=1).tolist())
+    return dispatch_kernels.dispatch(received, *counts.place_table, counts.received.shape[1],
+                                     counts.rows_per_expert)
 
 
 def from_local_experts_v(rows: Any, comm: Any, counts: ExchangeCounts) -> Any:
     """The adjoint of to_local_experts_v: [E / ep, R, d] -> [E, C, d], each expert's rows home to the rank
-    that sent them, the unused rows of the buffer zero."""
-    xp = backend.array_module(rows)
-    send = xp.concatenate([rows[expert, start:start + end - begin]
-                           for (expert, start), (begin, end) in _received_blocks(counts)])
-    received, _ = comm.all_to_all_v(send, counts.received.sum(axis=1).tolist())
-    experts = len(counts.sent)
-    buffer = xp.zeros((experts, counts.capacity, rows.shape[2]), rows.dtype)
-    ends = np.cumsum(counts.sent)
-    for expert in range(experts):
-        buffer[expert, :counts.sent[expert]] = received[ends[expert] - counts.sent[expert]:ends[expert]]
-    return buffer
-
-
-def _received_blocks(counts: ExchangeCounts) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """For each (source rank, local expert) in arrival order: ((expert, first row in its buffer),
-    (begin, end) in the received rows)."""
-    blocks, filled, begin = [], [0] * counts.received.shape[1], 0
-    for source_counts in counts.received:
-        for expert, count in enumerate(source_counts.tolist()):
-            blocks.append(((expert, filled[expert]), (begin, begin + count)))
-            filled[expert] += count
-            begin += count
-    return blocks
+    that sent them, the unused rows of the buffer zero. The same two tables, roles swapped."""
+    send = dispatch_kernels.combine(rows, *counts.place_table)
+    received, _ = comm.all_to_all_v(send, counts.received.sum(axis=1).tolist(),
+                                    counts.sent.reshape(comm.size, -1).sum(axis=1).tolist())
+    return dispatch_kernels.dispatch(received, *counts.send_table, len(counts.sent), counts.capacity)
 
 
 class ExpertAllToAll(Function):

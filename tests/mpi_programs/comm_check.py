@@ -42,8 +42,8 @@ for name, comm in (("flat", world), ("hierarchical", hierarchical)):
     np.testing.assert_array_equal(to_host(received), expected, err_msg=f"rank {rank} {name}")
 
 chunks = np.arange(size * 3, dtype=np.float64).reshape(size, 3) + 100 * rank  # equal chunks
-for comm in (world, hierarchical):
-    received = to_host(comm.all_to_all(on_device(chunks)))
+for comm, place in ((world, on_device), (hierarchical, on_device), (world, np.asarray)):  # host arrays: MPI
+    received = to_host(comm.all_to_all(place(chunks)))
     np.testing.assert_array_equal(received, [np.arange(3) + 3 * rank + 100 * source for source in range(size)])
 assert to_host(world.all_reduce(on_device(np.array([rank + 1.0]))))[0] == size * (size + 1) / 2
 assert to_host(world.all_reduce(on_device(np.array([rank])), op="max"))[0] == size - 1
