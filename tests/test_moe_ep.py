@@ -29,7 +29,7 @@ def test_expert_parallel_layer_matches_one_process(ranks, ep_size, local_size, k
 
 def train_args(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
     settings = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "model.moe_every=1",
-                "model.experts_per_layer=[4]", "model.k=2", "model.capacity_factor=0.8", "train.batch_size=4",
+                "model.experts_per_layer=[8]", "model.k=2", "model.capacity_factor=0.8", "train.batch_size=4",
                 "train.max_steps=6", "train.eval_interval=3", "train.eval_batches=1", "train.sample_tokens=4",
                 "optim.warmup_steps=2", "optim.lr=0.01", f"data.path={corpus}", f"train.out_dir={out_dir}", *extra]
     return ["train", *(arg for setting in settings for arg in ("--set", setting))]
@@ -37,11 +37,12 @@ def train_args(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("precision, loss_tolerance, weight_tolerance",
                          [("float64", 1e-10, 1e-10), ("float32", 1e-5, 1e-3)])
-@pytest.mark.parametrize("ranks, ep_size, local_size", [(2, 2, 0), (4, 2, 0), (4, 4, 2)])
+@pytest.mark.parametrize("ranks, ep_size, local_size", [(2, 2, 0), (4, 2, 0), (4, 4, 2), (8, 8, 4), (8, 4, 2)])
 def test_expert_parallel_training_equals_one_process(tmp_path, ranks, ep_size, local_size, precision,
                                                      loss_tolerance, weight_tolerance):
-    """mpirun -n P minimoe train with ep_size (EP=2, EP=2 x DP=2, and EP=4 as 2 simulated nodes of 2
-    with the hierarchical all-to-all) against one process that
+    """mpirun -n P minimoe train with ep_size (EP=2, EP=2 x DP=2, EP=4 as 2 simulated nodes of 2, EP=8 as
+    2 nodes of 4, and EP=4 x DP=2 with each EP group over 2 nodes of 2; hierarchical all-to-alls across
+    the simulated nodes) against one process that
     accumulates the same P micro-batches: the same losses every step and the same final weights and
     optimizer state, every expert under its global index, whatever the layout.
 
@@ -62,7 +63,8 @@ def test_expert_parallel_training_equals_one_process(tmp_path, ranks, ep_size, l
                                *train_args(corpus, tmp_path / "parallel", f"train.ep_size={ep_size}", *common)],
                               capture_output=True, text=True, timeout=300)
     assert parallel.returncode == 0, parallel.stdout + parallel.stderr
-    assert ("hierarchical all-to-all over 2 nodes x 2" if local_size else "flat all-to-all") in parallel.stdout
+    layout = f"hierarchical all-to-all over {ep_size // local_size} nodes x {local_size}" if local_size else "flat"
+    assert layout in parallel.stdout
     assert main(train_args(corpus, tmp_path / "single", f"train.grad_accum_steps={ranks}", *common)) == 0
 
     def losses(run: str) -> list[float]:
