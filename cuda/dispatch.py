@@ -115,6 +115,8 @@ def source_tokens(expert_index: Any, position: Any, num_experts: int, capacity: 
     tokens, k = position.shape
     if is_gpu(position):
         source = xp.full(num_experts * capacity, -1, dtype=xp.int64)
+        if tokens * k == 0:  # nothing to place (a rank may receive no rows in a dropless exchange)
+            return source
         build.kernel("dispatch.cu", "invert_table")(
             ((tokens * k + 255) // 256,), (256,), (expert_index, position, source, np.int32(tokens * k),
                                                    np.int32(k), np.int64(capacity)))
@@ -173,7 +175,8 @@ def _gpu_dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, ca
 
     x = cupy.ascontiguousarray(x)
     buffer = cupy.empty((num_experts * capacity, x.shape[1]), dtype=x.dtype)
-    launch_fill_slots(x, source_tokens(expert_index, position, num_experts, capacity), buffer)
+    if buffer.size:
+        launch_fill_slots(x, source_tokens(expert_index, position, num_experts, capacity), buffer)
     return buffer.reshape(num_experts, capacity, x.shape[1])
 
 
@@ -189,11 +192,13 @@ def _gpu_combine(buffer: Any, expert_index: Any, position: Any, weight: Any) -> 
     num_experts, capacity, width = buffer.shape
     tokens, k = position.shape
     y = cupy.empty((tokens, width), dtype=buffer.dtype)
+    if tokens == 0:
+        return y
     type_name, vectorised = _launch_config(buffer)
     # A null weight pointer means unit weights (the backward of dispatch).
     weight = np.uint64(0) if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
     build.kernel("dispatch.cu", f"combine_rows<{type_name}, {vectorised}>")(
-        (max(tokens, 1),), (THREADS,),
+        (tokens,), (THREADS,),
         (cupy.ascontiguousarray(buffer), expert_index, position, weight, y, np.int32(k), np.int32(capacity),
          np.int32(width)))
     return y
@@ -207,9 +212,11 @@ def _gpu_combine_backward(grad_y: Any, buffer: Any, expert_index: Any, position:
     tokens, k = position.shape
     grad_buffer = cupy.zeros_like(buffer)
     grad_weight = cupy.empty((tokens, k), dtype=cupy.float32)
+    if tokens == 0:
+        return grad_buffer, grad_weight.astype(weight.dtype)
     type_name, vectorised = _launch_config(buffer)
     build.kernel("dispatch.cu", f"combine_backward<{type_name}, {vectorised}>")(
-        (max(tokens, 1),), (THREADS,),
+        (tokens,), (THREADS,),
         (cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(buffer), expert_index, position,
          cupy.ascontiguousarray(weight, dtype=cupy.float32), grad_buffer, grad_weight, np.int32(k),
          np.int32(capacity), np.int32(width)))

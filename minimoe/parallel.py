@@ -1,5 +1,5 @@
-"""Data and expert parallelism in training: the communicators, where gradients add up, and how expert
-weights are gathered for a checkpoint and split again when one is loaded.
+"""Data and expert parallelism in training: the communicators, where gradients add up, and how the
+expert weights are written to a checkpoint in parts and split again when one is loaded.
 
 Launched with `mpirun -n P minimoe train ...`, the P ranks form ep_size x dp_size (comm/groups.py).
 Every rank trains on its own micro-batches; the loss of each is divided by the number of micro-batches
@@ -110,10 +110,9 @@ class Parallel:
         """The global gradient norm of the whole model (a 0-d array on the gradients' device): the dense
         part is the same on every rank, the expert part is spread over the EP group."""
         experts = self.expert_parameters(model)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        xp = backend.array_module(grads[0])
         dense = [p.grad for p in model.parameters() if id(p) not in experts and p.grad is not None]
         local_experts = [p.grad for p in model.parameters() if id(p) in experts and p.grad is not None]
+        xp = backend.array_module((dense + local_experts)[0])
 
         def squares(some: list[Any]) -> Any:
             return xp.reshape(sum_of_squares(some) if some else xp.zeros((), xp.float32), (1,))
@@ -125,7 +124,7 @@ class Parallel:
 
     def mean(self, value: float) -> float:
         """The mean over all ranks of one number per rank."""
-        return float(self.world.all_reduce(backend.asarray(np.array([value])))[0]) / self.world.size
+        return float(self.world.all_reduce(np.array([value]))[0]) / self.world.size  # a host array: MPI
 
     def save_expert_parts(self, path: Path, step: int, arrays: dict[str, np.ndarray],
                           expert_names: set[str]) -> tuple[dict[str, np.ndarray], list[str]]:

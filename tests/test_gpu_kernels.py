@@ -180,6 +180,23 @@ def test_dispatch_and_combine_match_reference(k, num_experts, num_tokens, width,
     assert_close(to_host(grad_weight), expected_grad_weight, dtype, "combine backward: weight")
 
 
+def test_dispatch_and_combine_of_nothing():
+    """The dropless expert-parallel exchange may send or receive no rows: an empty table dispatches into
+    an all-zero buffer (or an empty one), and combines into no rows, with no launch out of bounds."""
+    from minimoe.cuda.dispatch import combine, combine_backward, dispatch
+
+    cupy = cupy_module()
+    no_rows = cupy.empty((0, 1), dtype=cupy.int64)
+    x = cupy.ones((0, 64), dtype=cupy.float32)
+    assert not to_host(dispatch(x, no_rows, no_rows, 3, 5)).any()
+    assert dispatch(x, no_rows, no_rows, 3, 0).shape == (3, 0, 64)
+    buffer = cupy.ones((3, 5, 64), dtype=cupy.float32)
+    assert combine(buffer, no_rows, no_rows).shape == (0, 64)
+    grad_buffer, grad_weight = combine_backward(x, buffer, no_rows, no_rows, cupy.ones((0, 1), cupy.float32))
+    assert not to_host(grad_buffer).any() and grad_weight.shape == (0, 1)
+    cupy.cuda.Device().synchronize()  # an illegal access would surface here
+
+
 @pytest.mark.parametrize("k, residual", [(1, False), (2, True)])
 def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
     """Forward and every gradient of a training-mode MoE layer (eval-mode routing, so no noise) on the
