@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from minimoe import backend
 from minimoe.comm.communicator import Communicator, check_chunks
 
@@ -60,30 +62,26 @@ class HierarchicalComm:
 
     def all_to_all_v(self, send: Any, send_counts: list[int],
                      received_counts: list[int] | None = None) -> tuple[Any, list[int]]:
-        """received_counts is not needed here: the sizes of the intermediate step travel anyway."""
-        xp = backend.array_module(send)
+        """received_counts is not needed here: the sizes of the intermediate step travel anyway (as host
+        arrays: over MPI when the rows go by NCCL)."""
         nodes, local = self.nodes, self.local_size
         blocks = _blocks(send, list(send_counts))
 
         # Step 1, inside the node: to local peer l, the blocks for ranks (0, l), (1, l), ... in node order,
         # with the sizes of those blocks so that the receiver can cut them apart again.
         step1_counts = [[send_counts[n * local + l] for n in range(nodes)] for l in range(local)]
-        received_sizes = _host_counts(self.intra.all_to_all(xp.asarray(step1_counts, dtype=xp.int64)))
+        received_sizes = self.intra.all_to_all(np.asarray(step1_counts, dtype=np.int64)).tolist()
         step1 = [blocks[n * local + l] for l in range(local) for n in range(nodes)]
         gathered, _ = self.intra.all_to_all_v(_concat(step1, send), [sum(row) for row in step1_counts])
 
         # gathered holds, for each local source s and node n, the rows from (node, s) bound for (n, l).
         by_source_and_node = _blocks(gathered, [size for row in received_sizes for size in row])
         step2_counts = [[received_sizes[s][n] for s in range(local)] for n in range(nodes)]
-        final_sizes = _host_counts(self.inter.all_to_all(xp.asarray(step2_counts, dtype=xp.int64)))
+        final_sizes = self.inter.all_to_all(np.asarray(step2_counts, dtype=np.int64)).tolist()
         step2 = [by_source_and_node[s * nodes + n] for n in range(nodes) for s in range(local)]
         received, _ = self.inter.all_to_all_v(_concat(step2, send), [sum(row) for row in step2_counts])
         # Rows arrive node by node and, within a node, local source by local source: rank order.
         return received, [size for row in final_sizes for size in row]
-
-
-def _host_counts(counts: Any) -> list[list[int]]:
-    return backend.to_numpy(counts).tolist()
 
 
 def _blocks(rows: Any, counts: list[int]) -> list[Any]:
