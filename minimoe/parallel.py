@@ -122,9 +122,12 @@ class Parallel:
             expert_squares = self.groups.expert_parallel.all_reduce(expert_squares)
         return xp.sqrt(squares(dense) + expert_squares)[0]
 
-    def mean(self, value: float) -> float:
-        """The mean over all ranks of one number per rank."""
-        return float(self.world.all_reduce(np.array([value]))[0]) / self.world.size  # a host array: MPI
+    def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
+        """(the mean over all ranks of `value`, whether any rank raised `flag`), in one collective of host
+        numbers (over MPI under NCCL too). The training loop ends a step with it: the logged loss, and a
+        Ctrl-C that reached the ranks at different steps stops them all after the same step."""
+        summed = self.world.all_reduce(np.array([value, float(flag)]))
+        return float(summed[0]) / self.world.size, bool(summed[1] > 0)
 
     def save_expert_parts(self, path: Path, step: int, arrays: dict[str, np.ndarray],
                           expert_names: set[str]) -> tuple[dict[str, np.ndarray], list[str]]:

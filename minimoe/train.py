@@ -209,9 +209,9 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
     accumulation = train_config.grad_accum_steps
     micro_batches = world.size * accumulation  # in one step, over all ranks
     tokens_per_step = micro_batches * train_config.batch_size * config.model.block_size
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, stopping = time.perf_counter(), 0, False
     try:
-        while step < stop_at and not stop.requested:
+        while step < stop_at and not stopping:
             lr = cosine_lr(step, optim_config.lr, optim_config.min_lr, optim_config.warmup_steps,
                            train_config.max_steps)
             optimizer.lr = lr
@@ -236,7 +236,7 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
             model.zero_grad()
             step += 1
             window_steps += 1
-            loss_value = parallel.mean(loss_sum / accumulation) if world.size > 1 else loss_sum / accumulation
+            loss_value, stopping = parallel.mean_and_any(loss_sum / accumulation, stop.requested)
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
             moe = describe(output.moe)
@@ -251,14 +251,14 @@ def train(config: Config, resume: bool = False, until: int | None = None) -> Tra
                 window_start, window_steps = time.perf_counter(), 0
             elif interactive:
                 say("\r" + line, end="", flush=True)
-            if step % train_config.eval_interval == 0 or step == stop_at or stop.requested:
+            if step % train_config.eval_interval == 0 or step == stop_at or stopping:
                 val_loss = evaluate(model, data, config)
                 record(step=step, val_loss=val_loss)
                 say(f"step {step:>5} | validation loss {val_loss:.4f}")
                 save()
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    if stop.requested:
+    if stopping:
         say(f"stopped at step {step}; checkpoint saved to {checkpoint_path}; continue with --resume")
 
     tokenizer = ByteTokenizer(config.model.vocab_size)

@@ -138,3 +138,19 @@ def test_a_failure_on_one_rank_ends_the_whole_job(tmp_path):
     assert layout.returncode != 0
     assert "error: the world size 2 is not ep_size=4 x dp_size for any whole dp_size" in layout.stderr
     assert not (tmp_path / "layout").exists()  # refused before any work
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    from helpers import generated_text
+
+    from minimoe.checkpoint import load_checkpoint
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(300))
+    program = Path(__file__).parent / "mpi_programs" / "stop_check.py"
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(program),
+                             *train_args(corpus, tmp_path / "run", "train.ep_size=2")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopped at step 3; checkpoint saved" in result.stdout
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.bin")[1]["step"] == 3
