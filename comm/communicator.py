@@ -223,8 +223,7 @@ class NCCLComm:
 
     def _exchange(self, sends: list[tuple[int, int]], receives: list[tuple[int, int]], send: Any, out: Any) -> None:
         """One grouped round of ncclSend / ncclRecv: (byte offset, byte count) per peer, both ways. The
-        block a rank keeps is a device-to-device copy: NCCL's send-to-self was measured 40 us slower
-        at 16 MiB on an H200."""
+        block a rank keeps for itself is a plain device-to-device copy on the same stream."""
         import cupy
 
         uint8, stream = NCCL_TYPES["uint8"], self._stream()
