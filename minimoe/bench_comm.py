@@ -74,7 +74,7 @@ def bench_alltoall(args: argparse.Namespace) -> None:
 
     world = _start()
     size, rank = world.size, world.rank
-    hierarchical = HierarchicalComm(world, max(1, size // 2) if size % 2 == 0 else 1)
+    hierarchical = HierarchicalComm(world, size // 2 if size % 2 == 0 else 1)  # 2 nodes when it can
     _say(world, f"bench alltoall on {size} x {backend.gpu_name()} (CuPy {cupy.__version__}, NCCL "
                 f"{world.nccl.get_version()}); hierarchical = {hierarchical.nodes} simulated nodes x "
                 f"{hierarchical.local_size}; bus bandwidth = "
@@ -82,7 +82,8 @@ def bench_alltoall(args: argparse.Namespace) -> None:
     _say(world, f"{'bytes per peer':>16}{'flat ms':>10}{'flat GB/s':>11}{'hier ms':>10}{'hier GB/s':>11}")
     for exponent in range(10, 29, 2):  # 1 KiB .. 256 MiB to each peer
         per_peer = 2**exponent // 2  # bf16 elements
-        # Element i of the chunk for rank j names j, i and the sender (integers, exact in bf16).
+        # Element i of the chunk for rank j is a function of j, i and the sender: integers, which bf16 may
+        # round, but rounds the same way on both sides.
         send = (cupy.arange(size * per_peer, dtype=cupy.int64).reshape(size, per_peer) % 251 + rank * 256)
         send = send.astype(bf16())
         expected = cupy.stack([(cupy.arange(per_peer, dtype=cupy.int64) + rank * per_peer) % 251 + source * 256
