@@ -109,6 +109,10 @@ class MPIComm:
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def node_rank(self) -> int:
+        """This rank's index among the ranks on the same machine (which GPU it takes)."""
+        return self.comm.Split_type(self.mpi.COMM_TYPE_SHARED).Get_rank()
+
     def all_to_all(self, send: Any) -> Any:
         check_chunks(send, self.size)
         send = np.ascontiguousarray(send)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend
-from minimoe.bench_gpu import EXPERTS, HIDDEN, TOKENS, WIDTH, bf16
+from minimoe.bench_gpu import EXPERTS, HIDDEN, TOKENS, WIDTH, bf16, event_times
 from minimoe.comm.alltoall import HierarchicalComm
 from minimoe.comm.communicator import NCCLComm
 from minimoe.parallel import start_world
@@ -42,26 +42,18 @@ def _start() -> NCCLComm:
     return world
 
 
-def _slowest_ms(world: NCCLComm, fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
+def _slowest_ms(world: NCCLComm, fn: Callable[[], Any]) -> float:
     """The median over repetitions of the slowest rank's time for fn. Every repetition starts with the
     GPUs idle and the ranks lined up (device sync, then an MPI barrier): otherwise a rank that launches
     early would count, inside the collective, the time it waits for a late one."""
     import cupy
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+    def line_up() -> None:
         cupy.cuda.Device().synchronize()
         world.barrier()
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    slowest = world.mpi.all_reduce(np.array(times), op="max")
-    return float(np.median(slowest))
+
+    times = event_times(fn, before_each=line_up)
+    return float(np.median(world.mpi.all_reduce(np.array(times), op="max")))
 
 
 def _say(world: NCCLComm, text: str) -> None:

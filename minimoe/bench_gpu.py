@@ -28,21 +28,30 @@ from minimoe.tensor import Tensor
 TOKENS, WIDTH, HIDDEN, EXPERTS = 8192, 1024, 4096, 8
 
 
-def event_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
-    """Median milliseconds of fn() between CUDA events on the current stream."""
+def event_times(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20,
+                before_each: Callable[[], Any] | None = None) -> list[float]:
+    """Milliseconds of each of `repeats` calls of fn() between CUDA events on the current stream, after
+    `warmup` untimed calls; before_each, when given, runs untimed before every timed call."""
     import cupy
 
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before_each is not None:
+            before_each()
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
         fn()
         stop.record()
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+    return times
+
+
+def event_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of fn() between CUDA events on the current stream."""
+    return float(np.median(event_times(fn, warmup, repeats)))
 
 
 def torch_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:

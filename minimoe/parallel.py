@@ -44,8 +44,7 @@ def start_world(device: str) -> tuple[Communicator, str]:
     """(world communicator, device chosen) for a training job: on GPUs every rank takes the GPU of its
     rank on the node and the world talks NCCL; on CPUs, MPI (or no one, in a single process)."""
     world = world_communicator()
-    local_rank = world.comm.Split_type(world.mpi.COMM_TYPE_SHARED).Get_rank() if isinstance(world, MPIComm) else 0
-    chosen = backend.set_device(device, gpu=local_rank)
+    chosen = backend.set_device(device, gpu=world.node_rank() if isinstance(world, MPIComm) else 0)
     if chosen == "cuda" and isinstance(world, MPIComm):
         world = NCCLComm(world)
     return world, chosen

@@ -84,6 +84,14 @@ class ExchangeCounts:
     send_table: tuple[Any, Any]
     place_table: tuple[Any, Any]
 
+    @property
+    def rows_to_each_rank(self) -> list[int]:
+        return self.sent.reshape(len(self.received), -1).sum(axis=1).tolist()
+
+    @property
+    def rows_from_each_rank(self) -> list[int]:
+        return self.received.sum(axis=1).tolist()
+
     @staticmethod
     def exchange(tokens_per_expert: Any, capacity: int, comm: Any) -> ExchangeCounts:
         """All-to-all of the per-expert counts (one host integer per expert), before the rows travel."""
@@ -112,8 +120,7 @@ def to_local_experts_v(buffer: Any, comm: Any, counts: ExchangeCounts) -> Any:
     gathers them by send_table, a dispatch places what arrives by place_table (zero-filling the rest,
     padding that from_local_experts_v never reads)."""
     send = dispatch_kernels.combine(buffer, *counts.send_table)
-    received, _ = comm.all_to_all_v(send, counts.sent.reshape(comm.size, -1).sum(axis=1).tolist(),
-                                    counts.received.sum(axis=1).tolist())
+    received, _ = comm.all_to_all_v(send, counts.rows_to_each_rank, counts.rows_from_each_rank)
     return dispatch_kernels.dispatch(received, *counts.place_table, counts.received.shape[1],
                                      counts.rows_per_expert)
 
@@ -122,8 +129,7 @@ def from_local_experts_v(rows: Any, comm: Any, counts: ExchangeCounts) -> Any:
     """The adjoint of to_local_experts_v: [E / ep, R, d] -> [E, C, d], each expert's rows home to the rank
     that sent them, the unused rows of the buffer zero. The same two tables, roles swapped."""
     send = dispatch_kernels.combine(rows, *counts.place_table)
-    received, _ = comm.all_to_all_v(send, counts.received.sum(axis=1).tolist(),
-                                    counts.sent.reshape(comm.size, -1).sum(axis=1).tolist())
+    received, _ = comm.all_to_all_v(send, counts.rows_from_each_rank, counts.rows_to_each_rank)
     return dispatch_kernels.dispatch(received, *counts.send_table, len(counts.sent), counts.capacity)
 
 

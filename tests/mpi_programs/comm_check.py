@@ -18,7 +18,7 @@ from minimoe.comm.groups import build_groups
 spec = json.loads(sys.argv[1])
 world = MPIComm()
 if spec["nccl"]:  # NCCL even for one rank (mpiexec -n 1 on a one-GPU machine)
-    backend.set_device("cuda", gpu=world.comm.Split_type(world.mpi.COMM_TYPE_SHARED).Get_rank())
+    backend.set_device("cuda", gpu=world.node_rank())
     world = NCCLComm(world)
 on_device, to_host = backend.asarray, backend.to_numpy
 rank, size = world.rank, world.size
