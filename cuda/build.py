@@ -63,5 +63,8 @@ def load_module(filename: str) -> Any:
     return module
 
 
+@functools.cache
 def kernel(filename: str, name: str) -> Any:
+    """The compiled kernel `name` of `filename`. Cached: CuPy's get_function builds a new RawKernel, and
+    looks the module up again, on every call, tens of microseconds of host time per launch."""
     return load_module(filename).get_function(name)

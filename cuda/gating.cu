@@ -1,21 +1,61 @@
-// GPU top-k gating (cuda/gating.py is the specification and states every rule). Three kernels:
-//   gate_softmax_topk  softmax over the experts and the k choices of each token (one warp per token)
-//   gate_rank_in_block each block ranks 1024 consecutive entries of one choice column, taken in a given
-//                      order, among the entries of the same expert, and counts them per expert
-//   gate_finish_rank   global rank = rank in block + the counts of earlier blocks (+ a queue offset for
-//                      second choices) -> position or -1 past the capacity
-//   gate_weights       the combine weights
-// The per-expert positions are a scan over tokens; a scan across blocks needs the earlier blocks'
-// counts, which is why ranking is split in two launches. The per-block counts also give the load of
-// every expert (tokens_per_expert) and the dropless capacity.
+// GPU top-k gating (cuda/gating.py is the specification and states every rule): one launch,
+// gate_route, does softmax, top-k, the per-expert positions, the capacity drop, the combine
+// weights and the load-balancing statistics.
+//
+// The positions are a scan over the tokens: a token's position in its expert's buffer counts the earlier
+// tokens that chose the same expert, and a second choice queues behind *all* first choices. Each block
+// owns one tile of consecutive tokens; it ranks its tile's choices locally and writes its per-expert
+// counts, and after a grid-wide barrier every block adds the counts of the tiles before its own. The
+// barrier is sound only if every block of the grid is resident at once, which a cooperative launch
+// guarantees (cuda/gating.py sizes the grid from the occupancy and launches it cooperatively).
+//
+// Phases (B = a grid barrier):
+//   1. per tile: softmax and the k choices of each token (a group of lanes per token), the tile's
+//      probability sums for me;
+//      rank each choice column within the tile                                                      B
+//   2. (random token selection only) rank the first choices in priority order, mark the first C of each
+//      expert as kept, rank the kept ones again in token order                                   B B B
+//   3. per tile: position = rank in tile + counts of earlier tiles (+ all first choices, for second
+//      choices), -1 at or past the capacity; the weights; block 0 writes the statistics.
 #include "common.cuh"
 
 constexpr int WARP = 32;
 
-// One warp per token. Each lane holds experts lane, lane + 32, ...; max, sum and argmax are warp
-// reductions. argmax keeps the lowest expert index among equal scores, as NumPy's argmax does.
-__device__ __forceinline__ void warp_argmax(float& value, int& index) {
-  for (int offset = WARP / 2; offset > 0; offset /= 2) {
+// Every block waits here until all blocks of the grid have arrived. `arrived` starts at 0 for the launch
+// and counts arrivals; the n-th barrier of the launch opens at n * gridDim.x. The fences make each
+// block's global writes before the barrier visible to every block after it.
+__device__ void grid_barrier(unsigned int* arrived, unsigned int& opens_at) {
+  opens_at += gridDim.x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(arrived, 1u);
+    while (*(volatile unsigned int*)arrived < opens_at) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// Phase 1 spreads a token's E scores over a group of `lanes` lanes (a power of two, at most 32), PER_LANE
+// consecutive experts each: lane m of the group holds experts m * PER_LANE, ..., m * PER_LANE + PER_LANE - 1;
+// a warp takes 32 / lanes tokens at once. Each lane loads its PER_LANE values at once (16-byte vectors where
+// rows allow): that many loads in flight per lane is what keeps the memory busy. Reductions over a group
+// are butterflies with offsets below `lanes`, which never leave it.
+constexpr int PER_LANE = 16;
+
+__device__ __forceinline__ float group_max(float value, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+__device__ __forceinline__ float group_sum(float value, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// argmax over a group; ties keep the lowest expert index, as NumPy's argmax does.
+__device__ __forceinline__ void group_argmax(float& value, int& index, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) {
     const float other_value = __shfl_xor_sync(0xffffffffu, value, offset);
     const int other_index = __shfl_xor_sync(0xffffffffu, index, offset);
     if (other_value > value || (other_value == value && other_index < index)) {
@@ -25,141 +65,272 @@ __device__ __forceinline__ void warp_argmax(float& value, int& index) {
   }
 }
 
-extern "C" __global__ void gate_softmax_topk(const float* __restrict__ logits, const float* __restrict__ first_scores,
-                                             const float* __restrict__ second_scores, float* __restrict__ probs,
-                                             long long* __restrict__ expert_index, int tokens, int experts, int k) {
-  const int token = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-  const int lane = threadIdx.x % WARP;
-  if (token >= tokens) return;  // whole warps leave together
-  const float* row = logits + (long long)token * experts;
-  float row_max = -infinity();
-  for (int e = lane; e < experts; e += WARP) row_max = fmaxf(row_max, row[e]);
-  for (int offset = WARP / 2; offset > 0; offset /= 2) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, offset));
-  float total = 0.0f;
-  for (int e = lane; e < experts; e += WARP) total += __expf(row[e] - row_max);
-  for (int offset = WARP / 2; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-  for (int e = lane; e < experts; e += WARP) probs[(long long)token * experts + e] = __expf(row[e] - row_max) / total;
+// This lane's part of a token's row of `source` ([T, E]): -inf past E and for a token past the tile
+// (valid false). `vector`: E is a multiple of 4 and the rows 16-byte aligned.
+__device__ __forceinline__ void load_part(float (&values)[PER_LANE], const float* source, long long token, bool valid,
+                                          int experts, int member, bool vector) {
+  const int first_expert = member * PER_LANE;
+  const float* row = source + token * experts + first_expert;
+  if (valid && vector && first_expert + PER_LANE <= experts) {
+#pragma unroll
+    for (int j = 0; j < PER_LANE; j += 4) {
+      const float4 four = *reinterpret_cast<const float4*>(row + j);
+      values[j] = four.x, values[j + 1] = four.y, values[j + 2] = four.z, values[j + 3] = four.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) values[j] = valid && first_expert + j < experts ? row[j] : -infinity();
+  }
+}
 
-  const float* scores = first_scores ? first_scores + (long long)token * experts : row;
+// The expert with the largest score, `excluded` left out (every lane of the group gets the answer).
+__device__ int group_choice(const float (&scores)[PER_LANE], int experts, int member, int lanes, int excluded) {
   float best = -infinity();
-  int first = experts;
-  for (int e = lane; e < experts; e += WARP)
-    if (scores[e] > best || first == experts) { best = scores[e]; first = e; }
-  warp_argmax(best, first);
-  if (lane == 0) expert_index[(long long)token * k] = first;
-  if (k == 2) {
-    scores = second_scores ? second_scores + (long long)token * experts : row;
-    best = -infinity();
-    int second = experts;
-    for (int e = lane; e < experts; e += WARP)
-      if (e != first && (scores[e] > best || second == experts)) { best = scores[e]; second = e; }
-    warp_argmax(best, second);
-    if (lane == 0) expert_index[(long long)token * k + 1] = second;
+  int index = experts;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int e = member * PER_LANE + j;
+    if (e < experts && e != excluded && (scores[j] > best || index == experts)) {
+      best = scores[j];
+      index = e;
+    }
   }
+  group_argmax(best, index, lanes);
+  return index;
 }
 
-// Entry i of the order (token = order ? order[i] : i) chose expert e = expert_index[token * k + column];
-// entries whose `keep` flag is 0 take no part. Each block ranks its 1024 entries: inside a warp,
-// __match_any_sync finds the lanes with the same expert and the rank is the number of such lanes below;
-// warps are then offset by the counts of the warps before them (a scan over 32 warps per expert in
-// shared memory). Writes rank_in_block[i] and block_counts[block * experts + e].
-extern "C" __global__ void gate_rank_in_block(const long long* __restrict__ expert_index, int k, int column,
-                                              const long long* __restrict__ order, const unsigned char* __restrict__ keep,
-                                              int entries, int experts, int* __restrict__ rank_in_block,
-                                              int* __restrict__ block_counts) {
-  extern __shared__ int warp_counts[];  // [warps][experts], then scanned in place to warp offsets
+// Ranks entries [begin, end) of one choice column, taken in the given order (token = order ? order[i] :
+// i), among the entries of the same expert; entries whose keep flag is 0 take no part and get rank -1.
+// Rounds of blockDim.x entries: inside a warp __match_any_sync finds the lanes with the same expert and
+// the rank is the number of such lanes below; warps are offset by the counts of the warps before them and
+// by the earlier rounds (a scan over the warps per expert in shared memory). Writes the rank to
+// position[token * k + column] and the tile's count per expert to tile_counts[e].
+__device__ void rank_tile(const long long* expert_index, int k, int column, const long long* order,
+                          const unsigned char* keep, long long begin, long long end, int experts,
+                          long long* position, int* tile_counts, int* scan, int* running) {
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-  for (int j = threadIdx.x; j < warps * experts; j += blockDim.x) warp_counts[j] = 0;
-  __syncthreads();
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  int expert = -1;
-  if (i < entries) {
-    const long long token = order ? order[i] : i;
-    if (!keep || keep[token]) expert = (int)expert_index[token * k + column];
-  }
-  const unsigned peers = __match_any_sync(0xffffffffu, expert);
-  const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));
-  if (expert >= 0 && rank_in_warp == 0) warp_counts[warp * experts + expert] = __popc(peers);
-  __syncthreads();
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) {  // exclusive scan over the warps, per expert
-    int running = 0;
-    for (int w = 0; w < warps; ++w) {
-      const int count = warp_counts[w * experts + e];
-      warp_counts[w * experts + e] = running;
-      running += count;
+  __syncthreads();  // the shared arrays may still be read by the previous phase
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) running[e] = 0;
+  for (long long round = begin; round < end; round += blockDim.x) {
+    for (int j = threadIdx.x; j < warps * experts; j += blockDim.x) scan[j] = 0;
+    __syncthreads();
+    const long long i = round + threadIdx.x;
+    long long token = -1;
+    int expert = -1;
+    if (i < end) {
+      token = order ? order[i] : i;
+      if (!keep || keep[token]) expert = (int)expert_index[token * k + column];
     }
-    block_counts[blockIdx.x * experts + e] = running;
+    const unsigned peers = __match_any_sync(0xffffffffu, expert);
+    const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));
+    if (expert >= 0 && rank_in_warp == 0) scan[warp * experts + expert] = __popc(peers);
+    __syncthreads();
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {  // exclusive scan over the warps, per expert
+      int total = running[e];
+      for (int w = 0; w < warps; ++w) {
+        const int count = scan[w * experts + e];
+        scan[w * experts + e] = total;
+        total += count;
+      }
+      running[e] = total;
+    }
+    __syncthreads();
+    if (token >= 0) position[token * k + column] = expert >= 0 ? scan[warp * experts + expert] + rank_in_warp : -1;
+    __syncthreads();  // the next round clears `scan`
+  }
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) tile_counts[e] = running[e];
+}
+
+// Per expert, the counts of the tiles before `tile` (before[e]) and of all tiles (total[e]), from
+// counts [tiles][experts]. Integer atomics in shared memory: the sums do not depend on their order.
+__device__ void sum_tiles(const int* counts, int tiles, int tile, int experts, int* before, int* total) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) before[e] = total[e] = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < tiles * experts; j += blockDim.x) {
+    const int count = counts[j];
+    if (count == 0) continue;
+    atomicAdd(&total[j % experts], count);
+    if (j / experts < tile) atomicAdd(&before[j % experts], count);
   }
   __syncthreads();
-  if (i < entries) rank_in_block[i] = expert >= 0 ? warp_counts[warp * experts + expert] + rank_in_warp : -1;
 }
 
-// Global rank = rank in block + the entries of the same expert in earlier blocks (a short loop over
-// block_counts: at most T / 1024 blocks, read from cache) + queue_offset[e] (second choices queue
-// behind all first choices). The rank becomes the position when it is below the capacity; in a
-// `mark_only` pass (random token selection: ranking in priority order only decides which tokens are
-// kept) it sets keep[token] instead.
-extern "C" __global__ void gate_finish_rank(const long long* __restrict__ expert_index, int k, int column,
-                                            const long long* __restrict__ order, const int* __restrict__ rank_in_block,
-                                            const int* __restrict__ block_counts, const long long* __restrict__ queue_offset,
-                                            int entries, int experts, int block_size, long long capacity, int mark_only,
-                                            long long* __restrict__ position, unsigned char* __restrict__ keep) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= entries) return;
-  const long long token = order ? order[i] : i;
-  const int rank = rank_in_block[i];
-  const int expert = (int)expert_index[token * k + column];
-  long long global_rank = -1;
-  if (rank >= 0) {
-    global_rank = rank + (queue_offset ? queue_offset[expert] : 0);
-    for (int b = 0; b < i / block_size; ++b) global_rank += block_counts[b * experts + expert];
+// workspace (int, zeroed before the launch): [0] the barrier's arrival count, [1] the capacity used,
+// then per-tile counts per expert: counts[k][tiles][E] of the choice columns, and kept_counts[tiles][E]
+// (random token selection: the kept first choices). statistics (float): first_fraction [E], aux_loss,
+// dropped, then prob_sums [tiles][E], each tile's sum of p[t, e].
+// Shared memory: scan [warps][E] (also the per-warp probability sums), running [E], before [2][E],
+// total [2][E], capacity.
+extern "C" __global__ void gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
+                           const float* __restrict__ second_scores, const long long* __restrict__ order,
+                           int tokens, int experts, int lanes, int vector, int k, long long capacity, float* __restrict__ probs,
+                           long long* __restrict__ expert_index, long long* __restrict__ position,
+                           float* __restrict__ weight, unsigned char* __restrict__ keep, int* __restrict__ workspace,
+                           long long* __restrict__ tokens_per_expert, float* __restrict__ statistics) {
+  extern __shared__ int shared[];
+  const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+  int* scan = shared;
+  int* running = scan + warps * experts;
+  int* before = running + experts;  // [2][E]
+  int* total = before + 2 * experts;  // [2][E]
+  __shared__ long long used_capacity;
+  unsigned int* arrived = (unsigned int*)workspace;
+  unsigned int opens_at = 0;
+  const int tiles = gridDim.x, tile = blockIdx.x;
+  int* counts = workspace + 2;
+  float* first_fraction = statistics;  // [E], then aux_loss, dropped, and prob_sums [tiles][E]
+  float* prob_sums = statistics + experts + 2;
+  int* kept_counts = counts + k * tiles * experts;
+  const long long tile_size = ((long long)tokens + tiles - 1) / tiles;
+  const long long begin = min((long long)tokens, tile * tile_size), end = min((long long)tokens, begin + tile_size);
+
+  // Phase 1: choices and softmax, a group of lanes per token. The choices are made on the logits, or on
+  // the noisy scores when given (loaded only then).
+  const int groups = WARP / lanes, group = lane / lanes, member = lane % lanes;
+  float prob_sum[PER_LANE];
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) prob_sum[j] = 0.0f;
+  for (long long batch = begin + (long long)warp * groups; batch < end; batch += (long long)warps * groups) {
+    const long long token = batch + group;  // the loop is warp-uniform: every lane takes part in the shuffles
+    const bool valid = token < end;
+    float values[PER_LANE], scores[PER_LANE];
+    load_part(values, logits, token, valid, experts, member, vector);
+    if (first_scores) load_part(scores, first_scores, token, valid, experts, member, vector);
+    const int first = first_scores ? group_choice(scores, experts, member, lanes, -1)
+                                   : group_choice(values, experts, member, lanes, -1);
+    if (valid && member == 0) expert_index[token * k] = first;
+    if (k == 2) {
+      if (second_scores) load_part(scores, second_scores, token, valid, experts, member, vector);
+      const int second = second_scores ? group_choice(scores, experts, member, lanes, first)
+                                       : group_choice(values, experts, member, lanes, first);
+      if (valid && member == 0) expert_index[token * k + 1] = second;
+    }
+    float row_max = -infinity();
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) row_max = fmaxf(row_max, values[j]);
+    row_max = group_max(row_max, lanes);
+    float row_sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      values[j] = __expf(values[j] - row_max);  // 0 past E (-inf)
+      row_sum += values[j];
+    }
+    row_sum = group_sum(row_sum, lanes);
+    if (!valid) continue;
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      values[j] /= row_sum;
+      prob_sum[j] += values[j];
+    }
+    float* row = probs + token * experts + member * PER_LANE;
+    if (vector && member * PER_LANE + PER_LANE <= experts) {
+#pragma unroll
+      for (int j = 0; j < PER_LANE; j += 4)
+        *reinterpret_cast<float4*>(row + j) = make_float4(values[j], values[j + 1], values[j + 2], values[j + 3]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < PER_LANE; ++j)
+        if (member * PER_LANE + j < experts) row[j] = values[j];
+    }
   }
-  const bool kept = global_rank >= 0 && global_rank < capacity;
-  if (mark_only) keep[token] = kept;
-  else position[token * k + column] = kept ? global_rank : -1;
-}
-
-// The load-balancing statistics in one block: per-expert totals of the per-block counts of each choice
-// column (counts is [k][blocks][experts]), the first-choice fraction ce, and aux = E * sum_e me_e ce_e
-// with me (mean_probs) computed beforehand. One launch in place of a dozen small array operations.
-extern "C" __global__ void gate_statistics(const int* __restrict__ counts, const float* __restrict__ mean_probs,
-                                           int k, int blocks, int experts, int tokens,
-                                           long long* __restrict__ tokens_per_expert, long long* __restrict__ first_counts,
-                                           float* __restrict__ first_fraction, float* __restrict__ aux_loss) {
-  float aux = 0.0f;
+  // The tile's probability sums: over the groups of a warp (butterflies across groups), per warp in shared
+  // memory, then over the warps in a fixed order.
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j)
+    for (int offset = lanes; offset < WARP; offset *= 2) prob_sum[j] += __shfl_xor_sync(0xffffffffu, prob_sum[j], offset);
+  float* warp_prob_sums = (float*)scan;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j)
+    if (group == 0 && member * PER_LANE + j < experts) warp_prob_sums[warp * experts + member * PER_LANE + j] = prob_sum[j];
+  __syncthreads();
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-    long long total = 0, first = 0;
-    for (int c = 0; c < k; ++c) {
-      long long column_total = 0;
-      for (int b = 0; b < blocks; ++b) column_total += counts[((long long)c * blocks + b) * experts + e];
-      if (c == 0) first = column_total;
-      total += column_total;
-    }
-    tokens_per_expert[e] = total;
-    first_counts[e] = first;
-    first_fraction[e] = (float)first / tokens;
-    aux += mean_probs[e] * ((float)first / tokens);
+    float sum = 0.0f;
+    for (int w = 0; w < warps; ++w) sum += warp_prob_sums[w * experts + e];
+    prob_sums[tile * experts + e] = sum;
   }
-  aux = block_reduce<false>(aux);
-  if (threadIdx.x == 0) aux_loss[0] = experts * aux;
-}
+  if (!order)
+    for (int column = 0; column < k; ++column)
+      rank_tile(expert_index, k, column, nullptr, nullptr, begin, end, experts, position,
+                counts + (column * tiles + tile) * experts, scan, running);
+  grid_barrier(arrived, opens_at);
+  // Random token selection (top-1): rank the first choices in priority order (entries [begin, end) of
+  // the order, whose tokens lie anywhere, hence after the barrier).
+  if (order) {
+    rank_tile(expert_index, k, 0, order, nullptr, begin, end, experts, position, counts + tile * experts, scan,
+              running);
+    grid_barrier(arrived, opens_at);
+  }
 
-// Combine weights per token: top-1 w = p[first] (0 if dropped); top-2 the kept probabilities divided
-// by their sum, clamped below by float32 epsilon.
-extern "C" __global__ void gate_weights(const float* __restrict__ probs, const long long* __restrict__ expert_index,
-                                        const long long* __restrict__ position, float* __restrict__ weight,
-                                        int tokens, int experts, int k) {
-  const int token = blockIdx.x * blockDim.x + threadIdx.x;
-  if (token >= tokens) return;
-  float chosen[2] = {0.0f, 0.0f};
-  float total = 0.0f;
-  for (int c = 0; c < k; ++c) {
-    const long long slot = (long long)token * k + c;
-    chosen[c] = position[slot] >= 0 ? probs[(long long)token * experts + expert_index[slot]] : 0.0f;
-    total += chosen[c];
+  // Every block needs the totals: the second choices' queue offset, and the dropless capacity.
+  int* first_total = total;
+  sum_tiles(counts, tiles, tile, experts, before, first_total);
+  if (k == 2) sum_tiles(counts + tiles * experts, tiles, tile, experts, before + experts, total + experts);
+  if (threadIdx.x == 0) {
+    used_capacity = capacity;
+    if (capacity < 0) {  // dropless: the fullest expert's load
+      used_capacity = 1;
+      for (int e = 0; e < experts; ++e)
+        used_capacity = max(used_capacity, (long long)total[e] + (k == 2 ? total[experts + e] : 0));
+    }
+    if (tile == 0) workspace[1] = (int)used_capacity;
   }
-  const float denominator = k == 1 ? 1.0f : fmaxf(total, 1.1920928955078125e-07f);
-  for (int c = 0; c < k; ++c) weight[(long long)token * k + c] = chosen[c] / denominator;
+  __syncthreads();
+
+  // Phase 2 (random token selection): the first C of each expert in priority order are kept, then
+  // numbered in token order, as DeepSpeed's top1gating numbers them.
+  if (order) {
+    for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const long long token = order[i];
+      keep[token] = position[token * k] + before[expert_index[token * k]] < used_capacity;
+    }
+    grid_barrier(arrived, opens_at);
+    rank_tile(expert_index, k, 0, nullptr, keep, begin, end, experts, position, kept_counts + tile * experts, scan,
+              running);
+    grid_barrier(arrived, opens_at);
+    sum_tiles(kept_counts, tiles, tile, experts, before, scan);
+  }
+
+  // Phase 3: positions and weights of the tile's tokens.
+  for (long long token = begin + threadIdx.x; token < end; token += blockDim.x) {
+    float chosen[2] = {0.0f, 0.0f}, chosen_sum = 0.0f;
+    for (int c = 0; c < k; ++c) {
+      const long long slot = token * k + c;
+      const int e = (int)expert_index[slot];
+      const long long rank = position[slot];
+      const long long queued = rank < 0 ? -1 : rank + before[c * experts + e] + (c == 1 ? first_total[e] : 0);
+      const bool kept = queued >= 0 && queued < used_capacity;
+      position[slot] = kept ? queued : -1;
+      chosen[c] = kept ? probs[token * experts + e] : 0.0f;
+      chosen_sum += chosen[c];
+    }
+    // top-1: w = p[first]; top-2: the kept probabilities over their sum, clamped below by float32 epsilon.
+    const float denominator = k == 1 ? 1.0f : fmaxf(chosen_sum, 1.1920928955078125e-07f);
+    for (int c = 0; c < k; ++c) weight[token * k + c] = chosen[c] / denominator;
+  }
+
+  // Statistics (GShard Algorithm 1): ce from the first choices before drops, me from the tiles' sums;
+  // and the fraction of the T * k choices dropped: expert e keeps min(C, its load), since second choices
+  // queue behind first choices and random token selection keeps C of the first choices.
+  if (tile == 0) {
+    float aux = 0.0f, kept = 0.0f;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+      const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);
+      tokens_per_expert[e] = load;
+      kept += (float)min(load, used_capacity);
+      const float fraction = (float)first_total[e] / tokens;
+      first_fraction[e] = fraction;
+      float prob_sum_e = 0.0f;
+      for (int t = 0; t < tiles; ++t) prob_sum_e += prob_sums[t * experts + e];
+      aux += prob_sum_e / tokens * fraction;
+    }
+    aux = block_reduce<false>(aux);
+    kept = block_reduce<false>(kept);
+    if (threadIdx.x == 0) {
+      statistics[experts] = experts * aux;
+      statistics[experts + 1] = 1.0f - kept / ((float)tokens * k);
+    }
+  }
 }
 
 // Backward of the combine weights to the logits, one warp per token (cuda/gating.py's

@@ -38,10 +38,12 @@ import numpy as np
 
 from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
-from minimoe.cuda.gemm import matmul
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
-RANK_BLOCK = 1024  # entries one block of gate_rank_in_block ranks (32 warps)
+WARP = 32
+ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps
+PER_LANE = 16  # experts per lane in gate_route (its constant of the same name): E up to 16 * 32
+MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
 
 
 class Gating(NamedTuple):
@@ -53,6 +55,7 @@ class Gating(NamedTuple):
     tokens_per_expert: Any  # [E] int64: choices each expert received, before drops
     first_choice_fraction: Any  # [E] ce: fraction of tokens whose first choice is e
     aux_loss: Any  # 0-d: E * sum_e mean_t(p[:, e]) * ce_e
+    dropped: Any  # 0-d: fraction of the T * k choices dropped
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -128,80 +131,67 @@ def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = N
     first_choice_fraction = (first_counts / num_tokens).astype(probs.dtype)
     aux_loss = num_experts * (probs.mean(axis=0) * first_choice_fraction).sum()
     return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, first_choice_fraction,
-                  aux_loss)
+                  aux_loss, (position < 0).mean(dtype=probs.dtype))
 
 
 def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any, second_scores: Any,
                      priority: Any) -> Gating:
-    """cuda/gating.cu: softmax and choices, then per column a block-local ranking and the global
-    positions; then the weights. Float32 throughout."""
+    """cuda/gating.cu's gate_route: everything in one cooperative launch. Float32 throughout."""
     import cupy
 
     null = np.uint64(0)  # a null pointer argument: "not given"
     num_tokens, num_experts = logits.shape
+    if num_experts > WARP * PER_LANE:
+        raise ValueError(f"the GPU gating kernel handles at most {WARP * PER_LANE} experts, got {num_experts}")
 
     def as_float(array: Any) -> Any:
         return null if array is None else cupy.ascontiguousarray(array, dtype=cupy.float32)
 
-    logits = as_float(logits)
+    kernel, lanes, shared_mem, most_blocks = _route_launch(num_experts, cupy.cuda.runtime.getDevice())
+    tiles = min(most_blocks, -(-num_tokens // MIN_TILE))
+    logits, first_scores, second_scores = (as_float(a) for a in (logits, first_scores, second_scores))
+    # 16-byte loads need rows that start 16-byte aligned: E a multiple of 4 and aligned arrays.
+    vector = num_experts % 4 == 0 and all(a is null or a.data.ptr % 16 == 0 for a in (logits, first_scores,
+                                                                                      second_scores))
     probs = cupy.empty((num_tokens, num_experts), dtype=cupy.float32)
     expert_index = cupy.empty((num_tokens, k), dtype=cupy.int64)
-    warps_per_block = 8
-    build.kernel("gating.cu", "gate_softmax_topk")(
-        ((num_tokens + warps_per_block - 1) // warps_per_block,), (32 * warps_per_block,),
-        (logits, as_float(first_scores), as_float(second_scores), probs, expert_index, np.int32(num_tokens),
-         np.int32(num_experts), np.int32(k)))
-    blocks = (num_tokens + RANK_BLOCK - 1) // RANK_BLOCK
-    block_counts = cupy.empty((k, blocks, num_experts), dtype=cupy.int32)
-
-    def rank_in_block(column: int, order: Any = null, keep: Any = null, counts: Any = None) -> tuple[Any, Any]:
-        ranks = cupy.empty(num_tokens, dtype=cupy.int32)
-        counts = block_counts[column] if counts is None else counts
-        build.kernel("gating.cu", "gate_rank_in_block")(
-            (blocks,), (RANK_BLOCK,),
-            (expert_index, np.int32(k), np.int32(column), order, keep, np.int32(num_tokens), np.int32(num_experts),
-             ranks, counts), shared_mem=4 * (RANK_BLOCK // 32) * num_experts)
-        return ranks, counts
-
-    def finish(column: int, ranks: Any, counts: Any, order: Any = null, queue_offset: Any = null,
-               mark: Any = None) -> None:
-        build.kernel("gating.cu", "gate_finish_rank")(
-            ((num_tokens + 255) // 256,), (256,),
-            (expert_index, np.int32(k), np.int32(column), order, ranks, counts, queue_offset,
-             np.int32(num_tokens), np.int32(num_experts), np.int32(RANK_BLOCK), np.int64(capacity),
-             np.int32(mark is not None), position, null if mark is None else mark))
-
-    # Rank every column first: the per-block counts give each expert's load (dropless needs it) and
-    # the statistics of the load-balancing loss, all in one small kernel.
-    order = null if priority is None else cupy.argsort(priority).astype(cupy.int64)
-    ranks = [rank_in_block(column, order if column == 0 else null)[0] for column in range(k)]
-    # me = column means of probs as a product with a row of ones: cuBLAS reads [T, E] once, where a
-    # CuPy reduction over axis 0 was measured at 0.67 ms for T = 65536, E = 64.
-    mean_probs = matmul(cupy.full((1, num_tokens), 1.0 / num_tokens, dtype=cupy.float32), probs)[0]
-    tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
-    first_counts = cupy.empty(num_experts, dtype=cupy.int64)
-    first_choice_fraction = cupy.empty(num_experts, dtype=cupy.float32)
-    aux_loss = cupy.empty((), dtype=cupy.float32)
-    build.kernel("gating.cu", "gate_statistics")(
-        (1,), (256,), (block_counts, mean_probs, np.int32(k), np.int32(blocks), np.int32(num_experts),
-                       np.int32(num_tokens), tokens_per_expert, first_counts, first_choice_fraction, aux_loss))
-    if capacity is None:
-        capacity = max(int(tokens_per_expert.max()), 1)
     position = cupy.empty((num_tokens, k), dtype=cupy.int64)
-    if priority is None:
-        finish(0, ranks[0], block_counts[0])
-    else:  # random token selection: the priority ranking decides who is kept, then number in token order
-        kept_first = cupy.empty(num_tokens, dtype=cupy.uint8)
-        finish(0, ranks[0], block_counts[0], order=order, mark=kept_first)
-        finish(0, *rank_in_block(0, keep=kept_first, counts=cupy.empty((blocks, num_experts), dtype=cupy.int32)))
-    if k == 2:
-        finish(1, ranks[1], block_counts[1], queue_offset=first_counts)
     weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
-    build.kernel("gating.cu", "gate_weights")(
-        ((num_tokens + 255) // 256,), (256,),
-        (probs, expert_index, position, weight, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
-    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, first_choice_fraction,
-                  aux_loss)
+    workspace = cupy.zeros(2 + (k + 1) * tiles * num_experts, dtype=cupy.int32)
+    tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
+    statistics = cupy.empty((tiles + 1) * num_experts + 2, dtype=cupy.float32)  # see gate_route's comment
+    order = keep = null
+    if priority is not None:  # random token selection: the smallest priorities are kept first
+        order = cupy.argsort(priority).astype(cupy.int64)
+        keep = cupy.empty(num_tokens, dtype=cupy.uint8)
+    # A cooperative launch: all `tiles` blocks resident at once, as the kernel's grid barrier needs.
+    kernel.kernel((tiles,), (ROUTE_THREADS,), (
+        logits, first_scores, second_scores, order, np.int32(num_tokens), np.int32(num_experts), np.int32(lanes),
+        np.int32(vector), np.int32(k), np.int64(-1 if capacity is None else capacity), probs,
+        expert_index, position, weight, keep, workspace, tokens_per_expert, statistics),
+        shared_mem=shared_mem, enable_cooperative_groups=True)
+    if capacity is None:
+        capacity = int(workspace[1])  # the kernel's dropless capacity: one read of the device
+    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, statistics[:num_experts],
+                  statistics[num_experts], statistics[num_experts + 1])
+
+
+@functools.cache
+def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
+    """(kernel, lanes per token, shared memory bytes, the most blocks resident at once on GPU `device`:
+    the cooperative launch limit) for E experts; worked out once per E and device."""
+    import cupy
+
+    # A token's scores spread over `lanes` lanes, PER_LANE each: the fewest lanes, so that a warp routes
+    # as many tokens at once as it can (E = 64: 4 lanes, 8 tokens; E <= 16: 1 lane, 32 tokens).
+    lanes = 1 << (-(-num_experts // PER_LANE) - 1).bit_length()
+    kernel = build.kernel("gating.cu", "gate_route")
+    shared_mem = 4 * (ROUTE_THREADS // WARP + 5) * num_experts  # scan [warps][E], running, before [2], total [2]
+    runtime = cupy.cuda.runtime
+    per_multiprocessor = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+        kernel.kernel.ptr, ROUTE_THREADS, shared_mem)
+    return kernel, lanes, shared_mem, per_multiprocessor * runtime.deviceGetAttribute(
+        runtime.cudaDevAttrMultiProcessorCount, device)
 
 
 def add_gumbel_noise(logits: Any, uniform: Any) -> Any:

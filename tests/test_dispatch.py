@@ -82,7 +82,7 @@ def test_dispatch_then_combine_without_drops_is_k_times_identity(k, num_experts,
 def test_dispatch_and_combine_gradients(case):
     gating, x, rng = case
     routing = Routing(gating.expert_index, gating.position, weight=None, capacity=gating.capacity,
-                      tokens_per_expert=gating.tokens_per_expert, aux_loss=None, z_loss=None)
+                      tokens_per_expert=gating.tokens_per_expert, dropped=gating.dropped, aux_loss=None, z_loss=None)
     out = rng.standard_normal((len(gating.tokens_per_expert), gating.capacity, x.shape[1]))
     check_gradients(lambda t: Dispatch.apply(t, routing=routing), [x])
     check_gradients(lambda o, w: Combine.apply(o, w, routing=routing), [out, gating.weight.copy()])

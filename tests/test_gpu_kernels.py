@@ -104,8 +104,8 @@ def test_bias_gelu_matches_reference(groups, rows, features, per_expert, dtype, 
 @st.composite
 def gating_inputs(draw):
     k = draw(st.sampled_from([1, 2]))
-    num_experts = draw(st.integers(k, 64))
-    num_tokens = draw(st.integers(1, 3000))  # several rank blocks of 1024, T not a multiple of a block
+    num_experts = draw(st.one_of(st.integers(k, 64), st.sampled_from([100, 257, 512])))  # 1 to 32 lanes per token
+    num_tokens = draw(st.integers(1, 3000))  # tiles of 64 tokens and more, T not a multiple of a tile
     rng = np.random.default_rng(draw(seeds))
     logits = (rng.standard_normal((num_tokens, num_experts)) * draw(st.sampled_from([0.5, 2.0]))).astype(np.float32)
     capacity = draw(st.one_of(st.none(), st.integers(1, max(1, 2 * num_tokens * k // num_experts))))
@@ -118,21 +118,57 @@ def gating_inputs(draw):
     return logits, k, capacity, extras
 
 
-@given(case=gating_inputs(), poison=st.sampled_from([0xFF, 0x7F]))
-def test_gating_matches_reference(case, poison):
+def check_gating_on_gpu(logits, k, capacity, extras, poison) -> None:
+    """The GPU gating of these inputs equals the NumPy reference's."""
     from minimoe.cuda.gating import topk_gating
 
     cupy = cupy_module()
-    logits, k, capacity, extras = case
     expected = topk_gating(logits, k, capacity, **extras)
     poison_pool(poison)
     actual = topk_gating(cupy.asarray(logits), k, capacity, **{n: cupy.asarray(v) for n, v in extras.items()})
     assert actual.capacity == expected.capacity
     for name in ("expert_index", "position", "tokens_per_expert"):
         np.testing.assert_array_equal(cupy.asnumpy(getattr(actual, name)), getattr(expected, name), err_msg=name)
-    for name in ("probs", "weight", "first_choice_fraction", "aux_loss"):
+    for name in ("probs", "weight", "first_choice_fraction", "aux_loss", "dropped"):
         np.testing.assert_allclose(cupy.asnumpy(getattr(actual, name)), getattr(expected, name), rtol=2e-5,
                                    atol=1e-7, err_msg=name)
+
+
+@given(case=gating_inputs(), poison=st.sampled_from([0xFF, 0x7F]))
+def test_gating_matches_reference(case, poison):
+    logits, k, capacity, extras = case
+    check_gating_on_gpu(logits, k, capacity, extras, poison)
+
+
+@pytest.mark.parametrize("k, capacity_factor, rts",
+                         [(1, 0.9, False), (1, 0.9, True), (2, None, False), (2, 1.2, False)])
+def test_gating_with_tiles_longer_than_a_block(k, capacity_factor, rts):
+    """So many tokens that each block's tile takes several ranking rounds of ROUTE_THREADS entries."""
+    from minimoe.cuda.gating import ROUTE_THREADS, _route_launch
+
+    num_experts = 64
+    blocks = _route_launch(num_experts, cupy_module().cuda.runtime.getDevice())[3]
+    num_tokens = 2 * ROUTE_THREADS * blocks + 123
+    rng = np.random.default_rng(num_tokens)
+    logits = rng.standard_normal((num_tokens, num_experts)).astype(np.float32)
+    extras = {"priority": rng.random(num_tokens).astype(np.float32)} if rts else {}
+    capacity = None if capacity_factor is None else int(num_tokens * k / num_experts * capacity_factor)
+    check_gating_on_gpu(logits, k, capacity, extras, 0xFF)
+
+
+def test_gating_of_logits_not_16_byte_aligned():
+    """E = 64 allows 16-byte loads, but these rows start 4 bytes past an aligned address: the kernel must
+    take its scalar path (a misaligned vector load would fault)."""
+    from minimoe.cuda.gating import topk_gating
+
+    cupy = cupy_module()
+    num_tokens, num_experts = 1000, 64
+    logits = np.random.default_rng(0).standard_normal((num_tokens, num_experts)).astype(np.float32)
+    shifted = cupy.empty(num_tokens * num_experts + 1, dtype=cupy.float32)[1:].reshape(num_tokens, num_experts)
+    shifted[...] = cupy.asarray(logits)
+    assert shifted.data.ptr % 16 != 0
+    expected = topk_gating(logits, 2, 40)
+    np.testing.assert_array_equal(cupy.asnumpy(topk_gating(shifted, 2, 40).position), expected.position)
 
 
 @given(case=gating_inputs(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))

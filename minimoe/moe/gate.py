@@ -26,6 +26,7 @@ class Routing:
     weight: Tensor  # [T, k]: combine weights, 0 where dropped; differentiable
     capacity: int  # C
     tokens_per_expert: Any  # [E] array: choices per expert before drops
+    dropped: Any  # 0-d array: fraction of the T * k choices dropped
     aux_loss: Tensor  # load-balancing loss, differentiable
     z_loss: Tensor | None  # router z-loss when asked for
 
@@ -100,7 +101,7 @@ def route(logits: Tensor | Any, k: int, capacity_factor: float, min_capacity: in
     gating = gating_kernels.topk_gating(data, k, capacity, first_scores, second_scores, priority)
     return Routing(
         expert_index=gating.expert_index, position=gating.position, weight=GateWeights.apply(logits, gating=gating),
-        capacity=gating.capacity, tokens_per_expert=gating.tokens_per_expert,
+        capacity=gating.capacity, tokens_per_expert=gating.tokens_per_expert, dropped=gating.dropped,
         aux_loss=LoadBalanceLoss.apply(logits, gating=gating), z_loss=RouterZLoss.apply(logits) if z_loss else None,
     )
 

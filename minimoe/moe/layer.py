@@ -242,8 +242,7 @@ class MoE(Module):
             mix = ops.softmax(self.coefficient(tokens))
             y = y * mix[:, 0:1] + self.residual_mlp(tokens) * mix[:, 1:2]
         y = ops.dropout(y, self.dropout, self.training)
-        stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert, (routing.position < 0).mean(),
-                         routing.capacity)
+        stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert, routing.dropped, routing.capacity)
         return y.reshape(x.shape), stats
 
 
