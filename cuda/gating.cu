@@ -142,16 +142,23 @@ __device__ void rank_tile(const long long* expert_index, int k, int column, cons
 }
 
 // Per expert, the counts of the tiles before `tile` (before[e]) and of all tiles (total[e]), from
-// counts [tiles][experts]. Integer atomics in shared memory: the sums do not depend on their order.
+// counts [tiles][experts]. Thread (part, e) sums tiles part, part + parts, ... of expert e in registers
+// (independent loads the compiler can keep in flight together), then the parts meet in shared memory
+// (integer atomics: the sums do not depend on their order). E <= blockDim.x, so parts >= 1.
 __device__ void sum_tiles(const int* counts, int tiles, int tile, int experts, int* before, int* total) {
   __syncthreads();
   for (int e = threadIdx.x; e < experts; e += blockDim.x) before[e] = total[e] = 0;
   __syncthreads();
-  for (int j = threadIdx.x; j < tiles * experts; j += blockDim.x) {
-    const int count = counts[j];
-    if (count == 0) continue;
-    atomicAdd(&total[j % experts], count);
-    if (j / experts < tile) atomicAdd(&before[j % experts], count);
+  const int parts = blockDim.x / experts, part = threadIdx.x / experts, e = threadIdx.x % experts;
+  if (part < parts) {
+    int sum_before = 0, sum_all = 0;
+    for (int t = part; t < tiles; t += parts) {
+      const int count = counts[t * experts + e];
+      sum_all += count;
+      sum_before += t < tile ? count : 0;
+    }
+    atomicAdd(&total[e], sum_all);
+    atomicAdd(&before[e], sum_before);
   }
   __syncthreads();
 }
@@ -160,8 +167,8 @@ __device__ void sum_tiles(const int* counts, int tiles, int tile, int experts, i
 // then per-tile counts per expert: counts[k][tiles][E] of the choice columns, and kept_counts[tiles][E]
 // (random token selection: the kept first choices). statistics (float): first_fraction [E], aux_loss,
 // dropped, then prob_sums [tiles][E], each tile's sum of p[t, e].
-// Shared memory: scan [warps][E] (also the per-warp probability sums), running [E], before [2][E],
-// total [2][E], capacity.
+// Shared memory: scan [warps][E] and at least blockDim.x (also the per-warp and per-part probability
+// sums), running [E], before [2][E], total [2][E].
 extern "C" __global__ void gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
                            const float* __restrict__ second_scores, const long long* __restrict__ order,
                            int tokens, int experts, int lanes, int vector, int k, long long capacity, float* __restrict__ probs,
@@ -171,7 +178,7 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   extern __shared__ int shared[];
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   int* scan = shared;
-  int* running = scan + warps * experts;
+  int* running = scan + max(warps * experts, (int)blockDim.x);  // scan also holds [parts][E] floats
   int* before = running + experts;  // [2][E]
   int* total = before + 2 * experts;  // [2][E]
   __shared__ long long used_capacity;
@@ -313,6 +320,16 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   // and the fraction of the T * k choices dropped: expert e keeps min(C, its load), since second choices
   // queue behind first choices and random token selection keeps C of the first choices.
   if (tile == 0) {
+    // me: the tiles' probability sums added up as in sum_tiles, thread (part, e) over tiles part, part +
+    // parts, ...; the parts then in a fixed order (float sums depend on it).
+    const int parts = blockDim.x / experts, part = threadIdx.x / experts;
+    float* part_sums = (float*)scan;  // [parts][E]
+    if (part < parts) {
+      float sum = 0.0f;
+      for (int t = part; t < tiles; t += parts) sum += prob_sums[t * experts + threadIdx.x % experts];
+      part_sums[threadIdx.x] = sum;
+    }
+    __syncthreads();
     float aux = 0.0f, kept = 0.0f;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
       const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);
@@ -321,7 +338,7 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
       const float fraction = (float)first_total[e] / tokens;
       first_fraction[e] = fraction;
       float prob_sum_e = 0.0f;
-      for (int t = 0; t < tiles; ++t) prob_sum_e += prob_sums[t * experts + e];
+      for (int p = 0; p < parts; ++p) prob_sum_e += part_sums[p * experts + e];
       aux += prob_sum_e / tokens * fraction;
     }
     aux = block_reduce<false>(aux);

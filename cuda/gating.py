@@ -186,7 +186,8 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
     # as many tokens at once as it can (E = 64: 4 lanes, 8 tokens; E <= 16: 1 lane, 32 tokens).
     lanes = 1 << (-(-num_experts // PER_LANE) - 1).bit_length()
     kernel = build.kernel("gating.cu", "gate_route")
-    shared_mem = 4 * (ROUTE_THREADS // WARP + 5) * num_experts  # scan [warps][E], running, before [2], total [2]
+    # scan [warps][E] (at least ROUTE_THREADS), running [E], before [2][E], total [2][E]: gate_route's comment
+    shared_mem = 4 * (max(ROUTE_THREADS // WARP * num_experts, ROUTE_THREADS) + 5 * num_experts)
     runtime = cupy.cuda.runtime
     per_multiprocessor = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
         kernel.kernel.ptr, ROUTE_THREADS, shared_mem)
