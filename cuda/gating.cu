@@ -11,10 +11,12 @@
 //
 // Phases (B = a grid barrier):
 //   1. per tile: softmax and the k choices of each token (a group of lanes per token), the tile's
-//      probability sums for me;
-//      rank each choice column within the tile                                                      B
-//   2. (random token selection only) rank the first choices in priority order, mark the first C of each
-//      expert as kept, rank the kept ones again in token order                                   B B B
+//      probability sums for me; rank each choice column within the tile, in token order              B
+//      (random token selection: rank the first choices in priority order instead, after the barrier  B)
+//   2. every block sums all tiles' counts: each expert's load (the dropless capacity, the second choices'
+//      queue offset) and the counts of the tiles before its own
+//      (random token selection: mark the first C of each expert in priority order as kept            B
+//      and rank the kept ones again in token order                                                  B)
 //   3. per tile: position = rank in tile + counts of earlier tiles (+ all first choices, for second
 //      choices), -1 at or past the capacity; the weights; block 0 writes the statistics.
 #include "common.cuh"
@@ -45,7 +47,8 @@ __device__ void grid_barrier(unsigned int* arrived, unsigned int& opens_at) {
 constexpr int PER_LANE = 16;
 
 __device__ __forceinline__ float group_max(float value, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  for (int offset = lanes / 2; offset > 0; offset /= 2)
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
   return value;
 }
 __device__ __forceinline__ float group_sum(float value, int lanes) {
@@ -170,11 +173,12 @@ __device__ void sum_tiles(const int* counts, int tiles, int tile, int experts, i
 // Shared memory: scan [warps][E] and at least blockDim.x (also the per-warp and per-part probability
 // sums), running [E], before [2][E], total [2][E].
 extern "C" __global__ void gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
-                           const float* __restrict__ second_scores, const long long* __restrict__ order,
-                           int tokens, int experts, int lanes, int vector, int k, long long capacity, float* __restrict__ probs,
-                           long long* __restrict__ expert_index, long long* __restrict__ position,
-                           float* __restrict__ weight, unsigned char* __restrict__ keep, int* __restrict__ workspace,
-                           long long* __restrict__ tokens_per_expert, float* __restrict__ statistics) {
+                                      const float* __restrict__ second_scores, const long long* __restrict__ order,
+                                      int tokens, int experts, int lanes, int vector, int k, long long capacity,
+                                      float* __restrict__ probs, long long* __restrict__ expert_index,
+                                      long long* __restrict__ position, float* __restrict__ weight,
+                                      unsigned char* __restrict__ keep, int* __restrict__ workspace,
+                                      long long* __restrict__ tokens_per_expert, float* __restrict__ statistics) {
   extern __shared__ int shared[];
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   int* scan = shared;
@@ -245,11 +249,13 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   // memory, then over the warps in a fixed order.
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j)
-    for (int offset = lanes; offset < WARP; offset *= 2) prob_sum[j] += __shfl_xor_sync(0xffffffffu, prob_sum[j], offset);
+    for (int offset = lanes; offset < WARP; offset *= 2)
+      prob_sum[j] += __shfl_xor_sync(0xffffffffu, prob_sum[j], offset);
   float* warp_prob_sums = (float*)scan;
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j)
-    if (group == 0 && member * PER_LANE + j < experts) warp_prob_sums[warp * experts + member * PER_LANE + j] = prob_sum[j];
+    if (group == 0 && member * PER_LANE + j < experts)
+      warp_prob_sums[warp * experts + member * PER_LANE + j] = prob_sum[j];
   __syncthreads();
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     float sum = 0.0f;
