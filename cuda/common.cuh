@@ -70,12 +70,15 @@ __device__ __forceinline__ float gelu_tanh_grad(float x) {
 
 // Block-wide sum and max of one float per thread (blockDim.x a multiple of 32, at most 1024); every
 // thread gets the result. Uses 32 floats of shared memory; safe to call repeatedly.
-__device__ __forceinline__ float warp_sum(float value) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+// warp_sum / warp_max reduce over aligned groups of `lanes` lanes (a power of two; the whole warp by
+// default): butterflies with offsets below `lanes` never leave the group.
+__device__ __forceinline__ float warp_sum(float value, int lanes = 32) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
   return value;
 }
-__device__ __forceinline__ float warp_max(float value) {
-  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+__device__ __forceinline__ float warp_max(float value, int lanes = 32) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2)
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
   return value;
 }
 template <bool MAX> __device__ __forceinline__ float block_reduce(float value) {

@@ -43,18 +43,8 @@ __device__ void grid_barrier(unsigned int* arrived, unsigned int& opens_at) {
 // consecutive experts each: lane m of the group holds experts m * PER_LANE, ..., m * PER_LANE + PER_LANE - 1;
 // a warp takes 32 / lanes tokens at once. Each lane loads its PER_LANE values at once (16-byte vectors where
 // rows allow): that many loads in flight per lane is what keeps the memory busy. Reductions over a group
-// are butterflies with offsets below `lanes`, which never leave it.
+// are common.cuh's warp_sum / warp_max over `lanes` lanes, and group_argmax below.
 constexpr int PER_LANE = 16;
-
-__device__ __forceinline__ float group_max(float value, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2)
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
-__device__ __forceinline__ float group_sum(float value, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
 
 // argmax over a group; ties keep the lowest expert index, as NumPy's argmax does.
 __device__ __forceinline__ void group_argmax(float& value, int& index, int lanes) {
@@ -220,14 +210,14 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     float row_max = -infinity();
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) row_max = fmaxf(row_max, values[j]);
-    row_max = group_max(row_max, lanes);
+    row_max = warp_max(row_max, lanes);
     float row_sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
       values[j] = __expf(values[j] - row_max);  // 0 past E (-inf)
       row_sum += values[j];
     }
-    row_sum = group_sum(row_sum, lanes);
+    row_sum = warp_sum(row_sum, lanes);
     if (!valid) continue;
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {

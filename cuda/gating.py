@@ -245,7 +245,7 @@ def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
     grad_logits = cupy.empty_like(gating.probs)
     warps_per_block = 8
     build.kernel("gating.cu", "gate_weight_backward")(
-        ((num_tokens + warps_per_block - 1) // warps_per_block,), (32 * warps_per_block,),
+        ((num_tokens + warps_per_block - 1) // warps_per_block,), (WARP * warps_per_block,),
         (cupy.ascontiguousarray(grad_weight, dtype=cupy.float32), gating.probs, gating.expert_index, gating.position,
          gating.weight, grad_logits, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
     return grad_logits
