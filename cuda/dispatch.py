@@ -43,11 +43,12 @@ def _kept_slots(expert_index: Any, position: Any, capacity: int, choice: int) ->
 
 
 def dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacity: int,
-             scale: Any = None) -> Any:
+             scale: Any = None, source_token: Any = None) -> Any:
     """Scatter the rows of x [T, d] into a zero-filled buffer [E, C, d] by the table; `scale` [T, k]
-    multiplies each choice's row (None: 1)."""
+    multiplies each choice's row (None: 1). `source_token`: the table's inverse (source_tokens) where the
+    caller has it already (the GPU gating kernel writes it); the GPU path works it out otherwise."""
     if is_gpu(x) and scale is None:
-        return _gpu_dispatch(x, expert_index, position, num_experts, capacity)
+        return _gpu_dispatch(x, expert_index, position, num_experts, capacity, source_token)
     xp = array_module(x)
     width = x.shape[1]
     buffer = xp.zeros((num_experts * capacity, width), dtype=x.dtype)
@@ -170,13 +171,16 @@ def _numba_array_arguments(array: Any) -> tuple[Any, ...]:
             np.uint64(array.data.ptr), *(np.int64(n) for n in array.shape), *(np.int64(n) for n in array.strides))
 
 
-def _gpu_dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacity: int) -> Any:
+def _gpu_dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, capacity: int,
+                  source_token: Any) -> Any:
     import cupy
 
     x = cupy.ascontiguousarray(x)
     buffer = cupy.empty((num_experts * capacity, x.shape[1]), dtype=x.dtype)
     if buffer.size:
-        launch_fill_slots(x, source_tokens(expert_index, position, num_experts, capacity), buffer)
+        if source_token is None:
+            source_token = source_tokens(expert_index, position, num_experts, capacity)
+        launch_fill_slots(x, source_token, buffer)
     return buffer.reshape(num_experts, capacity, x.shape[1])
 
 

@@ -1,6 +1,6 @@
-// GPU top-k gating (cuda/gating.py is the specification and states every rule): one launch,
-// gate_route, does softmax, top-k, the per-expert positions, the capacity drop, the combine
-// weights and the load-balancing statistics.
+// GPU top-k gating (cuda/gating.py is the specification and states every rule): gate_logits computes
+// the gate's logits; then one launch, gate_route, does softmax, top-k, the per-expert positions, the
+// capacity drop, the combine weights and the load-balancing statistics.
 //
 // The positions are a scan over the tokens: a token's position in its expert's buffer counts the earlier
 // tokens that chose the same expert, and a second choice queues behind *all* first choices. Each block
@@ -22,6 +22,62 @@
 #include "common.cuh"
 
 constexpr int WARP = 32;
+
+// logits - log(-log(max(u, tiny))): Gumbel noise from uniform numbers u (cuda/gating.py's add_gumbel_noise).
+extern "C" __global__ void add_gumbel_noise(const float* __restrict__ logits, const float* __restrict__ uniform,
+                                            float* __restrict__ noisy, long long size, float tiny) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += (long long)gridDim.x * blockDim.x)
+    noisy[i] = logits[i] - logf(-logf(fmaxf(uniform[i], tiny)));
+}
+
+// The gate's logits [T, E] = x [T, d] @ weight [d, E] in float32. DeepSpeed's gate casts its input to
+// float32 and keeps its weight in float32; here the cast happens in registers as x is read, instead of a
+// float32 copy of x being written and read back by a GEMM (E is far too narrow for the tensor cores to
+// matter: reading x is the cost). A warp takes TOKENS_PER_WARP tokens and EXPERTS_PER_PASS experts at a
+// time: lane l reads elements l, l + 32, ... of each row (every warp load of x coalesced) and the same
+// weight rows serve the warp's tokens; the lanes' partial sums then meet in warp_sum. `vector`: E is a
+// multiple of 4 and the weight 16-byte aligned, so a weight row's experts load as float4.
+constexpr int TOKENS_PER_WARP = 4, EXPERTS_PER_PASS = 8;
+
+template <typename T>
+__global__ void gate_logits(const T* __restrict__ x, const float* __restrict__ weight, float* __restrict__ logits,
+                            int tokens, int width, int experts, int vector) {
+  const int lane = threadIdx.x % WARP;
+  const long long first_token = ((long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP) * TOKENS_PER_WARP;
+  if (first_token >= tokens) return;  // the whole warp
+  const int rows = (int)min((long long)TOKENS_PER_WARP, tokens - first_token);
+  for (int first_expert = 0; first_expert < experts; first_expert += EXPERTS_PER_PASS) {
+    float sums[TOKENS_PER_WARP][EXPERTS_PER_PASS] = {};
+    for (int i = lane; i < width; i += WARP) {
+      const float* weight_row = weight + (long long)i * experts + first_expert;
+      float w[EXPERTS_PER_PASS];
+#pragma unroll
+      for (int e = 0; e < EXPERTS_PER_PASS; e += 4) {
+        if (vector && first_expert + e + 4 <= experts) {
+          const float4 four = *reinterpret_cast<const float4*>(weight_row + e);
+          w[e] = four.x, w[e + 1] = four.y, w[e + 2] = four.z, w[e + 3] = four.w;
+        } else {
+#pragma unroll
+          for (int j = e; j < e + 4; ++j) w[j] = first_expert + j < experts ? weight_row[j] : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < TOKENS_PER_WARP; ++r) {
+        const float value = r < rows ? to_float(x[(first_token + r) * width + i]) : 0.0f;
+#pragma unroll
+        for (int e = 0; e < EXPERTS_PER_PASS; ++e) sums[r][e] += value * w[e];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < TOKENS_PER_WARP; ++r)
+#pragma unroll
+      for (int e = 0; e < EXPERTS_PER_PASS; ++e) {
+        const float sum = warp_sum(sums[r][e]);
+        if (lane == 0 && r < rows && first_expert + e < experts)
+          logits[(first_token + r) * experts + first_expert + e] = sum;
+      }
+  }
+}
 
 // Every block waits here until all blocks of the grid have arrived. `arrived` starts at 0 for the launch
 // and counts arrivals; the n-th barrier of the launch opens at n * gridDim.x. The fences make each
@@ -156,6 +212,8 @@ __device__ void sum_tiles(const int* counts, int tiles, int tile, int experts, i
   __syncthreads();
 }
 
+// source_token [E * C] (null when dropless): the token in each buffer slot, -1 where none (dispatch.py's
+// source_tokens).
 // workspace (int, zeroed before the launch): [0] the barrier's arrival count, [1] the capacity used,
 // then per-tile counts per expert: counts[k][tiles][E] of the choice columns, and kept_counts[tiles][E]
 // (random token selection: the kept first choices). statistics (float): first_fraction [E], aux_loss,
@@ -168,7 +226,8 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
                                       float* __restrict__ probs, long long* __restrict__ expert_index,
                                       long long* __restrict__ position, float* __restrict__ weight,
                                       unsigned char* __restrict__ keep, int* __restrict__ workspace,
-                                      long long* __restrict__ tokens_per_expert, float* __restrict__ statistics) {
+                                      long long* __restrict__ tokens_per_expert, float* __restrict__ statistics,
+                                      long long* __restrict__ source_token) {
   extern __shared__ int shared[];
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   int* scan = shared;
@@ -185,6 +244,13 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   int* kept_counts = counts + k * tiles * experts;
   const long long tile_size = ((long long)tokens + tiles - 1) / tiles;
   const long long begin = min((long long)tokens, tile * tile_size), end = min((long long)tokens, begin + tile_size);
+
+  // The inverse table (fixed capacity only), dispatch's input: every slot empty (-1) until phase 3 (after
+  // a barrier) writes the token of each kept choice into its slot.
+  if (source_token)
+    for (long long slot = (long long)tile * blockDim.x + threadIdx.x; slot < experts * capacity;
+         slot += (long long)tiles * blockDim.x)
+      source_token[slot] = -1;
 
   // Phase 1: choices and softmax, a group of lanes per token. The choices are made on the logits, or on
   // the noisy scores when given (loaded only then).
@@ -304,6 +370,7 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
       const long long queued = rank < 0 ? -1 : rank + before[c * experts + e] + (c == 1 ? first_total[e] : 0);
       const bool kept = queued >= 0 && queued < used_capacity;
       position[slot] = kept ? queued : -1;
+      if (kept && source_token) source_token[e * used_capacity + queued] = token;
       chosen[c] = kept ? probs[token * experts + e] : 0.0f;
       chosen_sum += chosen[c];
     }

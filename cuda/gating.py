@@ -2,7 +2,7 @@
 and with what weight. The semantics are GShard's (Lepikhin et al., 2020, Algorithm 1) as DeepSpeed's
 `top1gating` / `top2gating` (deepspeed/moe/sharded_moe.py) define them.
 
-For gate logits z [T, E] (float32) and a capacity C:
+For gate logits z = x @ W_gate [T, E] (float32, from `gate_logits`) and a capacity C:
 
     p = softmax(z)                                   probabilities over the E experts
     first[t]  = argmax_e first_scores[t, e]          first_scores = z, or z + Gumbel noise (RSample)
@@ -38,9 +38,13 @@ import numpy as np
 
 from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
+from minimoe.cuda.gemm import matmul
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
+build.register("gating.cu", "gate_logits<float>", "gate_logits<bf16>")
 WARP = 32
+LOGITS_THREADS = 256  # threads of one gate_logits block
+TOKENS_PER_WARP = 4  # gate_logits' constant of the same name
 ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps
 PER_LANE = 16  # experts per lane in gate_route (its constant of the same name): E up to 16 * 32
 MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
@@ -56,12 +60,46 @@ class Gating(NamedTuple):
     first_choice_fraction: Any  # [E] ce: fraction of tokens whose first choice is e
     aux_loss: Any  # 0-d: E * sum_e mean_t(p[:, e]) * ce_e
     dropped: Any  # 0-d: fraction of the T * k choices dropped
+    source_token: Any = None  # [E * C]: the token in each buffer slot, -1 where none (GPU, fixed capacity)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
     """C = max(min_capacity, ceil(T / E * capacity_factor * k)) (DeepSpeed's `_capacity`; top-2 passes
     capacity_factor * 2)."""
     return max(min_capacity, int(np.ceil(num_tokens / num_experts * capacity_factor * k)))
+
+
+def gate_logits(x: Any, weight: Any) -> Any:
+    """The gate's logits [T, E] = x [T, d] @ weight [d, E] in the weight's dtype (float32; float64 in
+    gradient checks), whatever x's dtype (DeepSpeed's gate casts its input to float32). GPU: gating.cu's
+    gate_logits, which casts x in registers instead of writing a float32 copy of it."""
+    if is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in ("float32", "bfloat16"):
+        return _gpu_gate_logits(x, weight)
+    return matmul(x.astype(weight.dtype, copy=False), weight)
+
+
+def gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, Any]:
+    """(d loss / d x in x's dtype, d loss / d weight): the two GEMMs of a product, in the weight's dtype."""
+    return (matmul(grad_logits, weight, transpose_b=True).astype(x.dtype, copy=False),
+            matmul(x.astype(weight.dtype, copy=False), grad_logits, transpose_a=True))
+
+
+def _gpu_gate_logits(x: Any, weight: Any) -> Any:
+    import cupy
+
+    num_tokens, width = x.shape
+    num_experts = weight.shape[1]
+    x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+    logits = cupy.empty((num_tokens, num_experts), dtype=cupy.float32)
+    if num_tokens == 0:
+        return logits
+    tokens_per_block = LOGITS_THREADS // WARP * TOKENS_PER_WARP
+    vector = num_experts % 4 == 0 and weight.data.ptr % 16 == 0
+    type_name = "bf16" if x.dtype.name == "bfloat16" else "float"
+    build.kernel("gating.cu", f"gate_logits<{type_name}>")(
+        (-(-num_tokens // tokens_per_block),), (LOGITS_THREADS,),
+        (x, weight, logits, np.int32(num_tokens), np.int32(width), np.int32(num_experts), np.int32(vector)))
+    return logits
 
 
 def _rank_within_expert(choice: Any, order: Any, num_experts: int) -> Any:
@@ -160,6 +198,8 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     workspace = cupy.zeros(2 + (k + 1) * tiles * num_experts, dtype=cupy.int32)
     tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
     statistics = cupy.empty((tiles + 1) * num_experts + 2, dtype=cupy.float32)  # see gate_route's comment
+    # Fixed capacity: the kernel also writes dispatch's inverse table (dropless: C is known only after it).
+    source_token = null if capacity is None else cupy.empty(num_experts * capacity, dtype=cupy.int64)
     order = keep = null
     if priority is not None:  # random token selection: the smallest priorities are kept first
         order = cupy.argsort(priority).astype(cupy.int64)
@@ -168,12 +208,13 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     kernel.kernel((tiles,), (ROUTE_THREADS,), (
         logits, first_scores, second_scores, order, np.int32(num_tokens), np.int32(num_experts), np.int32(lanes),
         np.int32(vector), np.int32(k), np.int64(-1 if capacity is None else capacity), probs,
-        expert_index, position, weight, keep, workspace, tokens_per_expert, statistics),
+        expert_index, position, weight, keep, workspace, tokens_per_expert, statistics, source_token),
         shared_mem=shared_mem, enable_cooperative_groups=True)
     if capacity is None:
         capacity = int(workspace[1])  # the kernel's dropless capacity: one read of the device
+        source_token = None
     return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, statistics[:num_experts],
-                  statistics[num_experts], statistics[num_experts + 1])
+                  statistics[num_experts], statistics[num_experts + 1], source_token)
 
 
 @functools.cache
@@ -197,20 +238,21 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
 
 def add_gumbel_noise(logits: Any, uniform: Any) -> Any:
     """logits - log(-log(u)) for u ~ Uniform(0, 1) (clamped away from 0): argmax of the result samples
-    from softmax(logits), DeepSpeed's gumbel_rsample. On the GPU one fused elementwise kernel."""
-    xp = array_module(logits)
+    from softmax(logits), DeepSpeed's gumbel_rsample. GPU: gating.cu's add_gumbel_noise."""
     tiny = np.finfo(np.float32).tiny
-    if is_gpu(logits):
-        return _gumbel_kernel()(logits, uniform.astype(logits.dtype), np.float32(tiny))
+    if is_gpu(logits) and logits.dtype == np.float32:
+        import cupy
+
+        noisy = cupy.empty_like(logits)
+        size = logits.size
+        if size:
+            build.kernel("gating.cu", "add_gumbel_noise")(
+                (min(-(-size // 256), 8192),), (256,),
+                (cupy.ascontiguousarray(logits), cupy.ascontiguousarray(uniform, dtype=cupy.float32), noisy,
+                 np.int64(size), np.float32(tiny)))
+        return noisy
+    xp = array_module(logits)
     return logits - xp.log(-xp.log(xp.maximum(uniform, tiny)))
-
-
-@functools.cache
-def _gumbel_kernel() -> Any:
-    import cupy
-
-    return cupy.ElementwiseKernel("T logits, T uniform, float32 tiny", "T noisy",
-                                  "noisy = logits - log(-log(max(uniform, (T)tiny)))", "minimoe_add_gumbel_noise")
 
 
 def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from minimoe import backend
 from minimoe.cuda.gating import expert_capacity, topk_gating
-from minimoe.moe.gate import route
+from minimoe.moe.gate import GateLogits, route
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -132,6 +132,13 @@ def test_gradients_of_weights_aux_loss_and_z_loss(case, z_loss):
 
     # atol: the z-loss (lse^2, up to a few hundred) leaves central differences ~1e-8 of rounding.
     check_gradients(differentiable_outputs, [logits], rtol=1e-5, atol=1e-6)
+
+
+@given(tokens=st.integers(1, 9), width=st.integers(1, 7), num_experts=st.integers(1, 6), seed=seeds)
+def test_gate_logits_gradients(tokens, width, num_experts, seed):
+    rng = np.random.default_rng(seed)
+    x, weight = rng.standard_normal((tokens, width)), rng.standard_normal((width, num_experts))
+    check_gradients(GateLogits.apply, [x, weight])
 
 
 @given(case=gating_cases(k=1, max_experts=12, max_tokens=24), seed=seeds, policy=st.sampled_from(["", "RSample"]))

@@ -1,4 +1,5 @@
-"""The gate: from logits [T, E] to a Routing, the mapping table every later step reads.
+"""The gate: the router's logits (Gate, a float32 Linear d -> E), and from logits [T, E] to a Routing,
+the mapping table every later step reads.
 
 `route` decides the capacity, draws the training-time noise DeepSpeed's gates use, calls the gating
 kernel family (minimoe.cuda.gating: its docstring states every rule with its formula), and wraps the two
@@ -11,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 import minimoe.cuda.gating as gating_kernels
 from minimoe import backend
+from minimoe.nn import Module, Parameter, normal_init
 from minimoe.tensor import Function, Tensor
 
 NOISY_GATE_POLICIES = ("", "Jitter", "RSample")
@@ -29,10 +33,34 @@ class Routing:
     dropped: Any  # 0-d array: fraction of the T * k choices dropped
     aux_loss: Tensor  # load-balancing loss, differentiable
     z_loss: Tensor | None  # router z-loss when asked for
+    source_token: Any = None  # [E * C] array: the token in each buffer slot, -1 where none; None: not computed
 
     @property
     def num_experts(self) -> int:
         return len(self.tokens_per_expert)
+
+
+class GateLogits(Function):
+    """x [T, d] (any float dtype) -> the logits x @ weight [T, E] in the weight's dtype."""
+
+    def forward(ctx, x, weight):
+        ctx.save(x, weight)
+        return gating_kernels.gate_logits(x, weight)
+
+    def backward(ctx, grad):
+        return gating_kernels.gate_logits_backward(grad, *ctx.saved)
+
+
+class Gate(Module):
+    """The router's Linear(d -> E) without bias. DeepSpeed's TopKGate keeps its weight and computes the
+    logits in float32 whatever the model's precision: routing decisions and the softmax are too
+    sensitive for bf16. So the weight stays float32 when the model is cast to bf16 (keep_float32)."""
+
+    def __init__(self, width: int, num_experts: int, rng: np.random.Generator):
+        self.weight = Parameter(normal_init((width, num_experts), 0.02, rng), keep_float32=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return GateLogits.apply(x, self.weight)
 
 
 class GateWeights(Function):
@@ -103,5 +131,6 @@ def route(logits: Tensor | Any, k: int, capacity_factor: float, min_capacity: in
         expert_index=gating.expert_index, position=gating.position, weight=GateWeights.apply(logits, gating=gating),
         capacity=gating.capacity, tokens_per_expert=gating.tokens_per_expert, dropped=gating.dropped,
         aux_loss=LoadBalanceLoss.apply(logits, gating=gating), z_loss=RouterZLoss.apply(logits) if z_loss else None,
+        source_token=gating.source_token,
     )
 

@@ -2,7 +2,7 @@
 
 One token's path, with the shapes (T tokens, d wide, E experts, capacity C, k choices):
 
-    x [T, d] --gate Linear(d -> E, no bias)--> logits [T, E]
+    x [T, d] --gate (Linear d -> E, no bias, float32)--> logits [T, E]
              --route (gate.py)--> table: expert_index [T, k], position [T, k], weight [T, k]
     x --dispatch--> buffer [E, C, d]  (row t copied to buffer[expert_index[t, j], position[t, j]])
       --experts--> out [E, C, d]      (expert e's MLP on buffer[e])
@@ -30,7 +30,7 @@ import numpy as np
 import minimoe.cuda.dispatch as dispatch_kernels
 from minimoe import backend, ops
 from minimoe.moe.experts import Experts
-from minimoe.moe.gate import jitter, route
+from minimoe.moe.gate import Gate, jitter, route
 from minimoe.nn import MLP, Linear, Module
 from minimoe.tensor import Function, Tensor
 
@@ -41,7 +41,7 @@ class Dispatch(Function):
     def forward(ctx, x, routing):
         ctx.routing = routing
         return dispatch_kernels.dispatch(x, routing.expert_index, routing.position, routing.num_experts,
-                                         routing.capacity)
+                                         routing.capacity, source_token=routing.source_token)
 
     def backward(ctx, grad_buffer):
         routing = ctx.routing
@@ -203,9 +203,7 @@ class MoE(Module):
         ep_size = 1 if expert_parallel is None else expert_parallel.size
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts cannot be split over ep_size={ep_size} ranks")
-        # DeepSpeed's TopKGate keeps its weight and computes the logits in float32, whatever the model's
-        # precision: routing decisions and the softmax are too sensitive for bf16.
-        self.gate = Linear(width, num_experts, rng, bias=False, keep_float32=True)
+        self.gate = Gate(width, num_experts, rng)
         # All E experts are drawn, so that every layout starts from the same weights; this rank keeps its own.
         self.experts = Experts(num_experts, width, hidden, rng, output_std)
         if ep_size > 1:
@@ -222,7 +220,7 @@ class MoE(Module):
         if self.training and settings.noisy_gate_policy == "Jitter":
             gate_input = tokens * jitter(tokens.shape, tokens.dtype)
         routing = route(
-            self.gate(ops.cast(gate_input, self.gate.weight.dtype)), settings.k,
+            self.gate(gate_input), settings.k,
             settings.capacity_factor if self.training else settings.eval_capacity_factor,
             settings.min_capacity, settings.drop_tokens, training=self.training,
             noisy_gate_policy=settings.noisy_gate_policy, use_rts=settings.use_rts,
