@@ -1,11 +1,11 @@
 """Fused bias + GELU: y = gelu(x + bias), the activation of every MLP and expert (GELU's formula and
-derivative are in cuda/gelu.py).
+derivative are in cuda/gelu.py); and the bias add alone, y = x + bias, the second layer's.
 
-x is [..., rows, features] with bias [features] (a dense MLP) or x [groups, rows, features] with bias
-[groups, 1, features] (the experts: one bias row per expert). Backward returns (grad_x, grad_bias) with
-grad_x = grad_y * gelu'(x + bias) and grad_bias its sum over the rows (accumulated in at least float32).
-GPU: cuda/bias_gelu.cu, one pass over the data each way instead of three (add, GELU, and GELU's
-backward reading the sum back).
+x is [..., rows, features] with bias [features] (a dense layer) or x [groups, rows, features] with bias
+[groups, 1, features] (the experts: one bias row per expert). Backward gives grad_x (grad_y * gelu'(x +
+bias) with GELU, grad_y itself without) and grad_bias, grad_x summed over the rows (accumulated in at
+least float32). GPU: cuda/bias_gelu.cu, one pass over the data each way: the add, the GELU and the
+bias gradient's row sums never take passes of their own.
 """
 
 from __future__ import annotations
@@ -18,30 +18,55 @@ from minimoe.backend import is_gpu
 from minimoe.cuda import build
 from minimoe.cuda.gelu import gelu_backward, gelu_forward
 
-build.register("bias_gelu.cu", *(f"bias_gelu_{direction}<{t}, {v}>" for direction in ("forward", "backward")
-                                 for t in ("float", "bf16") for v in ("true", "false")))
+build.register("bias_gelu.cu", *(f"bias_{direction}<{t}, {v}, {g}>" for direction in ("forward", "backward")
+                                 for t in ("float", "bf16") for v in ("true", "false") for g in ("true", "false")))
 THREADS = 256
 TILE = 32  # rows per block in the backward (bias_gelu.cu's TILE)
 
 
 def bias_gelu_forward(x: Any, bias: Any) -> Any:
-    if is_gpu(x):
-        return _gpu_forward(x, bias)
+    if _on_gpu(x, bias):
+        return _gpu_forward(x, bias, gelu=True)
     return gelu_forward(x + bias)
 
 
 def bias_gelu_backward(grad_y: Any, x: Any, bias: Any) -> tuple[Any, Any]:
     """(grad_x, grad_bias) with grad_bias summed over the rows in float32, then cast to bias's dtype."""
-    if is_gpu(x):
-        return _gpu_backward(grad_y, x, bias)
+    if _on_gpu(x, bias):
+        return _gpu_backward(grad_y, x, bias, gelu=True)
     grad_pre = gelu_backward(grad_y, x + bias)
+    return grad_pre, _bias_gradient(grad_pre, bias)
+
+
+def bias_add_forward(x: Any, bias: Any) -> Any:
+    if _on_gpu(x, bias):
+        return _gpu_forward(x, bias, gelu=False)
+    return x + bias
+
+
+def bias_add_backward(grad_y: Any, bias: Any) -> tuple[Any, Any]:
+    """(grad_x, grad_bias): grad_x is grad_y; grad_bias its sum over the rows, as in bias_gelu_backward."""
+    if _on_gpu(grad_y, bias):
+        return _gpu_backward(grad_y, grad_y, bias, gelu=False)
+    return grad_y, _bias_gradient(grad_y, bias)
+
+
+def _bias_gradient(grad_pre: Any, bias: Any) -> Any:
     features = grad_pre.shape[-1]
     accumulate = np.promote_types(grad_pre.dtype, np.float32)  # float32 at least, float64 in gradient checks
     if bias.ndim == 1:
         grad_bias = grad_pre.reshape(-1, features).sum(axis=0, dtype=accumulate)
     else:
         grad_bias = grad_pre.sum(axis=-2, keepdims=True, dtype=accumulate)
-    return grad_pre, grad_bias.astype(bias.dtype)
+    return grad_bias.astype(bias.dtype)
+
+
+def _on_gpu(x: Any, bias: Any) -> bool:
+    """The kernels take x and bias of one dtype, float32 or bf16."""
+    return is_gpu(x) and x.dtype == bias.dtype and x.dtype.name in _TYPE_NAMES
+
+
+_TYPE_NAMES = {"float32": "float", "bfloat16": "bf16"}
 
 
 def _layout(x: Any, bias: Any) -> tuple[int, int, int, str, str]:
@@ -49,31 +74,33 @@ def _layout(x: Any, bias: Any) -> tuple[int, int, int, str, str]:
     features = x.shape[-1]
     rows = x.size // features
     groups = 1 if bias.ndim == 1 else bias.shape[0]
-    type_name = {"float32": "float", "bfloat16": "bf16"}[x.dtype.name]
     vectorised = "true" if (features * x.dtype.itemsize) % 16 == 0 else "false"
-    return groups, rows // groups, features, type_name, vectorised
+    return groups, rows // groups, features, _TYPE_NAMES[x.dtype.name], vectorised
 
 
-def _gpu_forward(x: Any, bias: Any) -> Any:
+def _gpu_forward(x: Any, bias: Any, gelu: bool) -> Any:
     import cupy
 
     groups, rows_per_group, features, type_name, vectorised = _layout(x, bias)
     x, bias = cupy.ascontiguousarray(x), cupy.ascontiguousarray(bias)
     y = cupy.empty_like(x)
-    build.kernel("bias_gelu.cu", f"bias_gelu_forward<{type_name}, {vectorised}>")(
-        (groups * rows_per_group,), (THREADS,), (x, bias, y, np.int32(rows_per_group), np.int32(features)))
+    if y.size:
+        build.kernel("bias_gelu.cu", f"bias_forward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
+            (groups * rows_per_group,), (THREADS,), (x, bias, y, np.int32(rows_per_group), np.int32(features)))
     return y
 
 
-def _gpu_backward(grad_y: Any, x: Any, bias: Any) -> tuple[Any, Any]:
+def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool) -> tuple[Any, Any]:
+    """Without GELU, x is not read and grad_y is returned as grad_x."""
     import cupy
 
-    groups, rows_per_group, features, type_name, vectorised = _layout(x, bias)
+    groups, rows_per_group, features, type_name, vectorised = _layout(grad_y, bias)
     grad_y, x, bias = (cupy.ascontiguousarray(a) for a in (grad_y, x, bias))
     tiles = (rows_per_group + TILE - 1) // TILE
-    grad_pre = cupy.empty_like(x)
+    grad_pre = cupy.empty_like(grad_y) if gelu else grad_y
     partial = cupy.empty((groups, tiles, features), dtype=cupy.float32)
-    build.kernel("bias_gelu.cu", f"bias_gelu_backward<{type_name}, {vectorised}>")(
-        (tiles, groups), (THREADS,),
-        (grad_y, x, bias, grad_pre, partial, np.int32(rows_per_group), np.int32(features)))
+    if partial.size:
+        build.kernel("bias_gelu.cu", f"bias_backward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
+            (tiles, groups), (THREADS,),
+            (grad_y, x, bias, grad_pre, partial, np.int32(rows_per_group), np.int32(features)))
     return grad_pre, partial.sum(axis=1).reshape(bias.shape).astype(bias.dtype)

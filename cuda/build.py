@@ -1,6 +1,6 @@
 """Compile-and-cache for the CUDA C kernel files (one place, as the design asks).
 
-`kernel("bias_gelu.cu", "bias_gelu_forward<bf16>")` compiles bias_gelu.cu once per process with NVRTC
+`kernel("bias_gelu.cu", "bias_forward<bf16, true, true>")` compiles bias_gelu.cu once per process with NVRTC
 (CuPy also keeps the binary in its on-disk kernel cache across processes) and returns the function.
 Every .cu file can `#include "common.cuh"` (the bf16 type, conversions, reductions). The header is
 pasted into the source here rather than included by NVRTC: CuPy's disk cache is keyed on the source

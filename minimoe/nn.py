@@ -106,7 +106,7 @@ class Linear(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = x @ self.weight
-        return y + self.bias if self.bias is not None else y
+        return ops.bias_add(y, self.bias) if self.bias is not None else y
 
 
 class Embedding(Module):

@@ -230,6 +230,17 @@ class BiasGelu(Function):
         return bias_gelu_kernels.bias_gelu_backward(grad, *ctx.saved)
 
 
+class BiasAdd(Function):
+    """x + bias with the bias broadcast over the rows; its gradient sums the rows in one kernel pass."""
+
+    def forward(ctx, x, bias):
+        ctx.bias = bias
+        return bias_gelu_kernels.bias_add_forward(x, bias)
+
+    def backward(ctx, grad):
+        return bias_gelu_kernels.bias_add_backward(grad, ctx.bias)
+
+
 class Softmax(Function):
     def forward(ctx, x):
         y = softmax_kernels.softmax_forward(x)
@@ -393,6 +404,12 @@ def gelu(x: Tensor) -> Tensor:
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
     """gelu(x + bias), fused (bias [features], or [groups, 1, features] for x [groups, rows, features])."""
     return BiasGelu.apply(x, bias)
+
+
+def bias_add(x: Tensor, bias: Tensor) -> Tensor:
+    """x + bias (bias [features], or [groups, 1, features] for x [groups, rows, features]), the bias
+    gradient summed by the same kernel family as bias_gelu's."""
+    return BiasAdd.apply(x, bias)
 
 
 def softmax(x: Tensor) -> Tensor:

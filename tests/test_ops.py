@@ -178,7 +178,9 @@ def test_backward_needs_a_scalar_or_a_gradient():
 
 
 @given(groups=st.integers(1, 3), rows=st.integers(1, 4), features=st.integers(1, 5), seed=seeds)
-def test_bias_gelu_gradients_for_dense_and_per_expert_bias(groups, rows, features, seed):
+def test_bias_gelu_and_bias_add_gradients_for_dense_and_per_expert_bias(groups, rows, features, seed):
     x = randn(seed, (groups, rows, features))
     check_gradients(ops.bias_gelu, [x, randn(seed + 1, (features,))])
     check_gradients(ops.bias_gelu, [x, randn(seed + 2, (groups, 1, features))])
+    check_gradients(ops.bias_add, [x, randn(seed + 3, (features,))])
+    check_gradients(ops.bias_add, [x, randn(seed + 4, (groups, 1, features))])

@@ -28,4 +28,4 @@ class Experts(Module):
 
     def forward(self, buffer: Tensor) -> Tensor:
         hidden = ops.bias_gelu(buffer @ self.fc_weight, self.fc_bias)
-        return hidden @ self.proj_weight + self.proj_bias
+        return ops.bias_add(hidden @ self.proj_weight, self.proj_bias)
