@@ -13,6 +13,7 @@ out^T [n, m] = op(b)^T @ op(a)^T: b is cuBLAS's first operand and a its second.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from minimoe.backend import is_gpu
 
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUDA_R_32F, CUDA_R_16BF = 0, 14
+_CUDA_TYPES = {"float32": CUDA_R_32F, "bfloat16": CUDA_R_16BF}
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 _ONE = np.array(1.0, np.float32)  # host scalars for cuBLAS's default host pointer mode
@@ -41,7 +43,8 @@ def _gpu_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
     import cupy
     from cupy_backends.cuda.libs import cublas
 
-    if a.dtype != b.dtype or a.dtype.name not in ("bfloat16", "float32"):
+    data_type = _CUDA_TYPES.get(a.dtype.name) if a.dtype == b.dtype else None
+    if data_type is None:
         raise TypeError(f"GPU matmul takes two bfloat16 or two float32 operands, got {a.dtype} and {b.dtype}")
     a_batch, b_batch = a.shape[:-2], b.shape[:-2]
     if a_batch and b_batch and a_batch != b_batch:
@@ -52,9 +55,8 @@ def _gpu_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
     if k != k_b:
         raise ValueError(f"matmul inner sizes differ: op(a) is {m}x{k}, op(b) is {k_b}x{n}")
     batch_shape = a_batch or b_batch
-    batch = int(np.prod(batch_shape)) if batch_shape else 1
+    batch = math.prod(batch_shape)
     out = cupy.empty((*batch_shape, m, n), dtype=a.dtype)
-    data_type = CUDA_R_16BF if a.dtype.name == "bfloat16" else CUDA_R_32F
     cublas.gemmStridedBatchedEx(
         cupy.cuda.device.get_cublas_handle(),
         CUBLAS_OP_T if transpose_b else CUBLAS_OP_N, CUBLAS_OP_T if transpose_a else CUBLAS_OP_N,

@@ -261,8 +261,6 @@ def _mixtral_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
 
 def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
     """Time of each kernel family of one forward and backward, run on their own on the layer's arrays."""
-    import cupy
-
     import minimoe.cuda.bias_gelu as bias_gelu
     import minimoe.cuda.dispatch as dispatch
     import minimoe.cuda.gating as gating
@@ -274,8 +272,7 @@ def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
     gate_weight = layer.gate.weight.data
     settings = layer.settings
     backend.manual_seed(0)
-    x32 = x.astype(cupy.float32)
-    logits = matmul(x32, gate_weight)
+    logits = gating.gate_logits(x, gate_weight)
     routing = route(logits, settings.k, settings.capacity_factor, settings.min_capacity, settings.drop_tokens,
                     training=True, use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling)
     table = routing.expert_index, routing.position
@@ -287,26 +284,27 @@ def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
     grad_out, _ = dispatch.combine_backward(grad, out, *table, weight)
     gating_result = gating.topk_gating(logits, settings.k, routing.capacity)
     rows = [
-        ("gate: cast + logits GEMM (float32)", event_ms(lambda: matmul(x.astype(cupy.float32), gate_weight))),
+        ("gate: logits (float32, cast in registers)", event_ms(lambda: gating.gate_logits(x, gate_weight))),
         ("gate: routing (cuda/gating)", event_ms(lambda: route(
             logits, settings.k, settings.capacity_factor, settings.min_capacity, settings.drop_tokens, training=True,
             use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling))),
         ("dispatch (Numba)", event_ms(lambda: dispatch.dispatch(x, *table, EXPERTS, routing.capacity))),
         ("expert GEMM 1 [E,C,d]x[E,d,f]", event_ms(lambda: matmul(buffer, w1))),
         ("bias + GELU", event_ms(lambda: bias_gelu.bias_gelu_forward(pre, b1))),
-        ("expert GEMM 2 [E,C,f]x[E,f,d] (+ bias)", event_ms(lambda: matmul(hidden, w2) + b2)),
+        ("expert GEMM 2 [E,C,f]x[E,f,d] (+ bias)",
+         event_ms(lambda: bias_gelu.bias_add_forward(matmul(hidden, w2), b2))),
         ("combine", event_ms(lambda: dispatch.combine(out, *table, weight))),
         ("backward: combine", event_ms(lambda: dispatch.combine_backward(grad, out, *table, weight))),
         ("backward: GEMM 2 (2 GEMMs + bias sum)", event_ms(lambda: (
             matmul(grad_out, w2, transpose_b=True), matmul(hidden, grad_out, transpose_a=True),
-            grad_out.sum(axis=1, dtype=cupy.float32)))),
+            bias_gelu.bias_add_backward(grad_out, b2)))),
         ("backward: bias + GELU", event_ms(lambda: bias_gelu.bias_gelu_backward(hidden, pre, b1))),
         ("backward: GEMM 1 (2 GEMMs)", event_ms(lambda: (
             matmul(hidden, w1, transpose_b=True), matmul(buffer, hidden, transpose_a=True)))),
         ("backward: dispatch (= combine, unit weights)", event_ms(lambda: dispatch.combine(buffer, *table))),
-        ("backward: gate (weights + aux + GEMMs)", event_ms(lambda: (
+        ("backward: gate (weights + aux + cast + GEMMs)", event_ms(lambda: (
             gating.gate_weight_backward(weight, gating_result), gating.aux_loss_backward(1.0, gating_result),
-            matmul(logits, gate_weight, transpose_b=True), matmul(x32, logits, transpose_a=True)))),
+            gating.gate_logits_backward(logits, x, gate_weight)))),
     ]
     return rows
 
@@ -401,14 +399,16 @@ def bench_dispatch(args: argparse.Namespace) -> None:
         buffer = dispatch(x, *table, experts, capacity)
         expected = dispatch(cupy.asnumpy(x).astype(np.float32), *(cupy.asnumpy(a) for a in table), experts, capacity)
         assert np.array_equal(cupy.asnumpy(buffer).astype(np.float32), expected), "GPU dispatch differs"
-        dispatch_ms = event_ms(lambda: dispatch(x, *table, experts, capacity))  # noqa: B023
-        combine_ms = event_ms(lambda: combine(buffer, *table, gating.weight))  # noqa: B023
-        dispatch_bytes = kept * row_bytes + experts * capacity * row_bytes  # kept rows read, every slot written
-        combine_bytes = kept * row_bytes + tokens * row_bytes  # kept rows read, every token written
-        for name, ms, moved in (("dispatch", dispatch_ms, dispatch_bytes), ("combine", combine_ms, combine_bytes)):
-            rate = moved / (ms * 1e-3)
-            print(f"k={k}, T={tokens}, E={experts}, d={width}, C={capacity}, bf16: {name:<8} {ms * 1e3:8.1f} us, "
-                  f"{rate / 1e12:.2f} TB/s = {100 * rate / copy_rate:.0f}% of the copy ceiling")
+        # As in the MoE layer, dispatch takes the inverse table the gating kernel wrote.
+        calls = {"dispatch": lambda: dispatch(x, *table, experts, capacity, source_token=gating.source_token),  # noqa: B023
+                 "combine": lambda: combine(buffer, *table, gating.weight)}  # noqa: B023
+        moved = {"dispatch": kept * row_bytes + experts * capacity * row_bytes,  # kept rows read, every slot written
+                 "combine": kept * row_bytes + tokens * row_bytes}  # kept rows read, every token written
+        for name, call in calls.items():
+            for how, ms in (("one call alone", event_ms(call)), ("calls queued", queued_ms(call))):
+                rate = moved[name] / (ms * 1e-3)
+                print(f"k={k}, T={tokens}, E={experts}, d={width}, C={capacity}, bf16: {name:<8} {how:<15}"
+                      f"{ms * 1e3:8.1f} us, {rate / 1e12:.2f} TB/s = {100 * rate / copy_rate:.0f}% of the copy ceiling")
 
 
 # ----------------------------------------------------------------------------- train-step
