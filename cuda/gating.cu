@@ -79,6 +79,61 @@ __global__ void gate_logits(const T* __restrict__ x, const float* __restrict__ w
   }
 }
 
+// Backward of gate_logits, in the same precision: grad_x = grad_logits @ weight^T, written in x's dtype
+// (the cast done in registers, not by a float32 [T, d] copy), and the weight's gradient x^T @ grad_logits.
+// gate_logits_grad_x: block b takes GRAD_TOKENS tokens and its threads stride over the d columns; each
+// weight row (E floats, cached) serves all of the block's tokens.
+constexpr int GRAD_TOKENS = 8;
+
+template <typename T>
+__global__ void gate_logits_grad_x(const float* __restrict__ grad_logits, const float* __restrict__ weight,
+                                   T* __restrict__ grad_x, int tokens, int width, int experts) {
+  const long long first_token = (long long)blockIdx.x * GRAD_TOKENS;
+  const int rows = (int)min((long long)GRAD_TOKENS, tokens - first_token);
+  for (int i = threadIdx.x; i < width; i += blockDim.x) {
+    float sums[GRAD_TOKENS] = {};
+    for (int e = 0; e < experts; ++e) {
+      const float w = weight[(long long)i * experts + e];
+#pragma unroll
+      for (int r = 0; r < GRAD_TOKENS; ++r)
+        sums[r] += r < rows ? grad_logits[(first_token + r) * experts + e] * w : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < GRAD_TOKENS; ++r)
+      if (r < rows) grad_x[(first_token + r) * width + i] = from_float<T>(sums[r]);
+  }
+}
+
+// gate_logits_grad_weight: block (tile, column block) sums x[t, i] * grad_logits[t, e] over the tile's
+// GRAD_TILE tokens for its columns i (one per thread) and EXPERTS_PER_PASS experts at a time, and writes
+// partial[tile][i][e]; the caller adds the tiles up in a fixed order (no float atomics: the result
+// does not depend on scheduling). The token loop is unrolled so that several loads of x are in flight.
+constexpr int GRAD_TILE = 64;
+
+template <typename T>
+__global__ void gate_logits_grad_weight(const T* __restrict__ x, const float* __restrict__ grad_logits,
+                                        float* __restrict__ partial, int tokens, int width, int experts) {
+  const int tile = blockIdx.x;
+  const int i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i >= width) return;
+  const long long first_token = (long long)tile * GRAD_TILE;
+  const int rows = (int)min((long long)GRAD_TILE, tokens - first_token);
+  for (int first_expert = 0; first_expert < experts; first_expert += EXPERTS_PER_PASS) {
+    float sums[EXPERTS_PER_PASS] = {};
+#pragma unroll 8
+    for (int r = 0; r < rows; ++r) {
+      const long long token = first_token + r;
+      const float value = to_float(x[token * width + i]);
+#pragma unroll
+      for (int e = 0; e < EXPERTS_PER_PASS; ++e)
+        if (first_expert + e < experts) sums[e] += value * grad_logits[token * experts + first_expert + e];
+    }
+#pragma unroll
+    for (int e = 0; e < EXPERTS_PER_PASS; ++e)
+      if (first_expert + e < experts) partial[((long long)tile * width + i) * experts + first_expert + e] = sums[e];
+  }
+}
+
 // Every block waits here until all blocks of the grid have arrived. `arrived` starts at 0 for the launch
 // and counts arrivals; the n-th barrier of the launch opens at n * gridDim.x. The fences make each
 // block's global writes before the barrier visible to every block after it.

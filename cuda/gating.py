@@ -41,10 +41,12 @@ from minimoe.cuda import build
 from minimoe.cuda.gemm import matmul
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
-build.register("gating.cu", "gate_logits<float>", "gate_logits<bf16>")
+build.register("gating.cu", *(f"{name}<{t}>" for t in ("float", "bf16")
+                               for name in ("gate_logits", "gate_logits_grad_x", "gate_logits_grad_weight")))
 WARP = 32
 LOGITS_THREADS = 256  # threads of one gate_logits block
 TOKENS_PER_WARP = 4  # gate_logits' constant of the same name
+GRAD_TOKENS, GRAD_TILE = 8, 64  # tokens per block of gate_logits_grad_x and gate_logits_grad_weight
 ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps
 PER_LANE = 16  # experts per lane in gate_route (its constant of the same name): E up to 16 * 32
 MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
@@ -73,15 +75,45 @@ def gate_logits(x: Any, weight: Any) -> Any:
     """The gate's logits [T, E] = x [T, d] @ weight [d, E] in the weight's dtype (float32; float64 in
     gradient checks), whatever x's dtype (DeepSpeed's gate casts its input to float32). GPU: gating.cu's
     gate_logits, which casts x in registers instead of writing a float32 copy of it."""
-    if is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in ("float32", "bfloat16"):
+    if _gate_logits_on_gpu(x, weight):
         return _gpu_gate_logits(x, weight)
     return matmul(x.astype(weight.dtype, copy=False), weight)
 
 
 def gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, Any]:
-    """(d loss / d x in x's dtype, d loss / d weight): the two GEMMs of a product, in the weight's dtype."""
+    """(d loss / d x in x's dtype, d loss / d weight): the two GEMMs of a product, in the weight's dtype.
+    GPU: gating.cu's gate_logits_grad_x and gate_logits_grad_weight (x read as it is, never copied)."""
+    if _gate_logits_on_gpu(x, weight):
+        return _gpu_gate_logits_backward(grad_logits, x, weight)
     return (matmul(grad_logits, weight, transpose_b=True).astype(x.dtype, copy=False),
             matmul(x.astype(weight.dtype, copy=False), grad_logits, transpose_a=True))
+
+
+def _gate_logits_on_gpu(x: Any, weight: Any) -> bool:
+    return is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in ("float32", "bfloat16")
+
+
+def _type_name(x: Any) -> str:
+    return "bf16" if x.dtype.name == "bfloat16" else "float"
+
+
+def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, Any]:
+    import cupy
+
+    num_tokens, width = x.shape
+    num_experts = weight.shape[1]
+    grad_logits = cupy.ascontiguousarray(grad_logits, dtype=cupy.float32)
+    x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+    grad_x = cupy.empty_like(x)
+    tiles = -(-num_tokens // GRAD_TILE)
+    partial = cupy.empty((tiles, width, num_experts), dtype=cupy.float32)
+    if num_tokens and width:
+        sizes = (np.int32(num_tokens), np.int32(width), np.int32(num_experts))
+        build.kernel("gating.cu", f"gate_logits_grad_x<{_type_name(x)}>")(
+            (-(-num_tokens // GRAD_TOKENS),), (LOGITS_THREADS,), (grad_logits, weight, grad_x, *sizes))
+        build.kernel("gating.cu", f"gate_logits_grad_weight<{_type_name(x)}>")(
+            (tiles, -(-width // LOGITS_THREADS)), (LOGITS_THREADS,), (x, grad_logits, partial, *sizes))
+    return grad_x, partial.sum(axis=0)
 
 
 def _gpu_gate_logits(x: Any, weight: Any) -> Any:
@@ -95,8 +127,7 @@ def _gpu_gate_logits(x: Any, weight: Any) -> Any:
         return logits
     tokens_per_block = LOGITS_THREADS // WARP * TOKENS_PER_WARP
     vector = num_experts % 4 == 0 and weight.data.ptr % 16 == 0
-    type_name = "bf16" if x.dtype.name == "bfloat16" else "float"
-    build.kernel("gating.cu", f"gate_logits<{type_name}>")(
+    build.kernel("gating.cu", f"gate_logits<{_type_name(x)}>")(
         (-(-num_tokens // tokens_per_block),), (LOGITS_THREADS,),
         (x, weight, logits, np.int32(num_tokens), np.int32(width), np.int32(num_experts), np.int32(vector)))
     return logits

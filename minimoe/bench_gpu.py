@@ -302,7 +302,7 @@ def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
         ("backward: GEMM 1 (2 GEMMs)", event_ms(lambda: (
             matmul(hidden, w1, transpose_b=True), matmul(buffer, hidden, transpose_a=True)))),
         ("backward: dispatch (= combine, unit weights)", event_ms(lambda: dispatch.combine(buffer, *table))),
-        ("backward: gate (weights + aux + cast + GEMMs)", event_ms(lambda: (
+        ("backward: gate (weights + aux + logits kernels)", event_ms(lambda: (
             gating.gate_weight_backward(weight, gating_result), gating.aux_loss_backward(1.0, gating_result),
             gating.gate_logits_backward(logits, x, gate_weight)))),
     ]

@@ -111,13 +111,14 @@ def test_bias_gelu_and_bias_add_match_reference(groups, rows, features, per_expe
     assert_close(to_host(grad_bias), expected_grad_bias, dtype, "bias add grad bias", scale=absolute_sum)
 
 
-@given(tokens=st.integers(1, 300), width=st.integers(1, 200), num_experts=st.one_of(st.integers(1, 20),
+@given(tokens=st.integers(1, 300), width=st.integers(1, 300), num_experts=st.one_of(st.integers(1, 20),
        st.sampled_from([64, 100])), misaligned=st.booleans(), dtype=dtypes, seed=seeds,
        poison=st.sampled_from([0xFF, 0x7F]))
-def test_gate_logits_matches_reference(tokens, width, num_experts, misaligned, dtype, seed, poison):
-    """float32 logits from bf16 or float32 x; E across several passes of 8 experts, with a tail; a weight
-    that does not start 16-byte aligned takes the scalar loads."""
-    from minimoe.cuda.gating import gate_logits
+def test_gate_logits_and_backward_match_reference(tokens, width, num_experts, misaligned, dtype, seed, poison):
+    """float32 logits from bf16 or float32 x, and both gradients (grad x in x's dtype); E across several
+    passes of 8 experts, with a tail; a weight that does not start 16-byte aligned takes the scalar loads;
+    T across several token tiles of the weight gradient."""
+    from minimoe.cuda.gating import gate_logits, gate_logits_backward
 
     cupy = cupy_module()
     rng = np.random.default_rng(seed)
@@ -126,11 +127,19 @@ def test_gate_logits_matches_reference(tokens, width, num_experts, misaligned, d
     # misaligned: a contiguous weight that starts 4 bytes into its allocation
     weight = cupy.asarray(flat)[misaligned:misaligned + width * num_experts].reshape(width, num_experts)
     weight_values = cupy.asnumpy(weight).astype(np.float64)
+    grad = cupy.asarray(rng.standard_normal((tokens, num_experts)).astype(np.float32))
+    grad_values = to_host(grad)
     poison_pool(poison)
     logits = gate_logits(x, weight)
+    grad_x, grad_weight = gate_logits_backward(grad, x, weight)
     assert logits.dtype == cupy.float32 and logits.shape == (tokens, num_experts)
     assert_close(to_host(logits), x_values @ weight_values, "float32", "gate logits",
                  scale=np.abs(x_values) @ np.abs(weight_values))
+    assert grad_x.dtype == x.dtype and grad_weight.dtype == cupy.float32 and grad_weight.shape == weight.shape
+    assert_close(to_host(grad_x), grad_values @ weight_values.T, dtype, "gate logits grad x",
+                 scale=np.abs(grad_values) @ np.abs(weight_values.T))
+    assert_close(to_host(grad_weight), x_values.T @ grad_values, "float32", "gate logits grad weight",
+                 scale=np.abs(x_values.T) @ np.abs(grad_values))
 
 
 @st.composite
