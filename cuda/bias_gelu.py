@@ -62,8 +62,17 @@ def _bias_gradient(grad_pre: Any, bias: Any) -> Any:
 
 
 def _on_gpu(x: Any, bias: Any) -> bool:
-    """The kernels take x and bias of one dtype, float32 or bf16."""
+    """The kernels take x and bias of one dtype, float32 or bf16 (after the shapes are checked: the
+    kernels index the bias by x's shape, so a mismatch would read past it)."""
+    _check_shapes(x, bias)
     return is_gpu(x) and x.dtype == bias.dtype and x.dtype.name in _TYPE_NAMES
+
+
+def _check_shapes(x: Any, bias: Any) -> None:
+    if bias.shape == (x.shape[-1],) or (x.ndim == 3 and bias.shape == (x.shape[0], 1, x.shape[2])):
+        return
+    raise ValueError(f"bias of shape {bias.shape} does not fit x of shape {x.shape}: expected ({x.shape[-1]},)"
+                     + (f" or ({x.shape[0]}, 1, {x.shape[2]})" if x.ndim == 3 else ""))
 
 
 _TYPE_NAMES = {"float32": "float", "bfloat16": "bf16"}

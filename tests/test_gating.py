@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from minimoe import backend
 from minimoe.cuda.gating import expert_capacity, topk_gating
 from minimoe.moe.gate import GateLogits, route
+from minimoe.tensor import Tensor
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -139,6 +140,11 @@ def test_gate_logits_gradients(tokens, width, num_experts, seed):
     rng = np.random.default_rng(seed)
     x, weight = rng.standard_normal((tokens, width)), rng.standard_normal((width, num_experts))
     check_gradients(GateLogits.apply, [x, weight])
+
+
+def test_gate_logits_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"x \[T, d\] and weight \[d, E\], got \(5, 3\) and \(4, 2\)"):
+        GateLogits.apply(Tensor(np.ones((5, 3))), Tensor(np.ones((4, 2))))
 
 
 @given(case=gating_cases(k=1, max_experts=12, max_tokens=24), seed=seeds, policy=st.sampled_from(["", "RSample"]))

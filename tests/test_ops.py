@@ -184,3 +184,12 @@ def test_bias_gelu_and_bias_add_gradients_for_dense_and_per_expert_bias(groups, 
     check_gradients(ops.bias_gelu, [x, randn(seed + 2, (groups, 1, features))])
     check_gradients(ops.bias_add, [x, randn(seed + 3, (features,))])
     check_gradients(ops.bias_add, [x, randn(seed + 4, (groups, 1, features))])
+
+
+def test_a_bias_that_does_not_fit_is_refused_with_both_shapes():
+    x = Tensor(np.ones((2, 3, 4)))
+    for op in (ops.bias_add, ops.bias_gelu):
+        with pytest.raises(ValueError, match=r"bias of shape \(5,\) does not fit x of shape \(2, 3, 4\)"):
+            op(x, Tensor(np.ones(5)))
+        with pytest.raises(ValueError, match=r"expected \(4,\) or \(2, 1, 4\)"):
+            op(x, Tensor(np.ones((3, 1, 4))))
