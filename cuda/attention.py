@@ -69,7 +69,7 @@ def _gpu_softmax(direction: str, values: Any, length: int, scale: float, probs: 
     values = cupy.ascontiguousarray(values)
     out = cupy.empty_like(values)
     rows = values.size // length
-    type_name = {"float32": "float", "bfloat16": "bf16"}[values.dtype.name]
+    type_name = build.type_name(values)
     inputs = (values,) if probs is None else (values, cupy.ascontiguousarray(probs))
     build.kernel("attention.cu", f"causal_softmax_{direction}<{type_name}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),

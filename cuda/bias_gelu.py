@@ -65,7 +65,7 @@ def _on_gpu(x: Any, bias: Any) -> bool:
     """The kernels take x and bias of one dtype, float32 or bf16 (after the shapes are checked: the
     kernels index the bias by x's shape, so a mismatch would read past it)."""
     _check_shapes(x, bias)
-    return is_gpu(x) and x.dtype == bias.dtype and x.dtype.name in _TYPE_NAMES
+    return is_gpu(x) and x.dtype == bias.dtype and x.dtype.name in build.KERNEL_TYPES
 
 
 def _check_shapes(x: Any, bias: Any) -> None:
@@ -75,16 +75,12 @@ def _check_shapes(x: Any, bias: Any) -> None:
                      + (f" or ({x.shape[0]}, 1, {x.shape[2]})" if x.ndim == 3 else ""))
 
 
-_TYPE_NAMES = {"float32": "float", "bfloat16": "bf16"}
-
-
 def _layout(x: Any, bias: Any) -> tuple[int, int, int, str, str]:
     """(groups, rows per group, features, kernel type name, vectorised) for x and its bias."""
     features = x.shape[-1]
     rows = x.size // features
     groups = 1 if bias.ndim == 1 else bias.shape[0]
-    vectorised = "true" if (features * x.dtype.itemsize) % 16 == 0 else "false"
-    return groups, rows // groups, features, _TYPE_NAMES[x.dtype.name], vectorised
+    return groups, rows // groups, features, build.type_name(x), build.row_vectors(x)
 
 
 def _gpu_forward(x: Any, bias: Any, gelu: bool) -> Any:

@@ -25,6 +25,20 @@ class KernelBuildError(RuntimeError):
     """A .cu file failed to compile; the message names the file and line."""
 
 
+KERNEL_TYPES = {"float32": "float", "bfloat16": "bf16"}  # array dtype name -> common.cuh's element type
+
+
+def type_name(array: Any) -> str:
+    """The kernels' template element type for an array: "float" or "bf16" (KeyError for other dtypes)."""
+    return KERNEL_TYPES[array.dtype.name]
+
+
+def row_vectors(array: Any) -> str:
+    """common.cuh's Row<T, VEC> flag for rows along the last axis: "true" when a row is a whole number of
+    16-byte vectors (rows of a contiguous allocation then start 16-byte aligned)."""
+    return "true" if (array.shape[-1] * array.dtype.itemsize) % 16 == 0 else "false"
+
+
 def register(filename: str, *name_expressions: str) -> None:
     """Declare the (templated) kernel names a .cu file must export."""
     _NAME_EXPRESSIONS[filename] = tuple(name_expressions)

@@ -184,12 +184,6 @@ def _gpu_dispatch(x: Any, expert_index: Any, position: Any, num_experts: int, ca
     return buffer.reshape(num_experts, capacity, x.shape[1])
 
 
-def _launch_config(rows: Any) -> tuple[str, str]:
-    type_name = {"float32": "float", "bfloat16": "bf16"}[rows.dtype.name]
-    vectorised = (rows.shape[-1] * rows.dtype.itemsize) % 16 == 0
-    return type_name, "true" if vectorised else "false"
-
-
 def _gpu_combine(buffer: Any, expert_index: Any, position: Any, weight: Any) -> Any:
     import cupy
 
@@ -198,7 +192,7 @@ def _gpu_combine(buffer: Any, expert_index: Any, position: Any, weight: Any) -> 
     y = cupy.empty((tokens, width), dtype=buffer.dtype)
     if tokens == 0:
         return y
-    type_name, vectorised = _launch_config(buffer)
+    type_name, vectorised = build.type_name(buffer), build.row_vectors(buffer)
     # A null weight pointer means unit weights (the backward of dispatch).
     weight = np.uint64(0) if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
     build.kernel("dispatch.cu", f"combine_rows<{type_name}, {vectorised}>")(
@@ -218,7 +212,7 @@ def _gpu_combine_backward(grad_y: Any, buffer: Any, expert_index: Any, position:
     grad_weight = cupy.empty((tokens, k), dtype=cupy.float32)
     if tokens == 0:
         return grad_buffer, grad_weight.astype(weight.dtype)
-    type_name, vectorised = _launch_config(buffer)
+    type_name, vectorised = build.type_name(buffer), build.row_vectors(buffer)
     build.kernel("dispatch.cu", f"combine_backward<{type_name}, {vectorised}>")(
         (tokens,), (THREADS,),
         (cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(buffer), expert_index, position,

@@ -96,10 +96,6 @@ def _gate_logits_on_gpu(x: Any, weight: Any) -> bool:
     return is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in ("float32", "bfloat16")
 
 
-def _type_name(x: Any) -> str:
-    return "bf16" if x.dtype.name == "bfloat16" else "float"
-
-
 def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, Any]:
     import cupy
 
@@ -112,9 +108,9 @@ def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[An
     partial = cupy.empty((tiles, width, num_experts), dtype=cupy.float32)
     if num_tokens and width:
         sizes = (np.int32(num_tokens), np.int32(width), np.int32(num_experts))
-        build.kernel("gating.cu", f"gate_logits_grad_x<{_type_name(x)}>")(
+        build.kernel("gating.cu", f"gate_logits_grad_x<{build.type_name(x)}>")(
             (-(-num_tokens // GRAD_TOKENS),), (LOGITS_THREADS,), (grad_logits, weight, grad_x, *sizes))
-        build.kernel("gating.cu", f"gate_logits_grad_weight<{_type_name(x)}>")(
+        build.kernel("gating.cu", f"gate_logits_grad_weight<{build.type_name(x)}>")(
             (tiles, -(-width // LOGITS_THREADS)), (LOGITS_THREADS,), (x, grad_logits, partial, *sizes))
     return grad_x, partial.sum(axis=0)
 
@@ -130,7 +126,7 @@ def _gpu_gate_logits(x: Any, weight: Any) -> Any:
         return logits
     tokens_per_block = LOGITS_THREADS // WARP * TOKENS_PER_WARP
     vector = num_experts % 4 == 0 and weight.data.ptr % 16 == 0
-    build.kernel("gating.cu", f"gate_logits<{_type_name(x)}>")(
+    build.kernel("gating.cu", f"gate_logits<{build.type_name(x)}>")(
         (-(-num_tokens // tokens_per_block),), (LOGITS_THREADS,),
         (x, weight, logits, np.int32(num_tokens), np.int32(width), np.int32(num_experts), np.int32(vector)))
     return logits

@@ -49,11 +49,6 @@ def layernorm_backward(
     return grad_x, (grad_y * xhat).sum(axis=leading), grad_y.sum(axis=leading)
 
 
-def _names(x: Any) -> tuple[str, str]:
-    type_name = {"float32": "float", "bfloat16": "bf16"}[x.dtype.name]
-    return type_name, "true" if (x.shape[-1] * x.dtype.itemsize) % 16 == 0 else "false"
-
-
 def _gpu_forward(x: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any]:
     import cupy
 
@@ -63,7 +58,7 @@ def _gpu_forward(x: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, 
     y = cupy.empty_like(x)
     mean = cupy.empty((*x.shape[:-1], 1), dtype=cupy.float32)
     rstd = cupy.empty_like(mean)
-    type_name, vectorised = _names(x)
+    type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_forward<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
         (x, weight, bias, y, mean, rstd, np.int32(rows), np.int32(width), np.float32(eps)))
@@ -77,7 +72,7 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> tup
     rows = x.size // width
     grad_y, x = cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(x)
     grad_x = cupy.empty_like(x)
-    type_name, vectorised = _names(x)
+    type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_backward_input<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
         (grad_y, x, cupy.ascontiguousarray(weight.astype(x.dtype)), mean, rstd, grad_x, np.int32(rows),

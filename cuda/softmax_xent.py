@@ -61,10 +61,6 @@ def cross_entropy_backward(
     return grad_logits
 
 
-def _type_name(logits: Any) -> str:
-    return {"float32": "float", "bfloat16": "bf16"}[logits.dtype.name]
-
-
 def _valid_count(targets: Any, ignore_index: int) -> Any:
     """max(number of valid rows, 1) as a float32 device scalar."""
     import cupy
@@ -79,7 +75,7 @@ def _gpu_forward(logits: Any, targets: Any, ignore_index: int) -> tuple[Any, Any
     logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
     row_loss = cupy.empty(rows, dtype=cupy.float32)
     logsumexp = cupy.empty(rows, dtype=cupy.float32)
-    build.kernel("softmax_xent.cu", f"cross_entropy_forward<{_type_name(logits)}>")(
+    build.kernel("softmax_xent.cu", f"cross_entropy_forward<{build.type_name(logits)}>")(
         (rows,), (THREADS,), (logits, targets, row_loss, logsumexp, np.int32(vocab), np.int64(ignore_index)))
     return row_loss.sum() / _valid_count(targets, ignore_index), logsumexp
 
@@ -91,6 +87,6 @@ def _gpu_backward(grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ign
     logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
     scale = (cupy.asarray(grad_loss, dtype=cupy.float32) / _valid_count(targets, ignore_index)).reshape(1)
     grad_logits = cupy.empty_like(logits)
-    build.kernel("softmax_xent.cu", f"cross_entropy_backward<{_type_name(logits)}>")(
+    build.kernel("softmax_xent.cu", f"cross_entropy_backward<{build.type_name(logits)}>")(
         (rows,), (THREADS,), (logits, targets, logsumexp, scale, grad_logits, np.int32(vocab), np.int64(ignore_index)))
     return grad_logits
