@@ -5,20 +5,27 @@
 // The positions are a scan over the tokens: a token's position in its expert's buffer counts the earlier
 // tokens that chose the same expert, and a second choice queues behind *all* first choices. Each block
 // owns one tile of consecutive tokens; it ranks its tile's choices locally and writes its per-expert
-// counts, and after a grid-wide barrier every block adds the counts of the tiles before its own. The
-// barrier is sound only if every block of the grid is resident at once, which a cooperative launch
-// guarantees (cuda/gating.py sizes the grid from the occupancy and launches it cooperatively).
+// counts, and after a grid-wide barrier the counts are scanned over the tiles, so that every block learns
+// the counts of the tiles before its own. The barrier is cooperative_groups' grid.sync(): sound because a
+// cooperative launch keeps every block of the grid resident at once (cuda/gating.py sizes the grid from
+// the occupancy), and the driver provides its memory, so nothing needs zeroing before the launch.
 //
 // Phases (B = a grid barrier):
 //   1. per tile: softmax and the k choices of each token (a group of lanes per token), the tile's
 //      probability sums for me; rank each choice column within the tile, in token order              B
 //      (random token selection: rank the first choices in priority order instead, after the barrier  B)
-//   2. every block sums all tiles' counts: each expert's load (the dropless capacity, the second choices'
-//      queue offset) and the counts of the tiles before its own
+//   2. tile offsets, a scan transposed: one warp per (choice column, expert) runs over the tiles' counts
+//      in order and writes each tile's exclusive prefix and the column's total (more warps add up the
+//      probability sums for me)                                                                     B
+//      every block then reads its own tile's prefixes and the totals (each expert's load: the dropless
+//      capacity, the second choices' queue offset)
 //      (random token selection: mark the first C of each expert in priority order as kept            B
-//      and rank the kept ones again in token order                                                  B)
+//      and rank the kept ones again in token order                                                  B
+//      and scan their counts the same way                                                           B)
 //   3. per tile: position = rank in tile + counts of earlier tiles (+ all first choices, for second
 //      choices), -1 at or past the capacity; the weights; block 0 writes the statistics.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 constexpr int WARP = 32;
@@ -134,22 +141,6 @@ __global__ void gate_logits_grad_weight(const T* __restrict__ x, const float* __
   }
 }
 
-// Every block waits here until all blocks of the grid have arrived. `arrived` starts at 0 for the launch
-// and counts arrivals; the n-th barrier of the launch opens at n * gridDim.x. The fences make each
-// block's global writes before the barrier visible to every block after it.
-__device__ void grid_barrier(unsigned int* arrived, unsigned int& opens_at) {
-  opens_at += gridDim.x;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(arrived, 1u);
-    while (*(volatile unsigned int*)arrived < opens_at) {
-    }
-    __threadfence();
-  }
-  __syncthreads();
-}
-
 // Phase 1 spreads a token's E scores over a group of `lanes` lanes (a power of two, at most 32), PER_LANE
 // consecutive experts each: lane m of the group holds experts m * PER_LANE, ..., m * PER_LANE + PER_LANE - 1;
 // a warp takes 32 / lanes tokens at once. Each lane loads its PER_LANE values at once (16-byte vectors where
@@ -203,78 +194,132 @@ __device__ int group_choice(const float (&scores)[PER_LANE], int experts, int me
   return index;
 }
 
-// Ranks entries [begin, end) of one choice column, taken in the given order (token = order ? order[i] :
-// i), among the entries of the same expert; entries whose keep flag is 0 take no part and get rank -1.
-// Rounds of blockDim.x entries: inside a warp __match_any_sync finds the lanes with the same expert and
-// the rank is the number of such lanes below; warps are offset by the counts of the warps before them and
-// by the earlier rounds (a scan over the warps per expert in shared memory). Writes the rank to
-// position[token * k + column] and the tile's count per expert to tile_counts[e].
-__device__ void rank_tile(const long long* expert_index, int k, int column, const long long* order,
+// Inclusive sum over lanes 0..lane of one int per lane (a Hillis-Steele scan by shuffles).
+__device__ __forceinline__ int warp_inclusive_scan(int value) {
+  const int lane = threadIdx.x % WARP;
+  for (int offset = 1; offset < WARP; offset *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, value, offset);
+    if (lane >= offset) value += other;
+  }
+  return value;
+}
+
+// Ranks entries [begin, end) of the first `columns` choice columns (1 or 2, each column on its own),
+// taken in the given order (token = order ? order[i] : i), among the entries of the same expert; entries
+// whose keep flag is 0 take no part and get rank -1. Rounds of blockDim.x entries: inside a warp
+// __match_any_sync finds the lanes with the same expert and the rank is the number of such lanes below;
+// warps are offset by the counts of the warps before them and by the earlier rounds (a scan over the
+// warps per column and expert in shared memory: both columns share every __syncthreads). Writes the rank
+// to position[token * k + c] and the tile's count per expert of column c to tile_counts[(c * E + e) * tiles]
+// (counts [columns][E][tiles], tile_counts pointing at this tile's column).
+__device__ void rank_tile(const long long* expert_index, int k, int columns, const long long* order,
                           const unsigned char* keep, long long begin, long long end, int experts,
-                          long long* position, int* tile_counts, int* scan, int* running) {
+                          long long* position, int* tile_counts, int tiles, int* scan, int* running) {
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+  const int width = columns * experts;  // scan [warps][columns][E], running [columns][E]
   __syncthreads();  // the shared arrays may still be read by the previous phase
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) running[e] = 0;
+  for (int j = threadIdx.x; j < width; j += blockDim.x) running[j] = 0;
   for (long long round = begin; round < end; round += blockDim.x) {
-    for (int j = threadIdx.x; j < warps * experts; j += blockDim.x) scan[j] = 0;
+    for (int j = threadIdx.x; j < warps * width; j += blockDim.x) scan[j] = 0;
     __syncthreads();
     const long long i = round + threadIdx.x;
     long long token = -1;
-    int expert = -1;
+    int expert[2] = {-1, -1}, rank_in_warp[2] = {0, 0};
     if (i < end) {
       token = order ? order[i] : i;
-      if (!keep || keep[token]) expert = (int)expert_index[token * k + column];
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (c < columns && (!keep || keep[token])) expert[c] = (int)expert_index[token * k + c];
     }
-    const unsigned peers = __match_any_sync(0xffffffffu, expert);
-    const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));
-    if (expert >= 0 && rank_in_warp == 0) scan[warp * experts + expert] = __popc(peers);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      if (c == columns) break;  // uniform over the block
+      const unsigned peers = __match_any_sync(0xffffffffu, expert[c]);
+      rank_in_warp[c] = __popc(peers & ((1u << lane) - 1u));
+      if (expert[c] >= 0 && rank_in_warp[c] == 0) scan[warp * width + c * experts + expert[c]] = __popc(peers);
+    }
     __syncthreads();
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {  // exclusive scan over the warps, per expert
-      int total = running[e];
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {  // exclusive scan over the warps
+      int total = running[j];
       for (int w = 0; w < warps; ++w) {
-        const int count = scan[w * experts + e];
-        scan[w * experts + e] = total;
+        const int count = scan[w * width + j];
+        scan[w * width + j] = total;
         total += count;
       }
-      running[e] = total;
+      running[j] = total;
     }
     __syncthreads();
-    if (token >= 0) position[token * k + column] = expert >= 0 ? scan[warp * experts + expert] + rank_in_warp : -1;
+    if (token >= 0) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (c < columns)
+          position[token * k + c] =
+              expert[c] >= 0 ? scan[warp * width + c * experts + expert[c]] + rank_in_warp[c] : -1;
+    }
     __syncthreads();  // the next round clears `scan`
   }
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) tile_counts[e] = running[e];
+  for (int j = threadIdx.x; j < width; j += blockDim.x) tile_counts[(long long)j * tiles] = running[j];
 }
 
-// Per expert, the counts of the tiles before `tile` (before[e]) and of all tiles (total[e]), from
-// counts [tiles][experts]. Thread (part, e) sums tiles part, part + parts, ... of expert e in registers
-// (independent loads the compiler can keep in flight together), then the parts meet in shared memory
-// (integer atomics: the sums do not depend on their order). E <= blockDim.x, so parts >= 1.
-__device__ void sum_tiles(const int* counts, int tiles, int tile, int experts, int* before, int* total) {
-  __syncthreads();
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) before[e] = total[e] = 0;
-  __syncthreads();
-  const int parts = blockDim.x / experts, part = threadIdx.x / experts, e = threadIdx.x % experts;
-  if (part < parts) {
-    int sum_before = 0, sum_all = 0;
-    for (int t = part; t < tiles; t += parts) {
-      const int count = counts[t * experts + e];
-      sum_all += count;
-      sum_before += t < tile ? count : 0;
+// Phase 2: the tiles' offsets. counts [columns][E][tiles] holds each tile's count per expert of each
+// choice column, a row of tiles per (column, expert); one warp of the grid takes one row: lane l holds
+// tiles l, l + 32, ... (CHUNKS chunks of 32 consecutive tiles, all loaded at once: coalesced, independent
+// loads, one round trip to L2), the warp scans the chunks in order and writes each tile's exclusive
+// prefix back in place of its count and the row's total to totals[column][e]. (So a launch has at most
+// 32 * CHUNKS tiles, cuda/gating.py's MAX_TILES.) The rows go to the blocks in turn (warp 0 of every
+// block first): a warp's loads of a row are cheap, but many warps of one SM would queue at its load unit.
+// With prob_sums [E][tiles] given, E more warps add up each expert's probability sums into
+// prob_totals[e] in a fixed order (lane by lane over the chunks, then the butterfly), so the sum does not
+// depend on scheduling. After the grid barrier each block copies its tile's prefixes to before
+// [columns][E] and the totals to total [columns][E] (shared memory).
+constexpr int CHUNKS = 8;
+
+__device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* counts, int* totals, int columns,
+                             const float* prob_sums, float* prob_totals, int tiles, int tile, int experts,
+                             int* before, int* total) {
+  const int warps = blockDim.x / WARP, lane = threadIdx.x % WARP;
+  const int rows = columns * experts, items = rows + (prob_sums ? experts : 0);
+  for (int item = threadIdx.x / WARP * gridDim.x + blockIdx.x; item < items; item += gridDim.x * warps) {
+    if (item >= rows) {  // an expert's probability sums
+      const float* row = prob_sums + (long long)(item - rows) * tiles;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < CHUNKS; ++j) sum += j * WARP + lane < tiles ? row[j * WARP + lane] : 0.0f;
+      sum = warp_sum(sum);
+      if (lane == 0) prob_totals[item - rows] = sum;
+      continue;
     }
-    atomicAdd(&total[e], sum_all);
-    atomicAdd(&before[e], sum_before);
+    int* row = counts + (long long)item * tiles;
+    int count[CHUNKS];
+#pragma unroll
+    for (int j = 0; j < CHUNKS; ++j) count[j] = j * WARP + lane < tiles ? row[j * WARP + lane] : 0;
+    int carried = 0;
+#pragma unroll
+    for (int j = 0; j < CHUNKS; ++j) {
+      if (j * WARP >= tiles) break;  // uniform over the warp
+      const int inclusive = warp_inclusive_scan(count[j]);
+      if (j * WARP + lane < tiles) row[j * WARP + lane] = carried + inclusive - count[j];
+      carried += __shfl_sync(0xffffffffu, inclusive, WARP - 1);
+    }
+    if (lane == 0) totals[item] = carried;
+  }
+  grid.sync();
+  for (int j = threadIdx.x; j < rows; j += blockDim.x) {
+    before[j] = counts[(long long)j * tiles + tile];
+    total[j] = totals[j];
   }
   __syncthreads();
 }
 
 // source_token [E * C] (null when dropless): the token in each buffer slot, -1 where none (dispatch.py's
 // source_tokens).
-// workspace (int, zeroed before the launch): [0] the barrier's arrival count, [1] the capacity used,
-// then per-tile counts per expert: counts[k][tiles][E] of the choice columns, and kept_counts[tiles][E]
-// (random token selection: the kept first choices). statistics (float): first_fraction [E], aux_loss,
-// dropped, then prob_sums [tiles][E], each tile's sum of p[t, e].
-// Shared memory: scan [warps][E] and at least blockDim.x (also the per-warp and per-part probability
-// sums), running [E], before [2][E], total [2][E].
+// workspace (int, needs no initial values): [0] the capacity used, then per-tile counts per expert
+// (overwritten by their exclusive prefixes over the tiles) counts [k + 1][E][tiles]: the k choice columns,
+// then the kept first choices (random token selection); and their totals [k + 1][E].
+// statistics (float): first_fraction [E], aux_loss, dropped, prob_totals [E] (sum_t p[t, e]), then
+// prob_sums [E][tiles], each tile's sum of p[t, e].
+// Shared memory: scan [warps][2][E] (also the per-warp probability sums), running [2][E], before [2][E],
+// total [2][E].
 extern "C" __global__ void gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
                                       const float* __restrict__ second_scores, const long long* __restrict__ order,
                                       int tokens, int experts, int lanes, int vector, int k, long long capacity,
@@ -283,29 +328,23 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
                                       unsigned char* __restrict__ keep, int* __restrict__ workspace,
                                       long long* __restrict__ tokens_per_expert, float* __restrict__ statistics,
                                       long long* __restrict__ source_token) {
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   extern __shared__ int shared[];
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   int* scan = shared;
-  int* running = scan + max(warps * experts, (int)blockDim.x);  // scan also holds [parts][E] floats
-  int* before = running + experts;  // [2][E]
+  int* running = scan + warps * 2 * experts;
+  int* before = running + 2 * experts;  // [2][E]
   int* total = before + 2 * experts;  // [2][E]
   __shared__ long long used_capacity;
-  unsigned int* arrived = (unsigned int*)workspace;
-  unsigned int opens_at = 0;
   const int tiles = gridDim.x, tile = blockIdx.x;
-  int* counts = workspace + 2;
-  float* first_fraction = statistics;  // [E], then aux_loss, dropped, and prob_sums [tiles][E]
-  float* prob_sums = statistics + experts + 2;
+  int* counts = workspace + 1;
   int* kept_counts = counts + k * tiles * experts;
+  int* totals = counts + (k + 1) * tiles * experts;
+  float* first_fraction = statistics;  // [E], then aux_loss, dropped, prob_totals [E], prob_sums [E][tiles]
+  float* prob_totals = statistics + experts + 2;
+  float* prob_sums = prob_totals + experts;
   const long long tile_size = ((long long)tokens + tiles - 1) / tiles;
   const long long begin = min((long long)tokens, tile * tile_size), end = min((long long)tokens, begin + tile_size);
-
-  // The inverse table (fixed capacity only), dispatch's input: every slot empty (-1) until phase 3 (after
-  // a barrier) writes the token of each kept choice into its slot.
-  if (source_token)
-    for (long long slot = (long long)tile * blockDim.x + threadIdx.x; slot < experts * capacity;
-         slot += (long long)tiles * blockDim.x)
-      source_token[slot] = -1;
 
   // Phase 1: choices and softmax, a group of lanes per token. The choices are made on the logits, or on
   // the noisy scores when given (loaded only then).
@@ -322,10 +361,11 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     const int first = first_scores ? group_choice(scores, experts, member, lanes, -1)
                                    : group_choice(values, experts, member, lanes, -1);
     if (valid && member == 0) expert_index[token * k] = first;
+    int second = -1;
     if (k == 2) {
       if (second_scores) load_part(scores, second_scores, token, valid, experts, member, vector);
-      const int second = second_scores ? group_choice(scores, experts, member, lanes, first)
-                                       : group_choice(values, experts, member, lanes, first);
+      second = second_scores ? group_choice(scores, experts, member, lanes, first)
+                             : group_choice(values, experts, member, lanes, first);
       if (valid && member == 0) expert_index[token * k + 1] = second;
     }
     float row_max = -infinity();
@@ -340,10 +380,14 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     }
     row_sum = warp_sum(row_sum, lanes);
     if (!valid) continue;
+    const float inverse = 1.0f / row_sum;  // one division, not PER_LANE (IEEE division is a subroutine)
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
-      values[j] /= row_sum;
+      values[j] *= inverse;
       prob_sum[j] += values[j];
+      // The chosen experts' probabilities, parked in `weight` for phase 3 (by the lane that holds each).
+      if (member * PER_LANE + j == first) weight[token * k] = values[j];
+      if (member * PER_LANE + j == second) weight[token * k + 1] = values[j];
     }
     float* row = probs + token * experts + member * PER_LANE;
     if (vector && member * PER_LANE + PER_LANE <= experts) {
@@ -371,25 +415,23 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     float sum = 0.0f;
     for (int w = 0; w < warps; ++w) sum += warp_prob_sums[w * experts + e];
-    prob_sums[tile * experts + e] = sum;
+    prob_sums[(long long)e * tiles + tile] = sum;
   }
   if (!order)
-    for (int column = 0; column < k; ++column)
-      rank_tile(expert_index, k, column, nullptr, nullptr, begin, end, experts, position,
-                counts + (column * tiles + tile) * experts, scan, running);
-  grid_barrier(arrived, opens_at);
+    rank_tile(expert_index, k, k, nullptr, nullptr, begin, end, experts, position, counts + tile, tiles, scan,
+              running);
+  grid.sync();
   // Random token selection (top-1): rank the first choices in priority order (entries [begin, end) of
   // the order, whose tokens lie anywhere, hence after the barrier).
   if (order) {
-    rank_tile(expert_index, k, 0, order, nullptr, begin, end, experts, position, counts + tile * experts, scan,
+    rank_tile(expert_index, k, 1, order, nullptr, begin, end, experts, position, counts + tile, tiles, scan,
               running);
-    grid_barrier(arrived, opens_at);
+    grid.sync();
   }
 
   // Every block needs the totals: the second choices' queue offset, and the dropless capacity.
   int* first_total = total;
-  sum_tiles(counts, tiles, tile, experts, before, first_total);
-  if (k == 2) sum_tiles(counts + tiles * experts, tiles, tile, experts, before + experts, total + experts);
+  tile_offsets(grid, counts, totals, k, prob_sums, prob_totals, tiles, tile, experts, before, total);
   if (threadIdx.x == 0) {
     used_capacity = capacity;
     if (capacity < 0) {  // dropless: the fullest expert's load
@@ -397,7 +439,7 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
       for (int e = 0; e < experts; ++e)
         used_capacity = max(used_capacity, (long long)total[e] + (k == 2 ? total[experts + e] : 0));
     }
-    if (tile == 0) workspace[1] = (int)used_capacity;
+    if (tile == 0) workspace[0] = (int)used_capacity;
   }
   __syncthreads();
 
@@ -408,25 +450,45 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
       const long long token = order[i];
       keep[token] = position[token * k] + before[expert_index[token * k]] < used_capacity;
     }
-    grid_barrier(arrived, opens_at);
-    rank_tile(expert_index, k, 0, nullptr, keep, begin, end, experts, position, kept_counts + tile * experts, scan,
+    grid.sync();
+    rank_tile(expert_index, k, 1, nullptr, keep, begin, end, experts, position, kept_counts + tile, tiles, scan,
               running);
-    grid_barrier(arrived, opens_at);
-    sum_tiles(kept_counts, tiles, tile, experts, before, scan);
+    grid.sync();
+    tile_offsets(grid, kept_counts, totals + k * experts, 1, nullptr, nullptr, tiles, tile, experts, before, scan);
   }
 
-  // Phase 3: positions and weights of the tile's tokens.
+  // Dispatch's inverse table (fixed capacity only): expert e keeps its first min(load, C) slots, which
+  // phase 3 fills with their tokens; the rest stay empty (-1). Experts go to the blocks in turn, so that
+  // every slot is written once.
+  if (source_token)
+    for (int e = tile; e < experts; e += tiles) {
+      const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);
+      for (long long slot = min(load, used_capacity) + threadIdx.x; slot < used_capacity; slot += blockDim.x)
+        source_token[e * used_capacity + slot] = -1;
+    }
+
+  // Phase 3: positions and weights of the tile's tokens (`weight` holds the chosen probabilities). Both
+  // choices' loads are issued before anything is stored, so that they are in flight together.
   for (long long token = begin + threadIdx.x; token < end; token += blockDim.x) {
-    float chosen[2] = {0.0f, 0.0f}, chosen_sum = 0.0f;
-    for (int c = 0; c < k; ++c) {
-      const long long slot = token * k + c;
-      const int e = (int)expert_index[slot];
-      const long long rank = position[slot];
-      const long long queued = rank < 0 ? -1 : rank + before[c * experts + e] + (c == 1 ? first_total[e] : 0);
+    long long expert[2] = {0, 0}, rank[2] = {-1, -1};
+    float chosen[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      if (c < k) {
+        expert[c] = expert_index[token * k + c];
+        rank[c] = position[token * k + c];
+        chosen[c] = weight[token * k + c];
+      }
+    float chosen_sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      if (c == k) break;
+      const int e = (int)expert[c];
+      const long long queued = rank[c] < 0 ? -1 : rank[c] + before[c * experts + e] + (c == 1 ? first_total[e] : 0);
       const bool kept = queued >= 0 && queued < used_capacity;
-      position[slot] = kept ? queued : -1;
+      position[token * k + c] = kept ? queued : -1;
       if (kept && source_token) source_token[e * used_capacity + queued] = token;
-      chosen[c] = kept ? probs[token * experts + e] : 0.0f;
+      chosen[c] = kept ? chosen[c] : 0.0f;
       chosen_sum += chosen[c];
     }
     // top-1: w = p[first]; top-2: the kept probabilities over their sum, clamped below by float32 epsilon.
@@ -434,20 +496,10 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     for (int c = 0; c < k; ++c) weight[token * k + c] = chosen[c] / denominator;
   }
 
-  // Statistics (GShard Algorithm 1): ce from the first choices before drops, me from the tiles' sums;
-  // and the fraction of the T * k choices dropped: expert e keeps min(C, its load), since second choices
-  // queue behind first choices and random token selection keeps C of the first choices.
+  // Statistics (GShard Algorithm 1): ce from the first choices before drops, me from phase 2's
+  // probability totals; and the fraction of the T * k choices dropped: expert e keeps min(C, its load),
+  // since second choices queue behind first choices and random token selection keeps C of the first choices.
   if (tile == 0) {
-    // me: the tiles' probability sums added up as in sum_tiles, thread (part, e) over tiles part, part +
-    // parts, ...; the parts then in a fixed order (float sums depend on it).
-    const int parts = blockDim.x / experts, part = threadIdx.x / experts;
-    float* part_sums = (float*)scan;  // [parts][E]
-    if (part < parts) {
-      float sum = 0.0f;
-      for (int t = part; t < tiles; t += parts) sum += prob_sums[t * experts + threadIdx.x % experts];
-      part_sums[threadIdx.x] = sum;
-    }
-    __syncthreads();
     float aux = 0.0f, kept = 0.0f;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
       const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);
@@ -455,9 +507,7 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
       kept += (float)min(load, used_capacity);
       const float fraction = (float)first_total[e] / tokens;
       first_fraction[e] = fraction;
-      float prob_sum_e = 0.0f;
-      for (int p = 0; p < parts; ++p) prob_sum_e += part_sums[p * experts + e];
-      aux += prob_sum_e / tokens * fraction;
+      aux += prob_totals[e] / tokens * fraction;
     }
     aux = block_reduce<false>(aux);
     kept = block_reduce<false>(kept);

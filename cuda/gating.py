@@ -50,6 +50,7 @@ GRAD_TOKENS, GRAD_TILE = 8, 64  # tokens per block of gate_logits_grad_x and gat
 ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps
 PER_LANE = 16  # experts per lane in gate_route (its constant of the same name): E up to 16 * 32
 MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
+MAX_TILES = 32 * 8  # blocks at most: gate_route's tile_offsets holds 32 * CHUNKS tiles per warp
 
 
 class Gating(NamedTuple):
@@ -216,7 +217,10 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
         return null if array is None else cupy.ascontiguousarray(array, dtype=cupy.float32)
 
     kernel, lanes, shared_mem, most_blocks = _route_launch(num_experts, cupy.cuda.runtime.getDevice())
-    tiles = min(most_blocks, -(-num_tokens // MIN_TILE))
+    if most_blocks == 0:
+        raise RuntimeError(f"the GPU gating kernel does not fit on this GPU for {num_experts} experts "
+                           f"({shared_mem} bytes of shared memory per block)")
+    tiles = min(most_blocks, MAX_TILES, -(-num_tokens // MIN_TILE))
     logits, first_scores, second_scores = (as_float(a) for a in (logits, first_scores, second_scores))
     # 16-byte loads need rows that start 16-byte aligned: E a multiple of 4 and aligned arrays.
     vector = num_experts % 4 == 0 and all(a is null or a.data.ptr % 16 == 0 for a in (logits, first_scores,
@@ -225,9 +229,9 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     expert_index = cupy.empty((num_tokens, k), dtype=cupy.int64)
     position = cupy.empty((num_tokens, k), dtype=cupy.int64)
     weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
-    workspace = cupy.zeros(2 + (k + 1) * tiles * num_experts, dtype=cupy.int32)
+    workspace = cupy.empty(1 + (k + 1) * (tiles + 1) * num_experts, dtype=cupy.int32)  # see gate_route's comment
     tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
-    statistics = cupy.empty((tiles + 1) * num_experts + 2, dtype=cupy.float32)  # see gate_route's comment
+    statistics = cupy.empty((tiles + 2) * num_experts + 2, dtype=cupy.float32)
     # Fixed capacity: the kernel also writes dispatch's inverse table (dropless: C is known only after it).
     source_token = null if capacity is None else cupy.empty(num_experts * capacity, dtype=cupy.int64)
     order = keep = null
@@ -241,7 +245,7 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
         expert_index, position, weight, keep, workspace, tokens_per_expert, statistics, source_token),
         shared_mem=shared_mem, enable_cooperative_groups=True)
     if capacity is None:
-        capacity = int(workspace[1])  # the kernel's dropless capacity: one read of the device
+        capacity = int(workspace[0])  # the kernel's dropless capacity: one read of the device
         source_token = None
     return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, statistics[:num_experts],
                   statistics[num_experts], statistics[num_experts + 1], source_token)
@@ -257,8 +261,10 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
     # as many tokens at once as it can (E = 64: 4 lanes, 8 tokens; E <= 16: 1 lane, 32 tokens).
     lanes = 1 << (-(-num_experts // PER_LANE) - 1).bit_length()
     kernel = build.kernel("gating.cu", "gate_route")
-    # scan [warps][E] (at least ROUTE_THREADS), running [E], before [2][E], total [2][E]: gate_route's comment
-    shared_mem = 4 * (max(ROUTE_THREADS // WARP * num_experts, ROUTE_THREADS) + 5 * num_experts)
+    # scan [warps][2][E], running [2][E], before [2][E], total [2][E]: gate_route's comment
+    shared_mem = 4 * (2 * ROUTE_THREADS // WARP + 6) * num_experts
+    if shared_mem > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 315) a launch must opt in
+        kernel.max_dynamic_shared_size_bytes = shared_mem
     runtime = cupy.cuda.runtime
     per_multiprocessor = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
         kernel.kernel.ptr, ROUTE_THREADS, shared_mem)
