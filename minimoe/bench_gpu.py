@@ -363,7 +363,8 @@ def bench_gating(args: argparse.Namespace) -> None:
     tokens, experts = 65536, 64
     logits = cupy.random.default_rng(0).standard_normal((tokens, experts), dtype=cupy.float32)
     print(f"T={tokens}, E={experts}, float32 logits; bytes = logits read + probabilities written + the "
-          "table (expert_index, position int64; weight float32)")
+          "table (expert_index, position int64; weight float32) + dispatch's inverse table (E * C int64), "
+          "each array counted once")
     for k in (1, 2):
         capacity = expert_capacity(tokens, experts, k, 1.0, 4)
         gating = topk_gating(logits, k, capacity)
@@ -371,7 +372,7 @@ def bench_gating(args: argparse.Namespace) -> None:
         assert np.array_equal(cupy.asnumpy(gating.position), expected.position), "GPU gating differs from reference"
         alone_ms = event_ms(lambda: topk_gating(logits, k, capacity))  # noqa: B023
         queued = queued_ms(lambda: topk_gating(logits, k, capacity))  # noqa: B023
-        moved = 2 * logits.nbytes + tokens * k * (8 + 8 + 4)
+        moved = 2 * logits.nbytes + tokens * k * (8 + 8 + 4) + gating.source_token.nbytes
         for name, ms in (("one call alone", alone_ms), ("calls queued (GPU time)", queued)):
             print(f"k={k}, {name:<24}{ms * 1e3:8.1f} us, {moved / (ms * 1e-3) / 1e12:.2f} TB/s = "
                   f"{100 * moved / (ms * 1e-3) / copy_rate:.0f}% of the copy ceiling")
