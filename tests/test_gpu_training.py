@@ -25,6 +25,13 @@ def train_losses(run_dir):
 
 
 def test_bf16_gpu_run_follows_the_float32_cpu_run(tmp_path):
+    """How far apart is bf16 noise? Measured on an H100 (dev/notes.md), the largest gap of the 20-step
+    means between the float32 CPU run and the bf16 GPU run, over this seed and 3 others: 0.012-0.040 nats
+    with the previous gating kernel, 0.011-0.057 with this one. Of its changes only p * (1 / sum) for
+    p / sum (1 ulp of float32) moves these runs (with p / sum this seed's gap is 0.040 again), and it moved
+    this seed's from 0.040 to 0.057, around step 106, where the curve drops fastest and a shift of a step
+    shows most. So the bound is 0.08, above every gap seen (the kernels' own exactness is what
+    tests/test_gpu_kernels.py checks)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(generated_text(3000))
     try:
@@ -41,7 +48,7 @@ def test_bf16_gpu_run_follows_the_float32_cpu_run(tmp_path):
     cpu_smooth, gpu_smooth = np.convolve(cpu, window, "valid"), np.convolve(gpu, window, "valid")
     gap = np.abs(cpu_smooth - gpu_smooth)
     assert gpu_smooth[-1] < 0.6 * gpu_smooth[0], "the GPU run did not learn"
-    assert gap.max() < 0.05, f"20-step mean losses differ by up to {gap.max():.3f} nats"
+    assert gap.max() < 0.08, f"20-step mean losses differ by up to {gap.max():.3f} nats"
     assert abs(results["cpu"].final_val_loss - results["cuda"].final_val_loss) < 0.05
 
 
