@@ -9,7 +9,8 @@ struct bf16 {
   unsigned short bits;
 };
 
-// +infinity without <math_constants.h> (NVRTC compiles these files with no CUDA headers).
+// +infinity without <math_constants.h> (this header depends on no CUDA header; of the .cu files only gating.cu
+// includes one, <cooperative_groups.h>, for its grid barrier).
 __device__ __forceinline__ float infinity() { return __int_as_float(0x7f800000); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
