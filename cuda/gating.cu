@@ -12,7 +12,8 @@
 //
 // Phases (B = a grid barrier):
 //   1. per tile: softmax and the k choices of each token (a group of lanes per token), the tile's
-//      probability sums for me; rank each choice column within the tile, in token order              B
+//      probability sums for me; each warp takes consecutive tokens and ranks each choice column among
+//      its own earlier choices as it goes; the warps' offsets in the tile (a scan over their counts)  B
 //      (random token selection: rank the first choices in priority order instead, after the barrier  B)
 //   2. tile offsets, a scan transposed: one warp per (choice column, expert) runs over the tiles' counts
 //      in order and writes each tile's exclusive prefix and the column's total (more warps add up the
@@ -22,8 +23,9 @@
 //      (random token selection: mark the first C of each expert in priority order as kept            B
 //      and rank the kept ones again in token order                                                  B
 //      and scan their counts the same way                                                           B)
-//   3. per tile: position = rank in tile + counts of earlier tiles (+ all first choices, for second
-//      choices), -1 at or past the capacity; the weights; block 0 writes the statistics.
+//   3. per tile: position = rank in warp + the warp's offset in the tile + counts of earlier tiles (+ all
+//      first choices, for second choices), -1 at or past the capacity; the weights; block 0 writes the
+//      statistics.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -204,61 +206,62 @@ __device__ __forceinline__ int warp_inclusive_scan(int value) {
   return value;
 }
 
-// Ranks entries [begin, end) of the first `columns` choice columns (1 or 2, each column on its own),
-// taken in the given order (token = order ? order[i] : i), among the entries of the same expert; entries
-// whose keep flag is 0 take no part and get rank -1. Rounds of blockDim.x entries: inside a warp
-// __match_any_sync finds the lanes with the same expert and the rank is the number of such lanes below;
-// warps are offset by the counts of the warps before them and by the earlier rounds (a scan over the
-// warps per column and expert in shared memory: both columns share every __syncthreads). Writes the rank
-// to position[token * k + c] and the tile's count per expert of column c to tile_counts[(c * E + e) * tiles]
-// (counts [columns][E][tiles], tile_counts pointing at this tile's column).
-__device__ void rank_tile(const long long* expert_index, int k, int columns, const long long* order,
-                          const unsigned char* keep, long long begin, long long end, int experts,
-                          long long* position, int* tile_counts, int tiles, int* scan, int* running) {
+// Phase 1's ranking: the choice `expert` of each group leader's token (lanes in token order) ranked among
+// this warp's choices of the same expert so far; count [E] holds how many the warp has seen of each. Lanes
+// with the same expert find each other with __match_any_sync; the lowest of them advances the count.
+// Returns the rank on the leader lanes.
+__device__ __forceinline__ int rank_in_warp(int expert, bool leader, int* count) {
+  const int lane = threadIdx.x % WARP;
+  const unsigned peers = __match_any_sync(0xffffffffu, leader ? expert : -1);
+  const unsigned below = peers & ((1u << lane) - 1u);
+  const int rank = leader ? count[expert] + __popc(below) : -1;
+  __syncwarp();  // every leader has read the count
+  if (leader && below == 0) count[expert] += __popc(peers);
+  __syncwarp();
+  return rank;
+}
+
+// Random token selection (top-1): ranks the first choices of entries [begin, end), taken in the given
+// order (token = order ? order[i] : i), among the entries of the same expert; entries whose keep flag is 0
+// take no part and get rank -1. Rounds of blockDim.x entries: inside a warp __match_any_sync finds the
+// lanes with the same expert and the rank is the number of such lanes below; warps are offset by the
+// counts of the warps before them and by the earlier rounds (a scan over the warps per expert in shared
+// memory, scan [warps][E], running [E]). Writes the rank to position[token] and the tile's count per
+// expert to tile_counts[e * tiles] (counts [E][tiles], tile_counts pointing at this tile's column).
+__device__ void rank_tile(const long long* expert_index, const long long* order, const unsigned char* keep,
+                          long long begin, long long end, int experts, long long* position, int* tile_counts,
+                          int tiles, int* scan, int* running) {
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-  const int width = columns * experts;  // scan [warps][columns][E], running [columns][E]
   __syncthreads();  // the shared arrays may still be read by the previous phase
-  for (int j = threadIdx.x; j < width; j += blockDim.x) running[j] = 0;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) running[e] = 0;
   for (long long round = begin; round < end; round += blockDim.x) {
-    for (int j = threadIdx.x; j < warps * width; j += blockDim.x) scan[j] = 0;
+    for (int j = threadIdx.x; j < warps * experts; j += blockDim.x) scan[j] = 0;
     __syncthreads();
     const long long i = round + threadIdx.x;
     long long token = -1;
-    int expert[2] = {-1, -1}, rank_in_warp[2] = {0, 0};
+    int expert = -1;
     if (i < end) {
       token = order ? order[i] : i;
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        if (c < columns && (!keep || keep[token])) expert[c] = (int)expert_index[token * k + c];
+      if (!keep || keep[token]) expert = (int)expert_index[token];
     }
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      if (c == columns) break;  // uniform over the block
-      const unsigned peers = __match_any_sync(0xffffffffu, expert[c]);
-      rank_in_warp[c] = __popc(peers & ((1u << lane) - 1u));
-      if (expert[c] >= 0 && rank_in_warp[c] == 0) scan[warp * width + c * experts + expert[c]] = __popc(peers);
-    }
+    const unsigned peers = __match_any_sync(0xffffffffu, expert);
+    const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));
+    if (expert >= 0 && rank_in_warp == 0) scan[warp * experts + expert] = __popc(peers);
     __syncthreads();
-    for (int j = threadIdx.x; j < width; j += blockDim.x) {  // exclusive scan over the warps
-      int total = running[j];
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {  // exclusive scan over the warps
+      int total = running[e];
       for (int w = 0; w < warps; ++w) {
-        const int count = scan[w * width + j];
-        scan[w * width + j] = total;
+        const int count = scan[w * experts + e];
+        scan[w * experts + e] = total;
         total += count;
       }
-      running[j] = total;
+      running[e] = total;
     }
     __syncthreads();
-    if (token >= 0) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        if (c < columns)
-          position[token * k + c] =
-              expert[c] >= 0 ? scan[warp * width + c * experts + expert[c]] + rank_in_warp[c] : -1;
-    }
+    if (token >= 0) position[token] = expert >= 0 ? scan[warp * experts + expert] + rank_in_warp : -1;
     __syncthreads();  // the next round clears `scan`
   }
-  for (int j = threadIdx.x; j < width; j += blockDim.x) tile_counts[(long long)j * tiles] = running[j];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) tile_counts[(long long)e * tiles] = running[e];
 }
 
 // Phase 2: the tiles' offsets. counts [columns][E][tiles] holds each tile's count per expert of each
@@ -318,7 +321,8 @@ __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* co
 // then the kept first choices (random token selection); and their totals [k + 1][E].
 // statistics (float): first_fraction [E], aux_loss, dropped, prob_totals [E] (sum_t p[t, e]), then
 // prob_sums [E][tiles], each tile's sum of p[t, e].
-// Shared memory: scan [warps][2][E] (also the per-warp probability sums), running [2][E], before [2][E],
+// Shared memory: warp_offsets [warps][2][E] (each warp's counts, then their exclusive prefixes in the
+// tile), scan [warps][E] (rank_tile's, and the per-warp probability sums), running [E], before [2][E],
 // total [2][E].
 extern "C" __global__ void gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
                                       const float* __restrict__ second_scores, const long long* __restrict__ order,
@@ -331,9 +335,10 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   extern __shared__ int shared[];
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-  int* scan = shared;
-  int* running = scan + warps * 2 * experts;
-  int* before = running + 2 * experts;  // [2][E]
+  int* warp_offsets = shared;
+  int* scan = warp_offsets + warps * 2 * experts;
+  int* running = scan + warps * experts;
+  int* before = running + experts;  // [2][E]
   int* total = before + 2 * experts;  // [2][E]
   __shared__ long long used_capacity;
   const int tiles = gridDim.x, tile = blockIdx.x;
@@ -347,26 +352,40 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   const long long begin = min((long long)tokens, tile * tile_size), end = min((long long)tokens, begin + tile_size);
 
   // Phase 1: choices and softmax, a group of lanes per token. The choices are made on the logits, or on
-  // the noisy scores when given (loaded only then).
+  // the noisy scores when given (loaded only then). Each warp takes consecutive tokens of the tile, so
+  // that it ranks its choices in token order as it goes (random token selection ranks after the barrier).
   const int groups = WARP / lanes, group = lane / lanes, member = lane % lanes;
+  const long long warp_tokens = (end - begin + warps - 1) / warps;
+  const long long warp_begin = min(end, begin + warp * warp_tokens), warp_end = min(end, warp_begin + warp_tokens);
+  int* warp_counts = warp_offsets + warp * 2 * experts;  // [2][E]
+  for (int j = lane; j < 2 * experts; j += WARP) warp_counts[j] = 0;
+  __syncwarp();
   float prob_sum[PER_LANE];
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j) prob_sum[j] = 0.0f;
-  for (long long batch = begin + (long long)warp * groups; batch < end; batch += (long long)warps * groups) {
+  for (long long batch = warp_begin; batch < warp_end; batch += groups) {
     const long long token = batch + group;  // the loop is warp-uniform: every lane takes part in the shuffles
-    const bool valid = token < end;
+    const bool valid = token < warp_end, leader = valid && member == 0;
     float values[PER_LANE], scores[PER_LANE];
     load_part(values, logits, token, valid, experts, member, vector);
     if (first_scores) load_part(scores, first_scores, token, valid, experts, member, vector);
     const int first = first_scores ? group_choice(scores, experts, member, lanes, -1)
                                    : group_choice(values, experts, member, lanes, -1);
-    if (valid && member == 0) expert_index[token * k] = first;
+    if (leader) expert_index[token * k] = first;
+    if (!order) {
+      const int rank = rank_in_warp(first, leader, warp_counts);
+      if (leader) position[token * k] = rank;
+    }
     int second = -1;
     if (k == 2) {
       if (second_scores) load_part(scores, second_scores, token, valid, experts, member, vector);
       second = second_scores ? group_choice(scores, experts, member, lanes, first)
                              : group_choice(values, experts, member, lanes, first);
-      if (valid && member == 0) expert_index[token * k + 1] = second;
+      const int rank = rank_in_warp(second, leader, warp_counts + experts);
+      if (leader) {
+        expert_index[token * k + 1] = second;
+        position[token * k + 1] = rank;
+      }
     }
     float row_max = -infinity();
 #pragma unroll
@@ -412,20 +431,31 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     if (group == 0 && member * PER_LANE + j < experts)
       warp_prob_sums[warp * experts + member * PER_LANE + j] = prob_sum[j];
   __syncthreads();
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-    float sum = 0.0f;
-    for (int w = 0; w < warps; ++w) sum += warp_prob_sums[w * experts + e];
-    prob_sums[(long long)e * tiles + tile] = sum;
+  // Over the warps in a fixed order, side by side: threads [0, E) add up the tile's probability sums;
+  // threads [E, (k + 1) E) turn the warps' counts per column and expert into the warps' offsets within the
+  // tile (an exclusive scan; all 0 with random token selection, which ranked nothing yet), whose sums are
+  // the tile's counts.
+  for (int j = threadIdx.x; j < (k + 1) * experts; j += blockDim.x) {
+    if (j < experts) {
+      float sum = 0.0f;
+      for (int w = 0; w < warps; ++w) sum += warp_prob_sums[w * experts + j];
+      prob_sums[(long long)j * tiles + tile] = sum;
+      continue;
+    }
+    const int item = j - experts;  // column * E + expert
+    int sum = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int count = warp_offsets[w * 2 * experts + item];
+      warp_offsets[w * 2 * experts + item] = sum;
+      sum += count;
+    }
+    if (!order) counts[(long long)item * tiles + tile] = sum;
   }
-  if (!order)
-    rank_tile(expert_index, k, k, nullptr, nullptr, begin, end, experts, position, counts + tile, tiles, scan,
-              running);
   grid.sync();
   // Random token selection (top-1): rank the first choices in priority order (entries [begin, end) of
   // the order, whose tokens lie anywhere, hence after the barrier).
   if (order) {
-    rank_tile(expert_index, k, 1, order, nullptr, begin, end, experts, position, counts + tile, tiles, scan,
-              running);
+    rank_tile(expert_index, order, nullptr, begin, end, experts, position, counts + tile, tiles, scan, running);
     grid.sync();
   }
 
@@ -451,8 +481,7 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
       keep[token] = position[token * k] + before[expert_index[token * k]] < used_capacity;
     }
     grid.sync();
-    rank_tile(expert_index, k, 1, nullptr, keep, begin, end, experts, position, kept_counts + tile, tiles, scan,
-              running);
+    rank_tile(expert_index, nullptr, keep, begin, end, experts, position, kept_counts + tile, tiles, scan, running);
     grid.sync();
     tile_offsets(grid, kept_counts, totals + k * experts, 1, nullptr, nullptr, tiles, tile, experts, before, scan);
   }
@@ -470,6 +499,7 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   // Phase 3: positions and weights of the tile's tokens (`weight` holds the chosen probabilities). Both
   // choices' loads are issued before anything is stored, so that they are in flight together.
   for (long long token = begin + threadIdx.x; token < end; token += blockDim.x) {
+    const int* warp_offset = warp_offsets + (token - begin) / warp_tokens * 2 * experts;  // of phase 1's warp
     long long expert[2] = {0, 0}, rank[2] = {-1, -1};
     float chosen[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -484,7 +514,9 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     for (int c = 0; c < 2; ++c) {
       if (c == k) break;
       const int e = (int)expert[c];
-      const long long queued = rank[c] < 0 ? -1 : rank[c] + before[c * experts + e] + (c == 1 ? first_total[e] : 0);
+      const long long queued = rank[c] < 0 ? -1
+                               : rank[c] + warp_offset[c * experts + e] + before[c * experts + e] +
+                                     (c == 1 ? first_total[e] : 0);
       const bool kept = queued >= 0 && queued < used_capacity;
       position[token * k + c] = kept ? queued : -1;
       if (kept && source_token) source_token[e * used_capacity + queued] = token;

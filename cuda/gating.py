@@ -261,9 +261,9 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
     # as many tokens at once as it can (E = 64: 4 lanes, 8 tokens; E <= 16: 1 lane, 32 tokens).
     lanes = 1 << (-(-num_experts // PER_LANE) - 1).bit_length()
     kernel = build.kernel("gating.cu", "gate_route")
-    # scan [warps][2][E], running [2][E], before [2][E], total [2][E]: gate_route's comment
-    shared_mem = 4 * (2 * ROUTE_THREADS // WARP + 6) * num_experts
-    if shared_mem > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 315) a launch must opt in
+    # warp_offsets [warps][2][E], scan [warps][E], running [E], before [2][E], total [2][E]: gate_route's comment
+    shared_mem = 4 * (3 * ROUTE_THREADS // WARP + 5) * num_experts
+    if shared_mem > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 231) a launch must opt in
         kernel.max_dynamic_shared_size_bytes = shared_mem
     runtime = cupy.cuda.runtime
     per_multiprocessor = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
