@@ -94,7 +94,7 @@ def _gate_logits_on_gpu(x: Any, weight: Any) -> bool:
     """After the shapes are checked (the kernels index x and the weight by each other's sizes)."""
     if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[0]:
         raise ValueError(f"gate logits need x [T, d] and weight [d, E], got {x.shape} and {weight.shape}")
-    return is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in ("float32", "bfloat16")
+    return is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in build.KERNEL_TYPES
 
 
 def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, Any]:
