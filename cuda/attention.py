@@ -67,7 +67,7 @@ def _gpu_softmax(direction: str, values: Any, length: int, scale: float, probs: 
     import cupy
 
     values = cupy.ascontiguousarray(values)
-    out = cupy.empty_like(values)
+    out = cupy.empty(values.shape, values.dtype)
     rows = values.size // length
     type_name = build.type_name(values)
     inputs = (values,) if probs is None else (values, cupy.ascontiguousarray(probs))

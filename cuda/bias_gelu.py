@@ -88,7 +88,7 @@ def _gpu_forward(x: Any, bias: Any, gelu: bool) -> Any:
 
     groups, rows_per_group, features, type_name, vectorised = _layout(x, bias)
     x, bias = cupy.ascontiguousarray(x), cupy.ascontiguousarray(bias)
-    y = cupy.empty_like(x)
+    y = cupy.empty(x.shape, x.dtype)
     if y.size:
         build.kernel("bias_gelu.cu", f"bias_forward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
             (groups * rows_per_group,), (THREADS,), (x, bias, y, np.int32(rows_per_group), np.int32(features)))
@@ -102,7 +102,7 @@ def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool) -> tuple[Any, Any]
     groups, rows_per_group, features, type_name, vectorised = _layout(grad_y, bias)
     grad_y, x, bias = (cupy.ascontiguousarray(a) for a in (grad_y, x, bias))
     tiles = (rows_per_group + TILE - 1) // TILE
-    grad_pre = cupy.empty_like(grad_y) if gelu else grad_y
+    grad_pre = cupy.empty(grad_y.shape, grad_y.dtype) if gelu else grad_y
     partial = cupy.empty((groups, tiles, features), dtype=cupy.float32)
     if partial.size:
         build.kernel("bias_gelu.cu", f"bias_backward<{type_name}, {vectorised}, {str(gelu).lower()}>")(

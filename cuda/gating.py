@@ -104,7 +104,7 @@ def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[An
     num_experts = weight.shape[1]
     grad_logits = cupy.ascontiguousarray(grad_logits, dtype=cupy.float32)
     x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
-    grad_x = cupy.empty_like(x)
+    grad_x = cupy.empty(x.shape, x.dtype)
     tiles = -(-num_tokens // GRAD_TILE)
     partial = cupy.empty((tiles, width, num_experts), dtype=cupy.float32)
     if num_tokens and width:
@@ -279,7 +279,7 @@ def add_gumbel_noise(logits: Any, uniform: Any) -> Any:
     if is_gpu(logits) and logits.dtype == np.float32:
         import cupy
 
-        noisy = cupy.empty_like(logits)
+        noisy = cupy.empty(logits.shape, logits.dtype)
         size = logits.size
         if size:
             build.kernel("gating.cu", "add_gumbel_noise")(
@@ -320,7 +320,7 @@ def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
 
     num_tokens, num_experts = gating.probs.shape
     k = gating.expert_index.shape[1]
-    grad_logits = cupy.empty_like(gating.probs)
+    grad_logits = cupy.empty(gating.probs.shape, gating.probs.dtype)
     warps_per_block = 8
     build.kernel("gating.cu", "gate_weight_backward")(
         ((num_tokens + warps_per_block - 1) // warps_per_block,), (WARP * warps_per_block,),

@@ -25,8 +25,10 @@ CUDA_R_32F, CUDA_R_16BF = 0, 14
 _CUDA_TYPES = {"float32": CUDA_R_32F, "bfloat16": CUDA_R_16BF}
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
-_ONE = np.array(1.0, np.float32)  # host scalars for cuBLAS's default host pointer mode
-_ZERO = np.array(0.0, np.float32)
+# alpha and beta: host scalars for cuBLAS's default host pointer mode, their addresses read once
+# (a NumPy array's .ctypes builds a new object on every access: microseconds per GEMM otherwise).
+_ONE, _ZERO = np.array(1.0, np.float32), np.array(0.0, np.float32)
+_ONE_ADDRESS, _ZERO_ADDRESS = _ONE.ctypes.data, _ZERO.ctypes.data
 
 
 def matmul(a: Any, b: Any, transpose_a: bool = False, transpose_b: bool = False) -> Any:
@@ -60,9 +62,9 @@ def _gpu_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
     cublas.gemmStridedBatchedEx(
         cupy.cuda.device.get_cublas_handle(),
         CUBLAS_OP_T if transpose_b else CUBLAS_OP_N, CUBLAS_OP_T if transpose_a else CUBLAS_OP_N,
-        n, m, k, _ONE.ctypes.data,
+        n, m, k, _ONE_ADDRESS,
         b.data.ptr, data_type, b.shape[-1], b.shape[-1] * b.shape[-2] if b_batch else 0,
         a.data.ptr, data_type, a.shape[-1], a.shape[-1] * a.shape[-2] if a_batch else 0,
-        _ZERO.ctypes.data, out.data.ptr, data_type, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT,
+        _ZERO_ADDRESS, out.data.ptr, data_type, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT,
     )
     return out

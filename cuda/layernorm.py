@@ -55,9 +55,9 @@ def _gpu_forward(x: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, 
     width = x.shape[-1]
     rows = x.size // width
     x, weight, bias = (cupy.ascontiguousarray(a) for a in (x, weight.astype(x.dtype), bias.astype(x.dtype)))
-    y = cupy.empty_like(x)
+    y = cupy.empty(x.shape, x.dtype)
     mean = cupy.empty((*x.shape[:-1], 1), dtype=cupy.float32)
-    rstd = cupy.empty_like(mean)
+    rstd = cupy.empty(mean.shape, mean.dtype)
     type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_forward<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
@@ -71,7 +71,7 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> tup
     width = x.shape[-1]
     rows = x.size // width
     grad_y, x = cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(x)
-    grad_x = cupy.empty_like(x)
+    grad_x = cupy.empty(x.shape, x.dtype)
     type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_backward_input<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
@@ -79,7 +79,7 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> tup
          np.int32(width)))
     slices = min(PARAMETER_SLICES, max(rows, 1))
     partial_weight = cupy.empty((slices, width), dtype=cupy.float32)
-    partial_bias = cupy.empty_like(partial_weight)
+    partial_bias = cupy.empty(partial_weight.shape, partial_weight.dtype)
     build.kernel("layernorm.cu", f"layernorm_backward_params<{type_name}>")(
         ((width + 255) // 256, slices), (256,),
         (grad_y, x, mean, rstd, partial_weight, partial_bias, np.int32(rows), np.int32(width)))

@@ -86,7 +86,7 @@ def _gpu_backward(grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ign
     rows, vocab = logits.shape
     logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
     scale = (cupy.asarray(grad_loss, dtype=cupy.float32) / _valid_count(targets, ignore_index)).reshape(1)
-    grad_logits = cupy.empty_like(logits)
+    grad_logits = cupy.empty(logits.shape, logits.dtype)
     build.kernel("softmax_xent.cu", f"cross_entropy_backward<{build.type_name(logits)}>")(
         (rows,), (THREADS,), (logits, targets, logsumexp, scale, grad_logits, np.int32(vocab), np.int64(ignore_index)))
     return grad_logits
