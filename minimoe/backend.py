@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from minimoe.cuda import philox
+
 log = logging.getLogger("minimoe")
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -26,7 +28,9 @@ class DeviceError(RuntimeError):
 
 _device = "cpu"
 xp: ModuleType = np
-_rng: Any = np.random.default_rng(0)
+_rng: Any = np.random.default_rng(0)  # the CPU's generator
+# The GPU's: Philox4x32-10 (cuda/philox.py), a 64-bit key from the seed and the next unused counter.
+_philox_key, _philox_counter = 0, 0
 
 
 def _cupy_or_reason(gpu: int = 0) -> tuple[ModuleType | None, str]:
@@ -111,29 +115,26 @@ def asarray(array: Any, dtype: Any = None) -> Any:
 
 def manual_seed(*seed: int) -> None:
     """Reseed the device's generator from one or more integers, e.g. manual_seed(run_seed, step)."""
-    global _rng
+    global _rng, _philox_key, _philox_counter
     if xp is np:
         _rng = np.random.default_rng(list(seed))
     else:
-        # CuPy's cuRAND-backed RandomState: its Generator API (default_rng) takes no integer-sequence
-        # seed and was measured 10x slower for large draws. Fold the sequence through NumPy's mixer.
-        folded = int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0])
-        _rng = xp.random.RandomState(folded)
+        # Philox's key from the whole seed sequence through NumPy's mixer; its counters start again at 0.
+        _philox_key = int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0])
+        _philox_counter = 0
 
 
 def random_uniform(shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
-    """Uniform [0, 1) numbers on the current device from the seeded generator (drawn in float32 or
-    float64 and cast, so bf16 works too)."""
-    draw_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    """Uniform [0, 1) numbers on the current device from the seeded generator, cast to `dtype` (so bf16
+    works too). CPU: NumPy's generator, in float64 for float64. GPU: a Philox draw (cuda/philox.py), always
+    24 random bits (float32), one launch: CuPy's cuRAND generator spent ~40 us of host time per draw."""
+    global _philox_counter
     if xp is np:
-        numbers = _rng.random(shape, dtype=draw_dtype)
+        numbers = _rng.random(shape, dtype=np.float64 if np.dtype(dtype) == np.float64 else np.float32)
     else:
-        numbers = _rng.random_sample(shape, dtype=draw_dtype)
+        numbers = philox.uniform(shape, _philox_key, _philox_counter)
+        _philox_counter += philox.counters_used(numbers.size)
     return numbers if numbers.dtype == dtype else numbers.astype(dtype)
-
-
-def random_generator() -> Any:
-    return _rng
 
 
 def bfloat16() -> np.dtype:

@@ -1,0 +1,79 @@
+"""Counter-based random numbers for the GPU: Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel
+random numbers: as easy as 1, 2, 3", SC 2011), the generator family behind cuRAND's and PyTorch's
+GPU draws.
+
+philox(key, counter) maps a 128-bit counter (four 32-bit words) and a 64-bit key (two words) to four
+32-bit words by 10 rounds of
+
+    (high_0, low_0) = M_0 * x_0,  (high_1, low_1) = M_1 * x_2          (32 x 32 -> 64-bit products)
+    x = (high_1 ^ x_1 ^ k_0,  low_1,  high_0 ^ x_3 ^ k_1,  low_0)
+
+with the key bumped by the Weyl constants (k_0 += W_0, k_1 += W_1, mod 2^32) before every round but
+the first. For a fixed key it is a bijection of the counter, so distinct counters never repeat a block.
+
+A draw of n numbers from (key, counter): number i is word i % 4 of philox(key, counter + i // 4), as
+a float32 in [0, 1) from its top 24 bits, (word >> 8) * 2^-24, exact in float32. It uses the counters
+counter .. counter + ceil(n / 4) - 1: the caller (minimoe.backend) moves its counter past them, so
+that no two draws of one seed share a counter. Nothing is stored between draws: the state is two
+integers, and any draw can be repeated from them.
+
+Reference: NumPy, vectorised over the counters (the products in uint64). GPU: cuda/philox.cu's
+philox_uniform, a thread per counter. Both give the same bits (integer arithmetic and one exact
+conversion), so the tests compare them for equality.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from minimoe.cuda import build
+
+MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+WEYL = (0x9E3779B9, 0xBB67AE85)
+ROUNDS = 10
+WORD = 0xFFFFFFFF
+THREADS = 256
+
+
+def philox(counter: np.ndarray, key: int) -> np.ndarray:
+    """counter [n, 4] uint32 (word 0 first) and a 64-bit key -> [n, 4] uint32 blocks."""
+    x0, x1, x2, x3 = (counter[:, i].astype(np.uint64) for i in range(4))
+    key_0, key_1 = np.uint64(key & WORD), np.uint64(key >> 32)
+    multiplier_0, multiplier_1 = np.uint64(MULTIPLIERS[0]), np.uint64(MULTIPLIERS[1])
+    word, shift = np.uint64(WORD), np.uint64(32)
+    for round_index in range(ROUNDS):
+        if round_index:
+            key_0, key_1 = (key_0 + np.uint64(WEYL[0])) & word, (key_1 + np.uint64(WEYL[1])) & word
+        product_0, product_1 = multiplier_0 * x0, multiplier_1 * x2  # < 2^64: exact
+        x0, x1, x2, x3 = ((product_1 >> shift) ^ x1 ^ key_0, product_1 & word,
+                          (product_0 >> shift) ^ x3 ^ key_1, product_0 & word)
+    return np.stack([x0, x1, x2, x3], axis=1).astype(np.uint32)
+
+
+def uniform_reference(size: int, key: int, counter: int) -> np.ndarray:
+    """The draw of `size` float32 numbers in [0, 1) from (key, counter), on the host."""
+    counters = counter + np.arange(math.ceil(size / 4), dtype=np.uint64)
+    blocks = philox(np.stack([counters & np.uint64(WORD), counters >> np.uint64(32),
+                              np.zeros_like(counters), np.zeros_like(counters)], axis=1), key)
+    return ((blocks.reshape(-1)[:size] >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24))
+
+
+def uniform(shape: tuple[int, ...], key: int, counter: int) -> Any:
+    """The draw of prod(shape) float32 numbers in [0, 1) from (key, counter), on the GPU, shaped."""
+    import cupy
+
+    out = cupy.empty(shape, dtype=cupy.float32)
+    groups = math.ceil(out.size / 4)
+    if groups:
+        build.kernel("philox.cu", "philox_uniform")(
+            (min(math.ceil(groups / THREADS), 4096),), (THREADS,),
+            (out, np.int64(out.size), np.uint64(key), np.uint64(counter)))
+    return out
+
+
+def counters_used(size: int) -> int:
+    """How many counters a draw of `size` numbers uses (the caller's counter moves on by this much)."""
+    return math.ceil(size / 4)
