@@ -53,9 +53,14 @@ def philox(counter: np.ndarray, key: int) -> np.ndarray:
     return np.stack([x0, x1, x2, x3], axis=1).astype(np.uint32)
 
 
+def counters_used(size: int) -> int:
+    """How many counters a draw of `size` numbers uses (the caller's counter moves on by this much)."""
+    return math.ceil(size / 4)
+
+
 def uniform_reference(size: int, key: int, counter: int) -> np.ndarray:
     """The draw of `size` float32 numbers in [0, 1) from (key, counter), on the host."""
-    counters = counter + np.arange(math.ceil(size / 4), dtype=np.uint64)
+    counters = counter + np.arange(counters_used(size), dtype=np.uint64)
     blocks = philox(np.stack([counters & np.uint64(WORD), counters >> np.uint64(32),
                               np.zeros_like(counters), np.zeros_like(counters)], axis=1), key)
     return ((blocks.reshape(-1)[:size] >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24))
@@ -66,14 +71,9 @@ def uniform(shape: tuple[int, ...], key: int, counter: int) -> Any:
     import cupy
 
     out = cupy.empty(shape, dtype=cupy.float32)
-    groups = math.ceil(out.size / 4)
+    groups = counters_used(out.size)
     if groups:
         build.kernel("philox.cu", "philox_uniform")(
             (min(math.ceil(groups / THREADS), 4096),), (THREADS,),
             (out, np.int64(out.size), np.uint64(key), np.uint64(counter)))
     return out
-
-
-def counters_used(size: int) -> int:
-    """How many counters a draw of `size` numbers uses (the caller's counter moves on by this much)."""
-    return math.ceil(size / 4)
