@@ -144,20 +144,34 @@ __global__ void gate_logits_grad_weight(const T* __restrict__ x, const float* __
 }
 
 // Phase 1 spreads a token's E scores over a group of `lanes` lanes (a power of two, at most 32), PER_LANE
-// consecutive experts each: lane m of the group holds experts m * PER_LANE, ..., m * PER_LANE + PER_LANE - 1;
-// a warp takes 32 / lanes tokens at once. Each lane loads its PER_LANE values at once (16-byte vectors where
-// rows allow): that many loads in flight per lane is what keeps the memory busy. Reductions over a group
-// are common.cuh's warp_sum / warp_max over `lanes` lanes, and group_argmax below.
+// each, in quads of 4 consecutive experts dealt to the lanes in turn: lane m of the group holds quads
+// m, m + lanes, m + 2 lanes, m + 3 lanes (expert_of). So the group's j-th 16-byte load reads 16 * lanes
+// consecutive bytes of the row, whole 32-byte sectors; with 16 consecutive experts per lane each load
+// would touch half of every sector and the next load the other half. A warp takes 32 / lanes tokens at
+// once. Each lane loads its PER_LANE values at once (16-byte vectors where rows allow): that many loads in
+// flight per lane is what keeps the memory busy. Reductions over a group are common.cuh's warp_sum /
+// warp_max over `lanes` lanes, and group_argmax below.
 constexpr int PER_LANE = 16;
 
-// argmax over a group; ties keep the lowest expert index, as NumPy's argmax does.
-__device__ __forceinline__ void group_argmax(float& value, int& index, int lanes) {
+// Phase 1 parks each choice's expert, rank and probability in shared memory for phase 3 when the tile has
+// at most STAGE_ENTRIES choices (tokens * k): phase 3 then reads them there rather than from L2, and the
+// outputs are written once.
+constexpr int STAGE_ENTRIES = 1024;
+
+// The expert whose score lane `member` of a group holds in its slot j.
+__device__ __forceinline__ int expert_of(int member, int j, int lanes) { return (j / 4 * lanes + member) * 4 + j % 4; }
+
+// argmax over a group; ties keep the lowest expert index, as NumPy's argmax does. `logit` travels with
+// the winner.
+__device__ __forceinline__ void group_argmax(float& value, int& index, float& logit, int lanes) {
   for (int offset = lanes / 2; offset > 0; offset /= 2) {
     const float other_value = __shfl_xor_sync(0xffffffffu, value, offset);
     const int other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+    const float other_logit = __shfl_xor_sync(0xffffffffu, logit, offset);
     if (other_value > value || (other_value == value && other_index < index)) {
       value = other_value;
       index = other_index;
+      logit = other_logit;
     }
   }
 }
@@ -165,35 +179,48 @@ __device__ __forceinline__ void group_argmax(float& value, int& index, int lanes
 // This lane's part of a token's row of `source` ([T, E]): -inf past E and for a token past the tile
 // (valid false). `vector`: E is a multiple of 4 and the rows 16-byte aligned.
 __device__ __forceinline__ void load_part(float (&values)[PER_LANE], const float* source, long long token, bool valid,
-                                          int experts, int member, bool vector) {
-  const int first_expert = member * PER_LANE;
-  const float* row = source + token * experts + first_expert;
-  if (valid && vector && first_expert + PER_LANE <= experts) {
+                                          int experts, int member, int lanes, bool vector) {
+  const float* row = source + token * experts;
 #pragma unroll
-    for (int j = 0; j < PER_LANE; j += 4) {
-      const float4 four = *reinterpret_cast<const float4*>(row + j);
+  for (int j = 0; j < PER_LANE; j += 4) {
+    const int first_expert = expert_of(member, j, lanes);
+    if (valid && vector && first_expert + 4 <= experts) {
+      const float4 four = *reinterpret_cast<const float4*>(row + first_expert);
       values[j] = four.x, values[j + 1] = four.y, values[j + 2] = four.z, values[j + 3] = four.w;
-    }
-  } else {
+    } else {
 #pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) values[j] = valid && first_expert + j < experts ? row[j] : -infinity();
+      for (int i = 0; i < 4; ++i)
+        values[j + i] = valid && first_expert + i < experts ? row[first_expert + i] : -infinity();
+    }
   }
 }
 
-// The expert with the largest score, `excluded` left out (every lane of the group gets the answer).
-__device__ int group_choice(const float (&scores)[PER_LANE], int experts, int member, int lanes, int excluded) {
+// The expert with the largest score, `excluded` left out, and its logit (every lane of the group gets
+// both): the logit gives the chosen probability without a search of the row for it. The loop keeps the
+// winning slot, not the expert, and compares against the excluded expert's slot: the fewest instructions
+// per score, which is what phase 1 spends its issue slots on. Slots past E hold -inf and never win; a row
+// with no finite score (not a gate's output) takes the lowest expert not excluded, so that the index
+// stays in range.
+__device__ __forceinline__ int group_choice(const float (&scores)[PER_LANE], const float (&logits)[PER_LANE],
+                                            int experts, int member, int lanes, int excluded, float& logit) {
+  // expert_of inverted by shifts and masks (lanes is a power of two; a division by it would cost ~20
+  // instructions): quad q = e / 4 sits on lane q % lanes, in slots 4 (q / lanes) to 4 (q / lanes) + 3.
+  const int quad = excluded >> 2, lane_bits = __ffs(lanes) - 1;
+  const bool mine = excluded >= 0 && (quad & (lanes - 1)) == member;
+  const int excluded_slot = mine ? (quad >> lane_bits) * 4 + (excluded & 3) : -1;
   float best = -infinity();
-  int index = experts;
+  int slot = -1;
+  logit = -infinity();
 #pragma unroll
-  for (int j = 0; j < PER_LANE; ++j) {
-    const int e = member * PER_LANE + j;
-    if (e < experts && e != excluded && (scores[j] > best || index == experts)) {
+  for (int j = 0; j < PER_LANE; ++j)
+    if (scores[j] > best && j != excluded_slot) {
       best = scores[j];
-      index = e;
+      slot = j;
+      logit = logits[j];
     }
-  }
-  group_argmax(best, index, lanes);
-  return index;
+  int index = slot < 0 ? experts : expert_of(member, slot, lanes);
+  group_argmax(best, index, logit, lanes);
+  return index < experts ? index : (excluded == 0 ? 1 : 0);
 }
 
 // Inclusive sum over lanes 0..lane of one int per lane (a Hillis-Steele scan by shuffles).
@@ -321,9 +348,9 @@ __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* co
 // then the kept first choices (random token selection); and their totals [k + 1][E].
 // statistics (float): first_fraction [E], aux_loss, dropped, prob_totals [E] (sum_t p[t, e]), then
 // prob_sums [E][tiles], each tile's sum of p[t, e].
-// Shared memory: warp_offsets [warps][2][E] (each warp's counts, then their exclusive prefixes in the
-// tile), scan [warps][E] (rank_tile's, and the per-warp probability sums), running [E], before [2][E],
-// total [2][E].
+// Shared memory: the stage (below), then warp_offsets [warps][2][E] (each warp's counts, then their
+// exclusive prefixes in the tile), scan [warps][E] (rank_tile's, and the per-warp probability sums),
+// running [E], before [2][E], total [2][E].
 extern "C" __global__ void gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
                                       const float* __restrict__ second_scores, const long long* __restrict__ order,
                                       int tokens, int experts, int lanes, int vector, int k, long long capacity,
@@ -333,9 +360,12 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
                                       long long* __restrict__ tokens_per_expert, float* __restrict__ statistics,
                                       long long* __restrict__ source_token) {
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  extern __shared__ int shared[];
+  extern __shared__ long long shared[];
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-  int* warp_offsets = shared;
+  long long* stage_expert = shared;  // [STAGE_ENTRIES]
+  long long* stage_rank = stage_expert + STAGE_ENTRIES;  // [STAGE_ENTRIES]
+  float* stage_prob = (float*)(stage_rank + STAGE_ENTRIES);  // [STAGE_ENTRIES]
+  int* warp_offsets = (int*)(stage_prob + STAGE_ENTRIES);
   int* scan = warp_offsets + warps * 2 * experts;
   int* running = scan + warps * experts;
   int* before = running + experts;  // [2][E]
@@ -350,6 +380,14 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   float* prob_sums = prob_totals + experts;
   const long long tile_size = ((long long)tokens + tiles - 1) / tiles;
   const long long begin = min((long long)tokens, tile * tile_size), end = min((long long)tokens, begin + tile_size);
+  // What phase 1 learns of each choice (the expert, its rank in the warp, its probability) waits for phase
+  // 3 in shared memory when the tile's choices fit in the stage, else in the outputs that phase 3 then
+  // overwrites; indexed from the tile's first token either way. (Random token selection ranks the first
+  // choices in priority order, across the tiles: its ranks are in `position`, so it takes the outputs.)
+  const bool staged = !order && (end - begin) * k <= STAGE_ENTRIES;
+  long long* parked_expert = staged ? stage_expert : expert_index + begin * k;
+  long long* parked_rank = staged ? stage_rank : position + begin * k;
+  float* parked_prob = staged ? stage_prob : weight + begin * k;
 
   // Phase 1: choices and softmax, a group of lanes per token. The choices are made on the logits, or on
   // the noisy scores when given (loaded only then). Each warp takes consecutive tokens of the tile, so
@@ -367,24 +405,29 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     const long long token = batch + group;  // the loop is warp-uniform: every lane takes part in the shuffles
     const bool valid = token < warp_end, leader = valid && member == 0;
     float values[PER_LANE], scores[PER_LANE];
-    load_part(values, logits, token, valid, experts, member, vector);
-    if (first_scores) load_part(scores, first_scores, token, valid, experts, member, vector);
-    const int first = first_scores ? group_choice(scores, experts, member, lanes, -1)
-                                   : group_choice(values, experts, member, lanes, -1);
-    if (leader) expert_index[token * k] = first;
+    load_part(values, logits, token, valid, experts, member, lanes, vector);
+    if (first_scores) load_part(scores, first_scores, token, valid, experts, member, lanes, vector);
+    float first_logit, second_logit = 0.0f;
+    const int first = first_scores ? group_choice(scores, values, experts, member, lanes, -1, first_logit)
+                                   : group_choice(values, values, experts, member, lanes, -1, first_logit);
+    if (leader) {  // (unstaged, parked_expert is expert_index itself)
+      expert_index[token * k] = first;
+      if (staged) parked_expert[(token - begin) * k] = first;
+    }
     if (!order) {
       const int rank = rank_in_warp(first, leader, warp_counts);
-      if (leader) position[token * k] = rank;
+      if (leader) parked_rank[(token - begin) * k] = rank;
     }
     int second = -1;
     if (k == 2) {
-      if (second_scores) load_part(scores, second_scores, token, valid, experts, member, vector);
-      second = second_scores ? group_choice(scores, experts, member, lanes, first)
-                             : group_choice(values, experts, member, lanes, first);
+      if (second_scores) load_part(scores, second_scores, token, valid, experts, member, lanes, vector);
+      second = second_scores ? group_choice(scores, values, experts, member, lanes, first, second_logit)
+                             : group_choice(values, values, experts, member, lanes, first, second_logit);
       const int rank = rank_in_warp(second, leader, warp_counts + experts);
       if (leader) {
         expert_index[token * k + 1] = second;
-        position[token * k + 1] = rank;
+        if (staged) parked_expert[(token - begin) * k + 1] = second;
+        parked_rank[(token - begin) * k + 1] = rank;
       }
     }
     float row_max = -infinity();
@@ -404,19 +447,25 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
     for (int j = 0; j < PER_LANE; ++j) {
       values[j] *= inverse;
       prob_sum[j] += values[j];
-      // The chosen experts' probabilities, parked in `weight` for phase 3 (by the lane that holds each).
-      if (member * PER_LANE + j == first) weight[token * k] = values[j];
-      if (member * PER_LANE + j == second) weight[token * k + 1] = values[j];
     }
-    float* row = probs + token * experts + member * PER_LANE;
-    if (vector && member * PER_LANE + PER_LANE <= experts) {
+    // The chosen experts' probabilities: the same operations as their entries of the row above, so the
+    // same numbers.
+    if (leader) {
+      parked_prob[(token - begin) * k] = __expf(first_logit - row_max) * inverse;
+      if (k == 2) parked_prob[(token - begin) * k + 1] = __expf(second_logit - row_max) * inverse;
+    }
+    float* row = probs + token * experts;
 #pragma unroll
-      for (int j = 0; j < PER_LANE; j += 4)
-        *reinterpret_cast<float4*>(row + j) = make_float4(values[j], values[j + 1], values[j + 2], values[j + 3]);
-    } else {
+    for (int j = 0; j < PER_LANE; j += 4) {
+      const int first_expert = expert_of(member, j, lanes);
+      if (vector && first_expert + 4 <= experts) {
+        *reinterpret_cast<float4*>(row + first_expert) =
+            make_float4(values[j], values[j + 1], values[j + 2], values[j + 3]);
+      } else {
 #pragma unroll
-      for (int j = 0; j < PER_LANE; ++j)
-        if (member * PER_LANE + j < experts) row[j] = values[j];
+        for (int i = 0; i < 4; ++i)
+          if (first_expert + i < experts) row[first_expert + i] = values[j + i];
+      }
     }
   }
   // The tile's probability sums: over the groups of a warp (butterflies across groups), per warp in shared
@@ -428,8 +477,8 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   float* warp_prob_sums = (float*)scan;
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j)
-    if (group == 0 && member * PER_LANE + j < experts)
-      warp_prob_sums[warp * experts + member * PER_LANE + j] = prob_sum[j];
+    if (group == 0 && expert_of(member, j, lanes) < experts)
+      warp_prob_sums[warp * experts + expert_of(member, j, lanes)] = prob_sum[j];
   __syncthreads();
   // Over the warps in a fixed order, side by side: threads [0, E) add up the tile's probability sums;
   // threads [E, (k + 1) E) turn the warps' counts per column and expert into the warps' offsets within the
@@ -496,8 +545,8 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
         source_token[e * used_capacity + slot] = -1;
     }
 
-  // Phase 3: positions and weights of the tile's tokens (`weight` holds the chosen probabilities). Both
-  // choices' loads are issued before anything is stored, so that they are in flight together.
+  // Phase 3: positions and weights of the tile's tokens from what phase 1 parked. Both choices' loads are
+  // issued before anything is stored, so that they are in flight together.
   for (long long token = begin + threadIdx.x; token < end; token += blockDim.x) {
     const int* warp_offset = warp_offsets + (token - begin) / warp_tokens * 2 * experts;  // of phase 1's warp
     long long expert[2] = {0, 0}, rank[2] = {-1, -1};
@@ -505,9 +554,10 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (c < k) {
-        expert[c] = expert_index[token * k + c];
-        rank[c] = position[token * k + c];
-        chosen[c] = weight[token * k + c];
+        const long long entry = (token - begin) * k + c;
+        expert[c] = parked_expert[entry];
+        rank[c] = parked_rank[entry];
+        chosen[c] = parked_prob[entry];
       }
     float chosen_sum = 0.0f;
 #pragma unroll
@@ -531,7 +581,9 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
   // Statistics (GShard Algorithm 1): ce from the first choices before drops, me from phase 2's
   // probability totals; and the fraction of the T * k choices dropped: expert e keeps min(C, its load),
   // since second choices queue behind first choices and random token selection keeps C of the first choices.
-  if (tile == 0) {
+  // The last tile's block does it: its tile is the shortest (the tile size rounds up), so it finishes
+  // phase 3 first.
+  if (tile == tiles - 1) {
     float aux = 0.0f, kept = 0.0f;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
       const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);

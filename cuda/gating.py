@@ -49,6 +49,7 @@ TOKENS_PER_WARP = 4  # gate_logits' constant of the same name
 GRAD_TOKENS, GRAD_TILE = 8, 64  # tokens per block of gate_logits_grad_x and gate_logits_grad_weight
 ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps
 PER_LANE = 16  # experts per lane in gate_route (its constant of the same name): E up to 16 * 32
+STAGE_ENTRIES = 1024  # gate_route's constant of the same name: choices per tile parked in shared memory
 MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
 MAX_TILES = 32 * 8  # blocks at most: gate_route's tile_offsets holds 32 * CHUNKS tiles per warp
 
@@ -261,9 +262,10 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
     # as many tokens at once as it can (E = 64: 4 lanes, 8 tokens; E <= 16: 1 lane, 32 tokens).
     lanes = 1 << (-(-num_experts // PER_LANE) - 1).bit_length()
     kernel = build.kernel("gating.cu", "gate_route")
-    # warp_offsets [warps][2][E], scan [warps][E], running [E], before [2][E], total [2][E]: gate_route's comment
-    shared_mem = 4 * (3 * ROUTE_THREADS // WARP + 5) * num_experts
-    if shared_mem > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 231) a launch must opt in
+    # The stage (int64 experts and ranks, float32 probabilities), then warp_offsets [warps][2][E], scan
+    # [warps][E], running [E], before [2][E], total [2][E]: gate_route's comment.
+    shared_mem = (8 + 8 + 4) * STAGE_ENTRIES + 4 * (3 * ROUTE_THREADS // WARP + 5) * num_experts
+    if shared_mem > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 135) a launch must opt in
         kernel.max_dynamic_shared_size_bytes = shared_mem
     runtime = cupy.cuda.runtime
     per_multiprocessor = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
