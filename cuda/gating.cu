@@ -32,13 +32,6 @@
 
 constexpr int WARP = 32;
 
-// logits - log(-log(max(u, tiny))): Gumbel noise from uniform numbers u (cuda/gating.py's add_gumbel_noise).
-extern "C" __global__ void add_gumbel_noise(const float* __restrict__ logits, const float* __restrict__ uniform,
-                                            float* __restrict__ noisy, long long size, float tiny) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += (long long)gridDim.x * blockDim.x)
-    noisy[i] = logits[i] - logf(-logf(fmaxf(uniform[i], tiny)));
-}
-
 // The gate's logits [T, E] = x [T, d] @ weight [d, E] in float32. DeepSpeed's gate casts its input to
 // float32 and keeps its weight in float32; here the cast happens in registers as x is read, instead of a
 // float32 copy of x being written and read back by a GEMM (E is far too narrow for the tensor cores to

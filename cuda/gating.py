@@ -36,8 +36,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from minimoe import backend
 from minimoe.backend import array_module, is_gpu
-from minimoe.cuda import build
+from minimoe.cuda import build, philox
 from minimoe.cuda.gemm import matmul
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
@@ -276,21 +277,18 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
 
 def add_gumbel_noise(logits: Any, uniform: Any) -> Any:
     """logits - log(-log(u)) for u ~ Uniform(0, 1) (clamped away from 0): argmax of the result samples
-    from softmax(logits), DeepSpeed's gumbel_rsample. GPU: gating.cu's add_gumbel_noise."""
-    tiny = np.finfo(np.float32).tiny
-    if is_gpu(logits) and logits.dtype == np.float32:
-        import cupy
-
-        noisy = cupy.empty(logits.shape, logits.dtype)
-        size = logits.size
-        if size:
-            build.kernel("gating.cu", "add_gumbel_noise")(
-                (min(-(-size // 256), 8192),), (256,),
-                (cupy.ascontiguousarray(logits), cupy.ascontiguousarray(uniform, dtype=cupy.float32), noisy,
-                 np.int64(size), np.float32(tiny)))
-        return noisy
+    from softmax(logits), DeepSpeed's gumbel_rsample."""
     xp = array_module(logits)
-    return logits - xp.log(-xp.log(xp.maximum(uniform, tiny)))
+    return logits - xp.log(-xp.log(xp.maximum(uniform, philox.TINY)))
+
+
+def gumbel_scores(logits: Any) -> Any:
+    """The logits plus Gumbel noise from the device's seeded generator (add_gumbel_noise). GPU, float32:
+    cuda/philox.py's gumbel_noisy draws and adds in one launch, without an array of uniform numbers (a
+    launch and an allocation less of host time per forward)."""
+    if is_gpu(logits) and logits.dtype == np.float32:
+        return philox.gumbel_noisy(logits, *backend.philox_draw(logits.size))
+    return add_gumbel_noise(logits, backend.random_uniform(logits.shape, logits.dtype))
 
 
 def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:

@@ -1,4 +1,5 @@
-// Philox4x32-10 uniform numbers (cuda/philox.py is the reference and states the construction).
+// Philox4x32-10 uniform numbers, and Gumbel noise drawn from them (cuda/philox.py is the reference and states
+// the construction).
 #include "common.cuh"
 
 constexpr unsigned int MULTIPLIER_0 = 0xD2511F53u, MULTIPLIER_1 = 0xCD9E8D57u;  // the round's two products
@@ -35,6 +36,24 @@ extern "C" __global__ void philox_uniform(float* __restrict__ out, long long siz
     } else {
       const float tail[3] = {numbers.x, numbers.y, numbers.z};
       for (long long i = group * 4; i < size; ++i) out[i] = tail[i - group * 4];
+    }
+  }
+}
+
+// noisy[i] = logits[i] - log(-log(max(u_i, tiny))) for u the draw from (key, counter): Gumbel noise added
+// to the gate's logits (cuda/philox.py's gumbel_noisy), the uniform numbers never stored. A thread per
+// counter, as philox_uniform.
+extern "C" __global__ void gumbel_noisy(const float* __restrict__ logits, float* __restrict__ noisy, long long size,
+                                        unsigned long long key, unsigned long long counter, float tiny) {
+  const long long groups = (size + 3) / 4;
+  for (long long group = blockIdx.x * (long long)blockDim.x + threadIdx.x; group < groups;
+       group += (long long)gridDim.x * blockDim.x) {
+    const uint4 words = philox(counter + group, key);
+    const unsigned int word[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const long long index = group * 4 + i;
+      if (index < size) noisy[index] = logits[index] - logf(-logf(fmaxf(to_unit(word[i]), tiny)));
     }
   }
 }

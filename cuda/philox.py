@@ -19,7 +19,8 @@ integers, and any draw can be repeated from them.
 
 Reference: NumPy, vectorised over the counters (the products in uint64). GPU: cuda/philox.cu's
 philox_uniform, a thread per counter. Both give the same bits (integer arithmetic and one exact
-conversion), so the tests compare them for equality.
+conversion), so the tests compare them for equality. gumbel_noisy adds the Gumbel noise of a draw to
+the gate's logits in the same launch, so that the uniform numbers are never stored.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ WEYL = (0x9E3779B9, 0xBB67AE85)
 ROUNDS = 10
 WORD = 0xFFFFFFFF
 THREADS = 256
+TINY = np.float32(np.finfo(np.float32).tiny)  # the clamp that keeps log(0) out of the Gumbel noise
 
 
 def philox(counter: np.ndarray, key: int) -> np.ndarray:
@@ -77,3 +79,21 @@ def uniform(shape: tuple[int, ...], key: int, counter: int) -> Any:
             (min(math.ceil(groups / THREADS), 4096),), (THREADS,),
             (out, np.int64(out.size), np.uint64(key), np.uint64(counter)))
     return out
+
+
+def gumbel_noisy(logits: Any, key: int, counter: int) -> Any:
+    """logits - log(-log(max(u, tiny))) with u the draw of logits.size numbers from (key, counter): the
+    float32 logits plus Gumbel noise, on the GPU in one launch that never stores u (DeepSpeed's
+    `logits + gumbel_rsample(...)`). Its reference is cuda/gating.py's add_gumbel_noise over
+    uniform_reference: the same numbers, up to the GPU's logf."""
+    import cupy
+
+    logits = cupy.ascontiguousarray(logits, dtype=cupy.float32)
+    noisy = cupy.empty(logits.shape, dtype=cupy.float32)
+    groups = counters_used(logits.size)
+    if groups:
+        build.kernel("philox.cu", "gumbel_noisy")(
+            (min(math.ceil(groups / THREADS), 4096),), (THREADS,),
+            (logits, noisy, np.int64(logits.size), np.uint64(key), np.uint64(counter),
+             TINY))
+    return noisy

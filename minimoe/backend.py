@@ -10,6 +10,7 @@ would.
 from __future__ import annotations
 
 import logging
+import math
 from types import ModuleType
 from typing import Any
 
@@ -124,16 +125,23 @@ def manual_seed(*seed: int) -> None:
         _philox_counter = 0
 
 
+def philox_draw(size: int) -> tuple[int, int]:
+    """The GPU generator's (key, first counter) for a draw of `size` numbers (cuda/philox.py); its next
+    draw starts past the counters this one uses."""
+    global _philox_counter
+    counter = _philox_counter
+    _philox_counter += philox.counters_used(size)
+    return _philox_key, counter
+
+
 def random_uniform(shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
     """Uniform [0, 1) numbers on the current device from the seeded generator, cast to `dtype` (so bf16
     works too). CPU: NumPy's generator, in float64 for float64. GPU: a Philox draw (cuda/philox.py), always
     24 random bits (float32), one launch: CuPy's cuRAND RandomState took 30-60 us of host time a draw."""
-    global _philox_counter
     if xp is np:
         numbers = _rng.random(shape, dtype=np.float64 if np.dtype(dtype) == np.float64 else np.float32)
     else:
-        numbers = philox.uniform(shape, _philox_key, _philox_counter)
-        _philox_counter += philox.counters_used(numbers.size)
+        numbers = philox.uniform(shape, *philox_draw(math.prod(shape)))
     return numbers if numbers.dtype == dtype else numbers.astype(dtype)
 
 

@@ -408,16 +408,25 @@ def test_causal_attention_matches_reference(batch, heads, length, width, dtype, 
         assert_close(to_host(actual), expected, dtype, f"attention grad {name}")
 
 
-@given(rows=st.integers(1, 500), experts=st.integers(1, 64), seed=seeds)
-def test_gumbel_noise_matches_reference(rows, experts, seed):
-    from minimoe.cuda.gating import add_gumbel_noise
+# Philox's number 0 from key 0 and this counter is exactly 0 (its word's top 24 bits are 0; found by a search
+# over the reference), so a draw that starts there takes the clamp that keeps log(0) out.
+ZERO_DRAW_COUNTER = 14883995
 
-    cupy = cupy_module()
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((rows, experts)).astype(np.float32)
-    uniform = rng.random((rows, experts)).astype(np.float32)
-    uniform.flat[0] = 0.0  # the clamp keeps log(0) out
-    actual = cupy.asnumpy(add_gumbel_noise(cupy.asarray(logits), cupy.asarray(uniform)))
+
+@given(rows=st.integers(1, 500), experts=st.integers(1, 64), seed=seeds, key=st.integers(0, 2**64 - 1),
+       counter=st.integers(0, 2**63), zero_first=st.booleans(), poison=st.sampled_from([0xFF, 0x7F]))
+def test_gumbel_noisy_matches_reference(rows, experts, seed, key, counter, zero_first, poison):
+    """The fused draw-and-add kernel against the reference formula over the reference's draw."""
+    from minimoe.cuda.gating import add_gumbel_noise
+    from minimoe.cuda.philox import gumbel_noisy, uniform_reference
+
+    if zero_first:
+        key, counter = 0, ZERO_DRAW_COUNTER
+    logits = np.random.default_rng(seed).standard_normal((rows, experts)).astype(np.float32)
+    uniform = uniform_reference(logits.size, key, counter).reshape(logits.shape)
+    assert not zero_first or uniform.flat[0] == 0.0
+    poison_pool(poison)
+    actual = cupy_module().asnumpy(gumbel_noisy(cupy_module().asarray(logits), key, counter))
     np.testing.assert_allclose(actual, add_gumbel_noise(logits, uniform), rtol=1e-5, atol=1e-5)
 
 

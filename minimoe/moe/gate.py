@@ -119,9 +119,9 @@ def route(logits: Tensor | Any, k: int, capacity_factor: float, min_capacity: in
     data = logits.data
     first_scores = second_scores = priority = None
     if training and noisy_gate_policy == "RSample":
-        first_scores = gating_kernels.add_gumbel_noise(data, backend.random_uniform(data.shape, data.dtype))
+        first_scores = gating_kernels.gumbel_scores(data)
     if training and second_expert_sampling and k == 2:
-        second_scores = gating_kernels.add_gumbel_noise(data, backend.random_uniform(data.shape, data.dtype))
+        second_scores = gating_kernels.gumbel_scores(data)
     if training and use_rts:
         priority = backend.random_uniform((num_tokens,), data.dtype)
     capacity = (gating_kernels.expert_capacity(num_tokens, num_experts, k, capacity_factor, min_capacity)
