@@ -447,17 +447,21 @@ extern "C" __global__ void gate_route(const float* __restrict__ logits, const fl
       parked_prob[(token - begin) * k] = __expf(first_logit - row_max) * inverse;
       if (k == 2) parked_prob[(token - begin) * k + 1] = __expf(second_logit - row_max) * inverse;
     }
+    // Streaming stores (evict first): the probabilities are read again only by the backward, long after,
+    // so they should not push out of L2 what is read soon (the table and the inverse table that phase 3
+    // writes and dispatch reads next). Measured in one run (queued, T=65536, E=64): k=2 25.2 -> 23.8 us,
+    // k=1 20.3 -> 19.8.
     float* row = probs + token * experts;
 #pragma unroll
     for (int j = 0; j < PER_LANE; j += 4) {
       const int first_expert = expert_of(member, j, lanes);
       if (vector && first_expert + 4 <= experts) {
-        *reinterpret_cast<float4*>(row + first_expert) =
-            make_float4(values[j], values[j + 1], values[j + 2], values[j + 3]);
+        __stcs(reinterpret_cast<float4*>(row + first_expert),
+               make_float4(values[j], values[j + 1], values[j + 2], values[j + 3]));
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          if (first_expert + i < experts) row[first_expert + i] = values[j + i];
+          if (first_expert + i < experts) __stcs(row + first_expert + i, values[j + i]);
       }
     }
   }
