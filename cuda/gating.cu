@@ -151,6 +151,11 @@ constexpr int PER_LANE = 16;
 // outputs are written once.
 constexpr int STAGE_ENTRIES = 1024;
 
+// Threads of a gate_route block (cuda/gating.py's constant of the same name). The launch bound caps the
+// registers at 65536 / 512 = 128 per thread, so that a block always fits on an SM: the cooperative
+// launch needs every block resident, and the kernel sits near that cap.
+constexpr int ROUTE_THREADS = 512;
+
 // The expert whose score lane `member` of a group holds in its slot j.
 __device__ __forceinline__ int expert_of(int member, int j, int lanes) { return (j / 4 * lanes + member) * 4 + j % 4; }
 
@@ -344,14 +349,13 @@ __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* co
 // Shared memory: the stage (below), then warp_offsets [warps][2][E] (each warp's counts, then their
 // exclusive prefixes in the tile), scan [warps][E] (rank_tile's, and the per-warp probability sums),
 // running [E], before [2][E], total [2][E].
-extern "C" __global__ void gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
-                                      const float* __restrict__ second_scores, const long long* __restrict__ order,
-                                      int tokens, int experts, int lanes, int vector, int k, long long capacity,
-                                      float* __restrict__ probs, long long* __restrict__ expert_index,
-                                      long long* __restrict__ position, float* __restrict__ weight,
-                                      unsigned char* __restrict__ keep, int* __restrict__ workspace,
-                                      long long* __restrict__ tokens_per_expert, float* __restrict__ statistics,
-                                      long long* __restrict__ source_token) {
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
+               const float* __restrict__ second_scores, const long long* __restrict__ order, int tokens, int experts,
+               int lanes, int vector, int k, long long capacity, float* __restrict__ probs,
+               long long* __restrict__ expert_index, long long* __restrict__ position, float* __restrict__ weight,
+               unsigned char* __restrict__ keep, int* __restrict__ workspace, long long* __restrict__ tokens_per_expert,
+               float* __restrict__ statistics, long long* __restrict__ source_token) {
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   extern __shared__ long long shared[];
   const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
