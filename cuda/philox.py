@@ -94,6 +94,5 @@ def gumbel_noisy(logits: Any, key: int, counter: int) -> Any:
     if groups:
         build.kernel("philox.cu", "gumbel_noisy")(
             (min(math.ceil(groups / THREADS), 4096),), (THREADS,),
-            (logits, noisy, np.int64(logits.size), np.uint64(key), np.uint64(counter),
-             TINY))
+            (logits, noisy, np.int64(logits.size), np.uint64(key), np.uint64(counter), TINY))
     return noisy
