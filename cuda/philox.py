@@ -73,11 +73,7 @@ def uniform(shape: tuple[int, ...], key: int, counter: int) -> Any:
     import cupy
 
     out = cupy.empty(shape, dtype=cupy.float32)
-    groups = counters_used(out.size)
-    if groups:
-        build.kernel("philox.cu", "philox_uniform")(
-            (min(math.ceil(groups / THREADS), 4096),), (THREADS,),
-            (out, np.int64(out.size), np.uint64(key), np.uint64(counter)))
+    _launch("philox_uniform", (out,), out.size, key, counter)
     return out
 
 
@@ -90,9 +86,14 @@ def gumbel_noisy(logits: Any, key: int, counter: int) -> Any:
 
     logits = cupy.ascontiguousarray(logits, dtype=cupy.float32)
     noisy = cupy.empty(logits.shape, dtype=cupy.float32)
-    groups = counters_used(logits.size)
-    if groups:
-        build.kernel("philox.cu", "gumbel_noisy")(
-            (min(math.ceil(groups / THREADS), 4096),), (THREADS,),
-            (logits, noisy, np.int64(logits.size), np.uint64(key), np.uint64(counter), TINY))
+    _launch("gumbel_noisy", (logits, noisy), logits.size, key, counter, TINY)
     return noisy
+
+
+def _launch(name: str, arrays: tuple[Any, ...], size: int, key: int, counter: int, *extra: Any) -> None:
+    """philox.cu's kernel `name` over a draw of `size` numbers: a thread per counter (at most 4096 blocks,
+    each thread striding on), arguments (arrays, size, key, counter, extra)."""
+    groups = counters_used(size)
+    if groups:
+        build.kernel("philox.cu", name)((min(math.ceil(groups / THREADS), 4096),), (THREADS,),
+                                        (*arrays, np.int64(size), np.uint64(key), np.uint64(counter), *extra))
