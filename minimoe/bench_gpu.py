@@ -277,7 +277,11 @@ def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
                     training=True, use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling)
     table = routing.expert_index, routing.position
     weight = routing.weight.data
-    buffer = dispatch.dispatch(x, *table, EXPERTS, routing.capacity)
+
+    def dispatch_x() -> Any:  # as the layer dispatches: with the inverse table the gating kernel wrote
+        return dispatch.dispatch(x, *table, EXPERTS, routing.capacity, source_token=routing.source_token)
+
+    buffer = dispatch_x()
     pre = matmul(buffer, w1)
     hidden = bias_gelu.bias_gelu_forward(pre, b1)
     out = matmul(hidden, w2)
@@ -288,7 +292,7 @@ def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
         ("gate: routing (cuda/gating)", event_ms(lambda: route(
             logits, settings.k, settings.capacity_factor, settings.min_capacity, settings.drop_tokens, training=True,
             use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling))),
-        ("dispatch (Numba)", event_ms(lambda: dispatch.dispatch(x, *table, EXPERTS, routing.capacity))),
+        ("dispatch (Numba)", event_ms(dispatch_x)),
         ("expert GEMM 1 [E,C,d]x[E,d,f]", event_ms(lambda: matmul(buffer, w1))),
         ("bias + GELU", event_ms(lambda: bias_gelu.bias_gelu_forward(pre, b1))),
         ("expert GEMM 2 [E,C,f]x[E,f,d] (+ bias)",
