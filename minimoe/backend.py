@@ -34,7 +34,7 @@ _rng: Any = np.random.default_rng(0)  # the CPU's generator
 _philox_key, _philox_counter = 0, 0
 
 
-def _cupy_or_reason(gpu: int = 0) -> tuple[ModuleType | None, str]:
+def cupy_or_reason(gpu: int = 0) -> tuple[ModuleType | None, str]:
     """Import CuPy, make GPU `gpu` (modulo the count) current and touch it; return (cupy, "") or
     (None, why it is unusable)."""
     try:
@@ -62,7 +62,7 @@ def set_device(device: str, gpu: int = 0) -> str:
         _device, xp = "cpu", np
         manual_seed(0)
         return _device
-    cupy, reason = _cupy_or_reason(gpu)
+    cupy, reason = cupy_or_reason(gpu)
     if cupy is None:
         if device == "cuda":
             raise DeviceError(f"device 'cuda' was asked for but {reason}")

@@ -159,6 +159,11 @@ def run(name: str, args: argparse.Namespace) -> None:
     if name == "cpu-step":
         bench_cpu_step(args)
         return
+    from minimoe.backend import DeviceError, cupy_or_reason
+
+    _, reason = cupy_or_reason()
+    if reason:
+        raise DeviceError(f"bench {name} times GPU kernels and needs a CUDA GPU with CuPy, but {reason}")
     if name == "alltoall" or args.ep > 1:
         from minimoe import bench_comm
 

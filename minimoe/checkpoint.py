@@ -60,11 +60,17 @@ def _write(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> N
     meta_bytes = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     np.savez(buffer, **arrays, **{META_KEY: meta_bytes})
     payload = buffer.getvalue()
+    write_atomically(path, [MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n", payload])
+
+
+def write_atomically(path: Path, chunks: list[bytes]) -> None:
+    """Write `chunks` to a temporary file beside `path` (named .<name>.tmp-<pid>), flush it to disk and
+    rename it over `path`: a crash at any moment leaves either the old file or the new one, whole."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temporary, "wb") as file:
-            file.write(MAGIC + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n")
-            file.write(payload)
+            for chunk in chunks:
+                file.write(chunk)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

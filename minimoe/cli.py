@@ -1,9 +1,12 @@
 """The `minimoe` command: train, generate, plot, bench.
 
-User mistakes (a bad config key or value, a missing or corrupted checkpoint, text the tokenizer cannot
-take, a prompt longer than the context) end with one line on stderr and exit status 2, never a
-traceback; anything else is a bug and keeps its traceback. Under mpirun either ends every rank of the
-job (MPI_Abort) with the failing rank's message, so that no rank waits forever in a collective.
+User mistakes (a bad config key or value, a path that is not what it should be, a missing or
+corrupted checkpoint, text the tokenizer cannot take, a prompt longer than the context, a run
+directory that holds another run) and a training run whose loss stops being finite end with one line
+on stderr and exit status 2, never a traceback; Ctrl-C outside the training loop's own handling ends
+with one line and status 130. Anything else is a bug and keeps its traceback. Under mpirun either
+ends every rank of the job (MPI_Abort) with the failing rank's message, so that no rank waits forever
+in a collective.
 """
 
 from __future__ import annotations
@@ -13,33 +16,42 @@ import logging
 import sys
 import traceback
 
-from minimoe.backend import DeviceError
-from minimoe.checkpoint import CheckpointError
-from minimoe.comm.communicator import CommError
-from minimoe.config import ConfigError
-from minimoe.data import DataError
-from minimoe.parallel import abort_world, launched_ranks, rank_prefix
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, DeviceError, CommError)
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
 class UsageError(Exception):
     """A request that cannot be carried out as given (one line to the user)."""
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a user mistake (or a diverged run), reported in one line. Imported
+    here, not at the top: the engine loads inside main's try, so a Ctrl-C while it loads is caught."""
+    from minimoe.backend import DeviceError
+    from minimoe.checkpoint import CheckpointError
+    from minimoe.comm.communicator import CommError
+    from minimoe.config import ConfigError
+    from minimoe.data import DataError
+    from minimoe.train import TrainingDiverged
+
+    return ConfigError, DataError, CheckpointError, DeviceError, CommError, TrainingDiverged, UsageError
+
+
 def _train(args: argparse.Namespace) -> None:
     from minimoe.config import load_config
     from minimoe.train import train
 
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in train.out_dir and --overwrite replaces it: give one")
     config = load_config(args.config, args.set)
-    result = train(config, resume=args.resume, until=args.until)
+    result = train(config, resume=args.resume, until=args.until, overwrite=args.overwrite)
     if not result.is_main_rank:
         return
     ratio = result.final_val_loss / result.initial_val_loss
     print(f"validation loss: {result.initial_val_loss:.4f} at step 0 -> {result.final_val_loss:.4f} at step "
           f"{result.step} ({100 * ratio:.1f}% of the start)")
     print(f"checkpoint: {result.checkpoint}")
-    print("sample:\n" + result.sample)
+    if result.sample is not None:
+        print("sample:\n" + result.sample)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -84,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set train.max_steps=100")
     train.add_argument("--resume", action="store_true", help="continue from train.out_dir's checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in a train.out_dir that holds a run, deleting that run's files")
     train.add_argument("--until", type=int, help="stop after this step (the schedule still spans max_steps)")
     train.set_defaults(run=_train)
 
@@ -115,21 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Information (the device chosen) goes to stdout with the progress; stderr is kept for the error line.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (*USER_ERRORS, UsageError) as error:
-        print(f"minimoe {args.command}: {rank_prefix()}error: {error}", file=sys.stderr)
-        abort_world(2)
-        return 2
-    except Exception:
+    except KeyboardInterrupt:
+        return _end(args, "interrupted", INTERRUPTED)
+    except Exception as error:
+        if isinstance(error, user_errors()):
+            return _end(args, f"error: {error}", 2)
+        from minimoe.parallel import abort_world, launched_ranks, rank_prefix
+
         if launched_ranks() > 1:  # a bug on one rank ends the job, never leaves the others waiting
             print(f"minimoe {args.command}: {rank_prefix()}failed:", file=sys.stderr)
             traceback.print_exc()
             abort_world(1)
         raise
     return 0
+
+
+def _end(args: argparse.Namespace, message: str, status: int) -> int:
+    """One line on stderr, naming the rank under mpirun, and the exit status; under mpirun the whole
+    job ends (MPI_Abort), so that no rank waits forever in a collective."""
+    from minimoe.parallel import abort_world, rank_prefix
+
+    print(f"minimoe {args.command}: {rank_prefix()}{message}", file=sys.stderr)
+    abort_world(status)
+    return status
 
 
 if __name__ == "__main__":

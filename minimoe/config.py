@@ -8,12 +8,13 @@ config never trains silently with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from minimoe.data import read_user_file
 from minimoe.model import GPTConfig
 from minimoe.moe.gate import NOISY_GATE_POLICIES
 
@@ -124,10 +125,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     config = Config()
     if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
+        text = read_user_file(path, "config file", ConfigError)
         try:
             tree = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
@@ -140,37 +138,61 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return config
 
 
+def _require(name: str, value: Any, holds: bool, expected: str) -> None:
+    """ConfigError naming the key, what it must be and the value it got, unless the rule `holds`.
+    Rules are written so that NaN fails them (NaN compares false with everything)."""
+    if not holds:
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
+
+
 def validate(config: Config) -> None:
-    """Value checks that types alone cannot make."""
-    model, train = config.model, config.train
-    positive = {"model.vocab_size": model.vocab_size, "model.block_size": model.block_size,
-                "model.n_layer": model.n_layer, "model.n_head": model.n_head, "model.n_embd": model.n_embd,
-                "train.batch_size": train.batch_size, "train.max_steps": train.max_steps,
-                "train.grad_accum_steps": train.grad_accum_steps, "train.ep_size": train.ep_size,
-                "train.eval_interval": train.eval_interval, "train.eval_batches": train.eval_batches,
-                "train.log_interval": train.log_interval}
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    if model.vocab_size > 256:
-        raise ConfigError(f"model.vocab_size must be at most 256 for the byte tokenizer, got {model.vocab_size}")
+    """Value checks that types alone cannot make: every number against its meaning."""
+    model, data, train, optim = config.model, config.data, config.train, config.optim
+    at_least_one = {"model.vocab_size": model.vocab_size, "model.block_size": model.block_size,
+                    "model.n_layer": model.n_layer, "model.n_head": model.n_head, "model.n_embd": model.n_embd,
+                    "model.mlp_ratio": model.mlp_ratio, "train.batch_size": train.batch_size,
+                    "train.max_steps": train.max_steps, "train.grad_accum_steps": train.grad_accum_steps,
+                    "train.ep_size": train.ep_size, "train.eval_interval": train.eval_interval,
+                    "train.eval_batches": train.eval_batches, "train.log_interval": train.log_interval}
+    for name, value in at_least_one.items():
+        _require(name, value, value >= 1, "at least 1")
+    at_least_zero = {"model.init_seed": model.init_seed, "train.seed": train.seed,
+                     "train.local_size": train.local_size, "train.sample_tokens": train.sample_tokens,
+                     "train.top_k": train.top_k, "optim.warmup_steps": optim.warmup_steps}
+    for name, value in at_least_zero.items():
+        _require(name, value, value >= 0, "at least 0")
+    _require("model.vocab_size", model.vocab_size, model.vocab_size <= 256, "at most 256 for the byte tokenizer")
     if model.n_embd % model.n_head:
         raise ConfigError(f"model.n_embd={model.n_embd} must be divisible by model.n_head={model.n_head}")
-    if not 0.0 <= model.dropout < 1.0:
-        raise ConfigError(f"model.dropout must lie in [0, 1), got {model.dropout}")
+    _require("model.dropout", model.dropout, 0.0 <= model.dropout < 1.0, "in [0, 1)")
     _validate_moe(model)
-    if train.device not in ("cpu", "cuda", "auto"):
-        raise ConfigError(f"train.device must be 'cpu', 'cuda' or 'auto', got {train.device!r}")
-    if train.precision not in ("auto", "float32", "bfloat16", "float64"):
-        raise ConfigError(f"train.precision must be 'auto', 'float32', 'bfloat16' or 'float64', "
-                          f"got {train.precision!r}")
+    _require("data.val_fraction", data.val_fraction, 0.0 < data.val_fraction < 1.0, "strictly between 0 and 1")
+    _require("train.device", train.device, train.device in ("cpu", "cuda", "auto"), "'cpu', 'cuda' or 'auto'")
+    _require("train.precision", train.precision, train.precision in ("auto", "float32", "bfloat16", "float64"),
+             "'auto', 'float32', 'bfloat16' or 'float64'")
     if train.precision == "bfloat16" and train.device == "cpu":
         raise ConfigError("train.precision = 'bfloat16' needs train.device = 'cuda' (the NumPy path is float32)")
+    _require("train.out_dir", train.out_dir, train.out_dir.strip() != "", "a directory path")
+    _require("train.grad_clip", train.grad_clip, 0.0 <= train.grad_clip < math.inf,
+             "a finite number >= 0 (0 turns clipping off)")
+    _require("train.temperature", train.temperature, 0.0 <= train.temperature < math.inf,
+             "a finite number >= 0 (0 samples greedily)")
+    prompt = train.sample_prompt.encode("utf-8")
+    _require("train.sample_prompt", train.sample_prompt, train.sample_tokens == 0 or 0 < len(prompt)
+             <= model.block_size, f"1 to model.block_size={model.block_size} bytes long (train.sample_tokens > 0)")
+    _require("train.sample_prompt", train.sample_prompt, max(prompt, default=0) < model.vocab_size,
+             f"bytes below model.vocab_size={model.vocab_size}")
+    _require("optim.lr", optim.lr, 0.0 < optim.lr < math.inf, "a finite number > 0")
+    _require("optim.min_lr", optim.min_lr, 0.0 <= optim.min_lr <= optim.lr, f"in [0, optim.lr={optim.lr}]")
+    _require("optim.weight_decay", optim.weight_decay, 0.0 <= optim.weight_decay < math.inf, "a finite number >= 0")
+    for name in ("beta1", "beta2"):
+        value = getattr(optim, name)
+        _require(f"optim.{name}", value, 0.0 <= value < 1.0, "in [0, 1)")
+    _require("optim.eps", optim.eps, 0.0 < optim.eps < math.inf, "a finite number > 0")
 
 
 def _validate_moe(model: GPTConfig) -> None:
-    if model.moe_every < 0:
-        raise ConfigError(f"model.moe_every must be 0 (dense) or a positive block interval, got {model.moe_every}")
+    _require("model.moe_every", model.moe_every, model.moe_every >= 0, "0 (dense) or a positive block interval")
     if model.moe_every == 0:
         return
     try:
@@ -179,25 +201,22 @@ def _validate_moe(model: GPTConfig) -> None:
         raise ConfigError(f"model.{error}") from None
     if not experts:
         raise ConfigError(f"model.moe_every={model.moe_every} leaves no MoE layer in {model.n_layer} blocks")
-    if min(model.experts_per_layer) < 1:
-        raise ConfigError(f"model.experts_per_layer entries must be at least 1, got {model.experts_per_layer}")
-    if model.k not in (1, 2):
-        raise ConfigError(f"model.k must be 1 or 2, got {model.k}")
+    _require("model.experts_per_layer", model.experts_per_layer, min(model.experts_per_layer) >= 1,
+             "a list of counts of at least 1")
+    _require("model.k", model.k, model.k in (1, 2), "1 or 2")
     if model.k == 2 and min(experts) < 2:
         raise ConfigError(f"model.k=2 needs at least 2 experts in every MoE layer, got {model.experts_per_layer}")
     for name in ("capacity_factor", "eval_capacity_factor"):
-        if getattr(model, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive, got {getattr(model, name)}")
-    if model.min_capacity < 0:
-        raise ConfigError(f"model.min_capacity must be at least 0, got {model.min_capacity}")
-    if model.noisy_gate_policy not in NOISY_GATE_POLICIES:
-        raise ConfigError(f"model.noisy_gate_policy must be one of {NOISY_GATE_POLICIES}, "
-                          f"got {model.noisy_gate_policy!r}")
+        value = getattr(model, name)
+        _require(f"model.{name}", value, 0.0 < value < math.inf, "a finite number > 0")
+    _require("model.min_capacity", model.min_capacity, model.min_capacity >= 0, "at least 0")
+    _require("model.noisy_gate_policy", model.noisy_gate_policy, model.noisy_gate_policy in NOISY_GATE_POLICIES,
+             f"one of {NOISY_GATE_POLICIES}")
     if model.k == 2 and model.noisy_gate_policy == "RSample":
         raise ConfigError("model.noisy_gate_policy='RSample' is top-1 only (DeepSpeed's top2gating ignores it)")
     for name in ("aux_loss_coef", "z_loss_coef"):
-        if getattr(model, name) < 0:
-            raise ConfigError(f"model.{name} must be at least 0, got {getattr(model, name)}")
+        value = getattr(model, name)
+        _require(f"model.{name}", value, 0.0 <= value < math.inf, "a finite number >= 0")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

