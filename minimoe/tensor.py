@@ -3,16 +3,19 @@
 The whole engine fits on two screens (micrograd's idea, DeZero's names):
 - a `Tensor` wraps an array (`data`, NumPy or CuPy), its gradient (`grad`) and, when it was computed
   from tensors that need gradients, the `Function` object that computed it (`creator`);
-- a `Function` subclass writes `forward(ctx, *arrays)` and `backward(ctx, grad)` side by side; `apply`
-  runs forward on plain arrays and links the result into the tape;
-- `Tensor.backward()` sorts the tape topologically and calls each Function's backward once, last op
-  first, summing gradients where a tensor was used more than once.
+- a `Function` subclass writes `forward(ctx, *arrays)` and `backward(ctx, *grads)` side by side;
+  calling it (or `apply`) runs forward on plain arrays and links the result into the tape. A forward
+  that returns a tuple makes several output tensors (as DeZero's Functions do), and its backward then
+  takes one gradient per output (None for an output that did not reach the loss);
+- `Tensor.backward()` sorts the tape's Functions topologically and calls each one's backward once, last
+  op first, summing gradients where a tensor was used more than once.
 docs/autograd.md walks through one op line by line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +53,7 @@ class Tensor:
         self.grad: Any = None
         self.requires_grad = requires_grad
         self.creator: Function | None = None
+        self.output_index = 0  # which of its creator's outputs this tensor is
 
     shape = property(lambda self: self.data.shape)
     dtype = property(lambda self: self.data.dtype)
@@ -76,19 +80,23 @@ class Tensor:
                 raise ValueError(f"backward() without a gradient needs a single-element tensor, got {self.shape}")
             grad = backend.array_module(self.data).ones_like(self.data)
         self.grad = grad
-        for tensor in reversed(_topological_order(self)):
-            ctx = tensor.creator
-            input_grads = ctx.backward(tensor.grad)
+        if self.creator is None:
+            return
+        self.creator.add_output_grad(self.output_index, grad)
+        for function in reversed(_topological_order(self.creator)):
+            input_grads = function.backward(*function.output_grads)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
-            for parent, parent_grad in zip(ctx.inputs, input_grads):
+            for parent, parent_grad in zip(function.inputs, input_grads):
                 if isinstance(parent, Tensor) and parent.requires_grad and parent_grad is not None:
                     parent_grad = unbroadcast(parent_grad, parent.shape)
-                    parent.grad = parent_grad if parent.grad is None else parent.grad + parent_grad
-            # An intermediate's gradient and its Function's saved arrays are not needed again:
-            # dropping them here keeps peak memory near one forward pass, as in PyTorch.
-            tensor.grad = None if tensor is not self else tensor.grad
-            tensor.creator = None
+                    if parent.creator is None:  # a leaf: the gradient stays on the tensor
+                        parent.grad = parent_grad if parent.grad is None else parent.grad + parent_grad
+                    else:  # an intermediate: it waits in its creator until that Function's turn
+                        parent.creator.add_output_grad(parent.output_index, parent_grad)
+            # The Function's saved arrays and gradients are not needed again: unlinking it from its outputs
+            # frees them here, which keeps peak memory near one forward pass, as in PyTorch.
+            function.release()
 
     # Operators, so that model code reads like math. Each one is an op from minimoe.ops.
     def __add__(self, other: Any) -> Tensor:
@@ -138,14 +146,18 @@ class Tensor:
 
 
 class Function:
-    """One op on the tape. Subclasses define forward(ctx, *arrays) and backward(ctx, grad).
+    """One op on the tape. Subclasses define forward(ctx, *arrays) and backward(ctx, *grads).
 
     `ctx` is the Function object itself: forward stashes what backward needs with `ctx.save(...)`, and
-    backward returns one gradient per positional input of forward (None where there is none).
+    backward returns one gradient per positional input of forward (None where there is none). A forward
+    may return a tuple of arrays: each becomes an output tensor, and backward receives one gradient per
+    output, None for an output no gradient reached.
     """
 
     inputs: tuple[Any, ...]
     saved: tuple[Any, ...]
+    outputs: list[weakref.ref]  # weak: a Function must not keep its outputs alive
+    output_grads: list[Any]
 
     def save(ctx, *arrays: Any) -> None:
         ctx.saved = arrays
@@ -153,39 +165,60 @@ class Function:
     def forward(ctx, *arrays: Any, **options: Any) -> Any:
         raise NotImplementedError
 
-    def backward(ctx, grad: Any) -> Any:
+    def backward(ctx, *grads: Any) -> Any:
         raise NotImplementedError
 
-    @classmethod
-    def apply(cls, *inputs: Any, **options: Any) -> Tensor:
-        ctx = cls()
+    def __call__(ctx, *inputs: Any, **options: Any) -> Any:
+        """Run forward on the inputs' arrays; returns a Tensor, or a tuple of Tensors when forward
+        returns a tuple. With gradients enabled and an input that requires one, the outputs are linked
+        to this Function: that link is the tape."""
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
-        output = Tensor(ctx.forward(*arrays, **options))
+        result = ctx.forward(*arrays, **options)
+        outputs = tuple(Tensor(array) for array in (result if isinstance(result, tuple) else (result,)))
         if _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
-            output.requires_grad = True
-            output.creator = ctx
             ctx.inputs = inputs
-        return output
+            ctx.outputs = [weakref.ref(output) for output in outputs]
+            ctx.output_grads = [None] * len(outputs)
+            for index, output in enumerate(outputs):
+                output.requires_grad, output.creator, output.output_index = True, ctx, index
+        return outputs if isinstance(result, tuple) else outputs[0]
+
+    @classmethod
+    def apply(cls, *inputs: Any, **options: Any) -> Any:
+        """A fresh Function of this class called on the inputs: `Mul.apply(x, w)`."""
+        return cls()(*inputs, **options)
+
+    def add_output_grad(ctx, index: int, grad: Any) -> None:
+        current = ctx.output_grads[index]
+        ctx.output_grads[index] = grad if current is None else current + grad
+
+    def release(ctx) -> None:
+        """Unlink from the outputs and drop everything forward saved (after backward has run)."""
+        for output in ctx.outputs:
+            tensor = output()
+            if tensor is not None:
+                tensor.creator = None
+        vars(ctx).clear()
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Tensors reachable from `root` through creators, each after all of its inputs (iterative DFS,
-    so a deep model cannot hit Python's recursion limit)."""
-    order: list[Tensor] = []
+def _topological_order(root: Function) -> list[Function]:
+    """The Functions reachable from `root` through their inputs' creators, each after all Functions
+    that made its inputs (iterative DFS, so a deep model cannot hit Python's recursion limit)."""
+    order: list[Function] = []
     visited: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    stack: list[tuple[Function, bool]] = [(root, False)]
     while stack:
-        tensor, inputs_done = stack.pop()
+        function, inputs_done = stack.pop()
         if inputs_done:
-            order.append(tensor)
+            order.append(function)
             continue
-        if id(tensor) in visited or tensor.creator is None:
+        if id(function) in visited:
             continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        for parent in tensor.creator.inputs:
-            if isinstance(parent, Tensor) and parent.creator is not None and id(parent) not in visited:
-                stack.append((parent, False))
+        visited.add(id(function))
+        stack.append((function, True))
+        for parent in function.inputs:
+            if isinstance(parent, Tensor) and parent.creator is not None and id(parent.creator) not in visited:
+                stack.append((parent.creator, False))
     return order
 
 
