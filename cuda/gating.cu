@@ -296,8 +296,8 @@ __device__ void rank_tile(const long long* expert_index, const long long* order,
 // prefix back in place of its count and the row's total to totals[column][e]. (So a launch has at most
 // 32 * CHUNKS tiles, cuda/gating.py's MAX_TILES.) The rows go to the blocks in turn (warp 0 of every
 // block first): a warp's loads of a row are cheap, but many warps of one SM would queue at its load unit.
-// With prob_sums [E][tiles] given, E more warps add up each expert's probability sums into
-// prob_totals[e] in a fixed order (lane by lane over the chunks, then the butterfly), so the sum does not
+// With prob_sums [E + 1][tiles] given, E + 1 more warps add up each expert's probability sums (and, row E,
+// the tiles' counts of used tokens) into prob_totals[e] in a fixed order (lane by lane over the chunks, then the butterfly), so the sum does not
 // depend on scheduling. After the grid barrier each block copies its tile's prefixes to before
 // [columns][E] and the totals to total [columns][E] (shared memory).
 constexpr int CHUNKS = 8;
@@ -306,7 +306,7 @@ __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* co
                              const float* prob_sums, float* prob_totals, int tiles, int tile, int experts,
                              int* before, int* total) {
   const int warps = blockDim.x / WARP, lane = threadIdx.x % WARP;
-  const int rows = columns * experts, items = rows + (prob_sums ? experts : 0);
+  const int rows = columns * experts, items = rows + (prob_sums ? experts + 1 : 0);  // + the used-token counts
   for (int item = threadIdx.x / WARP * gridDim.x + blockIdx.x; item < items; item += gridDim.x * warps) {
     if (item >= rows) {  // an expert's probability sums
       const float* row = prob_sums + (long long)(item - rows) * tiles;
@@ -344,14 +344,17 @@ __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* co
 // workspace (int, needs no initial values): [0] the capacity used, then per-tile counts per expert
 // (overwritten by their exclusive prefixes over the tiles) counts [k + 1][E][tiles]: the k choice columns,
 // then the kept first choices (random token selection); and their totals [k + 1][E].
-// statistics (float): first_fraction [E], aux_loss, dropped, prob_totals [E] (sum_t p[t, e]), then
-// prob_sums [E][tiles], each tile's sum of p[t, e].
+// statistics (float): first_fraction [E], aux_loss, dropped, used tokens, prob_totals [E + 1] (sum over the
+// used tokens of p[t, e], then the number of used tokens), then prob_sums [E + 1][tiles], each tile's.
+// token_mask [T] (null: every token used): a token whose entry is 0 (padding) takes no rank, position or
+// weight and no part in the statistics, whose means run over the used tokens.
 // Shared memory: the stage (below), then warp_offsets [warps][2][E] (each warp's counts, then their
 // exclusive prefixes in the tile), scan [warps][E] (rank_tile's, and the per-warp probability sums),
-// running [E], before [2][E], total [2][E].
+// running [E], before [2][E], total [2][E], warp_used [warps] (each warp's count of used tokens).
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
-               const float* __restrict__ second_scores, const long long* __restrict__ order, int tokens, int experts,
+               const float* __restrict__ second_scores, const long long* __restrict__ order,
+               const unsigned char* __restrict__ token_mask, int tokens, int experts,
                int lanes, int vector, int k, long long capacity, float* __restrict__ probs,
                long long* __restrict__ expert_index, long long* __restrict__ position, float* __restrict__ weight,
                unsigned char* __restrict__ keep, int* __restrict__ workspace, long long* __restrict__ tokens_per_expert,
@@ -367,14 +370,15 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
   int* running = scan + warps * experts;
   int* before = running + experts;  // [2][E]
   int* total = before + 2 * experts;  // [2][E]
+  int* warp_used = total + 2 * experts;  // [warps]
   __shared__ long long used_capacity;
   const int tiles = gridDim.x, tile = blockIdx.x;
   int* counts = workspace + 1;
   int* kept_counts = counts + k * tiles * experts;
   int* totals = counts + (k + 1) * tiles * experts;
-  float* first_fraction = statistics;  // [E], then aux_loss, dropped, prob_totals [E], prob_sums [E][tiles]
-  float* prob_totals = statistics + experts + 2;
-  float* prob_sums = prob_totals + experts;
+  float* first_fraction = statistics;  // [E], then aux_loss, dropped, used, prob_totals [E + 1], prob_sums
+  float* prob_totals = statistics + experts + 3;
+  float* prob_sums = prob_totals + experts + 1;
   const long long tile_size = ((long long)tokens + tiles - 1) / tiles;
   const long long begin = min((long long)tokens, tile * tile_size), end = min((long long)tokens, begin + tile_size);
   // What phase 1 learns of each choice (the expert, its rank in the warp, its probability) waits for phase
@@ -398,22 +402,26 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
   float prob_sum[PER_LANE];
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j) prob_sum[j] = 0.0f;
+  int used_in_warp = 0;
   for (long long batch = warp_begin; batch < warp_end; batch += groups) {
     const long long token = batch + group;  // the loop is warp-uniform: every lane takes part in the shuffles
-    const bool valid = token < warp_end, leader = valid && member == 0;
+    const bool valid = token < warp_end, writer = valid && member == 0;
+    // A masked token is routed (its choices are written) but ranked nowhere: its rank stays -1.
+    const bool used = valid && (!token_mask || token_mask[token]), leader = used && member == 0;
+    used_in_warp += __popc(__ballot_sync(0xffffffffu, leader));
     float values[PER_LANE], scores[PER_LANE];
     load_part(values, logits, token, valid, experts, member, lanes, vector);
     if (first_scores) load_part(scores, first_scores, token, valid, experts, member, lanes, vector);
     float first_logit, second_logit = 0.0f;
     const int first = first_scores ? group_choice(scores, values, experts, member, lanes, -1, first_logit)
                                    : group_choice(values, values, experts, member, lanes, -1, first_logit);
-    if (leader) {  // (unstaged, parked_expert is expert_index itself)
+    if (writer) {  // (unstaged, parked_expert is expert_index itself)
       expert_index[token * k] = first;
       if (staged) parked_expert[(token - begin) * k] = first;
     }
     if (!order) {
       const int rank = rank_in_warp(first, leader, warp_counts);
-      if (leader) parked_rank[(token - begin) * k] = rank;
+      if (writer) parked_rank[(token - begin) * k] = rank;
     }
     int second = -1;
     if (k == 2) {
@@ -421,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
       second = second_scores ? group_choice(scores, values, experts, member, lanes, first, second_logit)
                              : group_choice(values, values, experts, member, lanes, first, second_logit);
       const int rank = rank_in_warp(second, leader, warp_counts + experts);
-      if (leader) {
+      if (writer) {
         expert_index[token * k + 1] = second;
         if (staged) parked_expert[(token - begin) * k + 1] = second;
         parked_rank[(token - begin) * k + 1] = rank;
@@ -443,11 +451,11 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
       values[j] *= inverse;
-      prob_sum[j] += values[j];
+      prob_sum[j] += used ? values[j] : 0.0f;
     }
     // The chosen experts' probabilities: the same operations as their entries of the row above, so the
     // same numbers.
-    if (leader) {
+    if (writer) {
       parked_prob[(token - begin) * k] = __expf(first_logit - row_max) * inverse;
       if (k == 2) parked_prob[(token - begin) * k + 1] = __expf(second_logit - row_max) * inverse;
     }
@@ -480,12 +488,19 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
   for (int j = 0; j < PER_LANE; ++j)
     if (group == 0 && expert_of(member, j, lanes) < experts)
       warp_prob_sums[warp * experts + expert_of(member, j, lanes)] = prob_sum[j];
+  if (lane == 0) warp_used[warp] = used_in_warp;
   __syncthreads();
   // Over the warps in a fixed order, side by side: threads [0, E) add up the tile's probability sums;
   // threads [E, (k + 1) E) turn the warps' counts per column and expert into the warps' offsets within the
   // tile (an exclusive scan; all 0 with random token selection, which ranked nothing yet), whose sums are
-  // the tile's counts.
-  for (int j = threadIdx.x; j < (k + 1) * experts; j += blockDim.x) {
+  // the tile's counts; one more thread adds up the tile's used tokens (row E of prob_sums).
+  for (int j = threadIdx.x; j <= (k + 1) * experts; j += blockDim.x) {
+    if (j == (k + 1) * experts) {
+      int sum = 0;
+      for (int w = 0; w < warps; ++w) sum += warp_used[w];
+      prob_sums[(long long)experts * tiles + tile] = (float)sum;
+      continue;
+    }
     if (j < experts) {
       float sum = 0.0f;
       for (int w = 0; w < warps; ++w) sum += warp_prob_sums[w * experts + j];
@@ -505,7 +520,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
   // Random token selection (top-1): rank the first choices in priority order (entries [begin, end) of
   // the order, whose tokens lie anywhere, hence after the barrier).
   if (order) {
-    rank_tile(expert_index, order, nullptr, begin, end, experts, position, counts + tile, tiles, scan, running);
+    rank_tile(expert_index, order, token_mask, begin, end, experts, position, counts + tile, tiles, scan, running);
     grid.sync();
   }
 
@@ -528,7 +543,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
   if (order) {
     for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
       const long long token = order[i];
-      keep[token] = position[token * k] + before[expert_index[token * k]] < used_capacity;
+      keep[token] = position[token * k] >= 0 && position[token * k] + before[expert_index[token * k]] < used_capacity;
     }
     grid.sync();
     rank_tile(expert_index, nullptr, keep, begin, end, experts, position, kept_counts + tile, tiles, scan, running);
@@ -585,20 +600,22 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
   // The last tile's block does it: its tile is the shortest (the tile size rounds up), so it finishes
   // phase 3 first.
   if (tile == tiles - 1) {
+    const float used_tokens = prob_totals[experts], denominator = fmaxf(used_tokens, 1.0f);
     float aux = 0.0f, kept = 0.0f;
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
       const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);
       tokens_per_expert[e] = load;
       kept += (float)min(load, used_capacity);
-      const float fraction = (float)first_total[e] / tokens;
+      const float fraction = (float)first_total[e] / denominator;
       first_fraction[e] = fraction;
-      aux += prob_totals[e] / tokens * fraction;
+      aux += prob_totals[e] / denominator * fraction;
     }
     aux = block_reduce<false>(aux);
     kept = block_reduce<false>(kept);
     if (threadIdx.x == 0) {
       statistics[experts] = experts * aux;
-      statistics[experts + 1] = 1.0f - kept / ((float)tokens * k);
+      statistics[experts + 1] = 1.0f - kept / (denominator * k);
+      statistics[experts + 2] = used_tokens;
     }
   }
 }

@@ -1,32 +1,53 @@
 """Top-k gating with expert capacity: which expert each token goes to, where in that expert's buffer,
-and with what weight. The semantics are GShard's (Lepikhin et al., 2020, Algorithm 1) as DeepSpeed's
-`top1gating` / `top2gating` (deepspeed/moe/sharded_moe.py) define them.
+and with what weight. The semantics are DeepSpeed's (deepspeed/moe/sharded_moe.py, version 0.19.8):
+`top1gating` and `top2gating` (GShard, Lepikhin et al., 2020, Algorithm 1) for k = 1 and 2, and
+`topkgating` for k >= 3.
 
-For gate logits z = x @ W_gate [T, E] (float32, from `gate_logits`) and a capacity C:
+For gate logits z = x @ W_gate [T, E] (float32, from `gate_logits`), a capacity C, and a token mask
+(padding tokens masked out; none: every token is used):
 
     p = softmax(z)                                   probabilities over the E experts
+
+k = 1 and 2 (GShard):
     first[t]  = argmax_e first_scores[t, e]          first_scores = z, or z + Gumbel noise (RSample)
     second[t] = argmax_{e != first[t]} second_scores[t, e]   (k = 2; z, or z + Gumbel noise)
-
-Positions in an expert's buffer (DeepSpeed's `locations = cumsum(mask) - 1`):
+  Positions in an expert's buffer (DeepSpeed's `locations = cumsum(mask) - 1`):
     - first choices queue in token order; with random token selection (top-1, `priority` given) the
       first C tokens by priority (smallest first) are the ones kept, and they are then numbered in
       token order as DeepSpeed numbers them;
     - every second choice queues after *all* first choices of its expert (dropped ones included):
-      position = (number of first choices of e) + (rank among second choices of e, in token order);
-    - a choice whose position is >= C is dropped: position -1, weight 0.
+      position = (number of first choices of e) + (rank among second choices of e, in token order).
+  ce_e = the fraction of the used tokens whose *first* choice is e (before drops); aux_loss = E sum_e me_e ce_e.
 
-Weights: top-1 uses w = p[t, first] for a kept choice. Top-2 uses the kept probabilities renormalised,
-w_j = p[t, e_j] kept_j / max(sum_j p[t, e_j] kept_j, eps) (DeepSpeed's `denom_s` clamp).
+k >= 3 (DeepSpeed's topkgating):
+    choices[t] = the k experts of largest p[t, :], largest first
+  All of a token's choices queue together in token order (one cumsum over the [T, E] choice mask);
+  drop_policy "position" keeps the first C of each expert in that order, "probs" (DeepSpeed's default)
+  keeps the C choices of each expert with the largest p[t, e] (ties: the earlier token) and numbers the
+  kept ones in token order. ce_e = the fraction of the used tokens that chose e (any choice), and
+  aux_loss = (E / k) sum_e me_e ce_e (DeepSpeed: mean(me * ce) * E * E / k).
 
-Load balancing (GShard Algorithm 1, Switch Transformer eq. 4): with me_e = mean_t p[t, e] and ce_e
-the fraction of tokens whose *first* choice is e (before drops),
-
-    aux_loss = E * E * mean_e(me_e * ce_e) = E * sum_e me_e * ce_e          (1 when perfectly balanced)
+For every k:
+    - a choice whose position is >= C is dropped: position -1, weight 0;
+    - top-1 weight w = p[t, first] for a kept choice; k >= 2 renormalises the kept probabilities,
+      w_j = p[t, e_j] kept_j / max(sum_j p[t, e_j] kept_j, eps) (DeepSpeed's `denom_s` clamp);
+    - me_e = mean over the used tokens of p[t, e] (GShard Algorithm 1, Switch Transformer eq. 4), so a
+      balanced layer has aux_loss 1;
+    - a masked token (token_mask false) takes no position, no capacity and no weight, and has no part
+      in me, ce or the aux loss, whose means run over the used tokens: routing a padded batch equals
+      routing its used tokens alone at the same capacity. (DeepSpeed's `used_token` exists in top1gating
+      only, and there still averages the padding tokens' probabilities into me and divides ce by all
+      tokens; minimoe applies the mask for every k and leaves padding out entirely.)
 
 Gradients reach the logits through the kept weights and through me (ce counts integers); the routing
 itself is piecewise constant. `capacity=None` is dropless: C = the largest number of choices any expert
 received, so nothing is dropped.
+
+Three rungs, each the specification of the next (the tests compare them):
+    route_token_by_token   the rules above one token at a time, loops and counters (read this first)
+    topk_gating (NumPy)    the same, vectorised: the reference for the kernel
+    gating.cu's gate_route k <= 2 in one cooperative launch on the GPU (k >= 3 runs the vectorised
+                           reference on CuPy arrays)
 """
 
 from __future__ import annotations
@@ -53,25 +74,119 @@ PER_LANE = 16  # experts per lane in gate_route (its constant of the same name):
 STAGE_ENTRIES = 1024  # gate_route's constant of the same name: choices per tile parked in shared memory
 MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
 MAX_TILES = 32 * 8  # blocks at most: gate_route's tile_offsets holds 32 * CHUNKS tiles per warp
+DROP_POLICIES = ("probs", "position")  # k >= 3: which choices an over-full expert keeps
 
 
 class Gating(NamedTuple):
     probs: Any  # [T, E] softmax of the logits
     expert_index: Any  # [T, k] int64: each token's choices, distinct experts
-    position: Any  # [T, k] int64: slot in the expert's buffer, -1 where dropped
+    position: Any  # [T, k] int64: slot in the expert's buffer, -1 where dropped (always for a masked token)
     weight: Any  # [T, k] combine weights, 0 where dropped
     capacity: int  # C: the buffer length of every expert
-    tokens_per_expert: Any  # [E] int64: choices each expert received, before drops
-    first_choice_fraction: Any  # [E] ce: fraction of tokens whose first choice is e
-    aux_loss: Any  # 0-d: E * sum_e mean_t(p[:, e]) * ce_e
-    dropped: Any  # 0-d: fraction of the T * k choices dropped
+    tokens_per_expert: Any  # [E] int64: choices each expert received from the used tokens, before drops
+    choice_fraction: Any  # [E] ce: fraction of the used tokens whose first (k <= 2) or any (k >= 3) choice is e
+    aux_loss: Any  # 0-d: aux_weight(k, E) * sum_e me_e * ce_e
+    dropped: Any  # 0-d: fraction of the used tokens' choices dropped
+    used_tokens: Any  # 0-d: how many tokens the mask kept (T without a mask)
+    token_mask: Any = None  # [T] bool, or None: every token used
     source_token: Any = None  # [E * C]: the token in each buffer slot, -1 where none (GPU, fixed capacity)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
-    """C = max(min_capacity, ceil(T / E * capacity_factor * k)) (DeepSpeed's `_capacity`; top-2 passes
-    capacity_factor * 2)."""
-    return max(min_capacity, int(np.ceil(num_tokens / num_experts * capacity_factor * k)))
+    """C = max(min_capacity, ceil(T / E * capacity_factor * k)), rounded as DeepSpeed's `_capacity`
+    rounds it: its factor (capacity_factor * k) is a float32 tensor, so T / E is multiplied by it in
+    float32, and the ceiling is taken of that float32 product. In float64 the two differ by one for many
+    (T, E, factor) triples: T=100, E=2, factor 1.1 gives 55 in float32 and 56 in float64."""
+    product = np.float32(num_tokens / num_experts) * np.float32(capacity_factor * k)
+    return max(min_capacity, int(np.ceil(product)))
+
+
+def aux_weight(k: int, num_experts: int) -> float:
+    """The factor of sum_e me_e ce_e in the aux loss: E (GShard, top-1 and top-2), E / k for k >= 3, whose
+    ce counts all k choices (DeepSpeed's topkgating)."""
+    return num_experts if k <= 2 else num_experts / k
+
+
+def route_token_by_token(logits: np.ndarray, k: int, capacity: int | None, first_scores: np.ndarray | None = None,
+                         second_scores: np.ndarray | None = None, priority: np.ndarray | None = None,
+                         token_mask: np.ndarray | None = None, drop_policy: str = "probs") -> Gating:
+    """The rules of this module's docstring one token at a time, with a counter per expert: slow, and
+    written to be read line by line against the docstring. Host arrays only."""
+    num_tokens, num_experts = logits.shape
+    used = np.ones(num_tokens, bool) if token_mask is None else np.asarray(token_mask, bool)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    first_scores = logits if first_scores is None else first_scores
+    second_scores = logits if second_scores is None else second_scores
+    choices = []
+    for t in range(num_tokens):
+        if k >= 3:  # the k largest probabilities, largest first (ties: the lower expert index)
+            choices.append(sorted(range(num_experts), key=lambda e: (-probs[t, e], e))[:k])
+            continue
+        first = max(range(num_experts), key=lambda e: (first_scores[t, e], -e))  # argmax, lowest index on ties
+        row = [first]
+        if k == 2:
+            row.append(max((e for e in range(num_experts) if e != first), key=lambda e: (second_scores[t, e], -e)))
+        choices.append(row)
+    loads = np.zeros(num_experts, np.int64)
+    for t in range(num_tokens):
+        for e in choices[t]:
+            loads[e] += used[t]
+    if capacity is None:
+        capacity = max(int(loads.max()), 1)
+
+    # kept[t][j]: does choice j of token t keep a place? Then the kept choices are numbered in token
+    # order, one counter per expert; a second choice (k = 2) instead takes its place in a queue that
+    # starts behind all of its expert's first choices, dropped ones included.
+    kept = np.zeros((num_tokens, k), bool)
+    position = -np.ones((num_tokens, k), np.int64)
+    if k <= 2:
+        claimed = np.zeros(num_experts, np.int64)  # first choices: per expert, the first C in priority order
+        for t in range(num_tokens) if priority is None else np.argsort(priority, kind="stable"):
+            if used[t]:
+                kept[t, 0] = claimed[choices[t][0]] < capacity
+                claimed[choices[t][0]] += 1
+        filled = np.zeros(num_experts, np.int64)
+        for t in range(num_tokens):
+            if kept[t, 0]:
+                position[t, 0] = filled[choices[t][0]]
+                filled[choices[t][0]] += 1
+        if k == 2:
+            queue = claimed.copy()  # every first choice of the expert, kept or not
+            for t in range(num_tokens):
+                if used[t]:
+                    e = choices[t][1]
+                    if queue[e] < capacity:
+                        kept[t, 1], position[t, 1] = True, queue[e]
+                    queue[e] += 1
+    else:
+        for e in range(num_experts):
+            entries = [(t, j) for t in range(num_tokens) for j in range(k) if used[t] and choices[t][j] == e]
+            if drop_policy == "probs":  # the C largest probabilities; ties to the earlier token
+                entries.sort(key=lambda entry: (-probs[entry[0], e], entry[0]))
+            for t, j in entries[:capacity]:
+                kept[t, j] = True
+        filled = np.zeros(num_experts, np.int64)
+        for t in range(num_tokens):
+            for j in range(k):
+                if kept[t, j]:
+                    position[t, j] = filled[choices[t][j]]
+                    filled[choices[t][j]] += 1
+
+    expert_index = np.array(choices, dtype=np.int64).reshape(num_tokens, k)
+    chosen = np.take_along_axis(probs, expert_index, axis=1) * (position >= 0)
+    weight = chosen if k == 1 else chosen / np.maximum(chosen.sum(axis=1, keepdims=True), np.finfo(probs.dtype).eps)
+    used_count = max(int(used.sum()), 1)
+    counted = expert_index[:, :1] if k <= 2 else expert_index  # ce's choices
+    fraction = np.zeros(num_experts)
+    for t in np.flatnonzero(used):
+        for e in counted[t]:
+            fraction[e] += 1 / used_count
+    me = probs[used].sum(axis=0) / used_count
+    aux_loss = aux_weight(k, num_experts) * np.sum(me * fraction)
+    dropped = 1.0 - (position[used] >= 0).sum() / max(used.sum() * k, 1)
+    return Gating(probs, expert_index, position, weight, capacity, loads, fraction, aux_loss, dropped, used.sum(),
+                  token_mask)
 
 
 def gate_logits(x: Any, weight: Any) -> Any:
@@ -136,11 +251,13 @@ def _gpu_gate_logits(x: Any, weight: Any) -> Any:
 
 
 def _rank_within_expert(choice: Any, order: Any, num_experts: int) -> Any:
-    """rank[t] = how many tokens before t in `order` (a permutation of the tokens) chose the same
-    expert: DeepSpeed's `cumsum(one_hot(choice), dim=0) - 1`, taken in the given order."""
+    """rank[i] = how many entries before i in `order` (a permutation of the entries) chose the same
+    expert: DeepSpeed's `cumsum(one_hot(choice), dim=0) - 1`, taken in the given order. An entry whose
+    choice is num_experts (an "expert" past the last: masked or not kept) is ranked in a column of its
+    own that nothing reads."""
     xp = array_module(choice)
     in_order = choice[order]
-    one_hot = in_order[:, None] == xp.arange(num_experts)[None, :]
+    one_hot = in_order[:, None] == xp.arange(num_experts + 1)[None, :]
     rank_in_order = (xp.cumsum(one_hot, axis=0) - 1)[xp.arange(len(order)), in_order]
     rank = xp.empty_like(rank_in_order)
     rank[order] = rank_in_order
@@ -148,49 +265,71 @@ def _rank_within_expert(choice: Any, order: Any, num_experts: int) -> Any:
 
 
 def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = None, second_scores: Any = None,
-                priority: Any = None) -> Gating:
+                priority: Any = None, token_mask: Any = None, drop_policy: str = "probs") -> Gating:
     """Route T tokens to k of E experts each. `first_scores` / `second_scores` default to the logits
     (pass logits + Gumbel noise for RSample / second-expert sampling); `priority` [T] (top-1 only:
-    random token selection) decides which tokens an over-full expert keeps, smallest first."""
+    random token selection) decides which tokens an over-full expert keeps, smallest first;
+    `token_mask` [T] (bool, None: all) leaves padding tokens out; `drop_policy` (k >= 3) as above."""
     num_tokens, num_experts = logits.shape
-    if k not in (1, 2):
-        raise ValueError(f"k must be 1 or 2 (DeepSpeed's top1gating / top2gating), got {k}")
-    if k == 2 and num_experts < 2:
-        raise ValueError(f"top-2 gating needs at least 2 experts, got {num_experts}")
+    if k < 1 or k > num_experts:
+        raise ValueError(f"k must lie in 1..E={num_experts} (experts per token), got {k}")
+    if k >= 3 and (first_scores is not None or second_scores is not None or priority is not None):
+        raise ValueError("noisy scores and random token selection are defined for k <= 2 only (DeepSpeed's "
+                         "topkgating has neither)")
     if k == 2 and priority is not None:
         raise ValueError("random token selection (priority) is defined for top-1 gating only")
-    if is_gpu(logits):
-        return _gpu_topk_gating(logits, k, capacity, first_scores, second_scores, priority)
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    if is_gpu(logits) and k <= 2:
+        return _gpu_topk_gating(logits, k, capacity, first_scores, second_scores, priority, token_mask)
     xp = array_module(logits)
     tokens = xp.arange(num_tokens)
     probs = softmax_forward(logits)
+    used = xp.ones(num_tokens, dtype=bool) if token_mask is None else xp.asarray(token_mask, dtype=bool)
+    used_count = used.sum()
 
-    first = xp.argmax(logits if first_scores is None else first_scores, axis=1)
-    first_counts = xp.bincount(first, minlength=num_experts)
-    choices = [first]
-    if k == 2:
-        scores = (logits if second_scores is None else second_scores).copy()
-        scores[tokens, first] = -xp.inf
-        choices.append(xp.argmax(scores, axis=1))
-    expert_index = xp.stack(choices, axis=1)
-    tokens_per_expert = xp.bincount(expert_index.reshape(-1), minlength=num_experts)
+    if k <= 2:
+        first = xp.argmax(logits if first_scores is None else first_scores, axis=1)
+        choices = [first]
+        if k == 2:
+            scores = (logits if second_scores is None else second_scores).copy()
+            scores[tokens, first] = -xp.inf
+            choices.append(xp.argmax(scores, axis=1))
+        expert_index = xp.stack(choices, axis=1)
+    else:  # the k largest probabilities, largest first; ties to the lower expert (a stable sort)
+        expert_index = xp.argsort(-probs, axis=1, kind="stable")[:, :k]
+    # A masked token's choices count as the extra expert E: they take no rank, load or capacity.
+    counted = xp.where(used[:, None], expert_index, num_experts)
+    tokens_per_expert = xp.bincount(counted.reshape(-1), minlength=num_experts + 1)[:num_experts]
     if capacity is None:
         capacity = max(int(tokens_per_expert.max()), 1)
 
-    # First choices: the first C by priority are kept, then numbered in token order.
-    if priority is None:
-        rank = _rank_within_expert(first, tokens, num_experts)
-        kept_first = rank < capacity
-        position_first = rank
+    if k <= 2:
+        # First choices: the first C by priority are kept, then numbered in token order.
+        if priority is None:
+            position_first = _rank_within_expert(counted[:, 0], tokens, num_experts)
+            kept_first = position_first < capacity
+        else:
+            kept_first = _rank_within_expert(counted[:, 0], xp.argsort(priority, kind="stable"), num_experts) < capacity
+            position_first = _rank_within_expert(xp.where(kept_first, counted[:, 0], num_experts), tokens, num_experts)
+        positions = [position_first]
+        if k == 2:  # second choices queue behind all first choices of their expert
+            first_counts = xp.bincount(counted[:, 0], minlength=num_experts + 1)
+            positions.append(first_counts[counted[:, 1]] + _rank_within_expert(counted[:, 1], tokens, num_experts))
+        position = xp.stack(positions, axis=1)
+        kept = (position < capacity) & used[:, None]
+        kept[:, 0] &= kept_first
     else:
-        kept_first = _rank_within_expert(first, xp.argsort(priority, kind="stable"), num_experts) < capacity
-        position_first = _rank_within_expert(xp.where(kept_first, first, num_experts), tokens, num_experts + 1)
-    positions = [position_first]
-    if k == 2:  # second choices queue behind all first choices of their expert
-        positions.append(first_counts[choices[1]] + _rank_within_expert(choices[1], tokens, num_experts))
-    position = xp.stack(positions, axis=1)
-    kept = position < capacity
-    kept[:, 0] &= kept_first
+        entries = counted.reshape(-1)  # entry t * k + j: choice j of token t, in token order
+        if drop_policy == "position":
+            kept = _rank_within_expert(entries, xp.arange(len(entries)), num_experts) < capacity
+        else:  # per expert, the C largest probabilities; ties to the earlier token (stable sort)
+            entry_probs = xp.take_along_axis(probs, expert_index, axis=1).reshape(-1)
+            by_probability = xp.argsort(-entry_probs, kind="stable")
+            kept = _rank_within_expert(entries, by_probability, num_experts) < capacity
+        kept &= entries < num_experts
+        position = _rank_within_expert(xp.where(kept, entries, num_experts), xp.arange(len(entries)), num_experts)
+        position, kept = position.reshape(num_tokens, k), kept.reshape(num_tokens, k)
     position = xp.where(kept, position, -1)
 
     chosen_probs = xp.take_along_axis(probs, expert_index, axis=1) * kept
@@ -199,14 +338,19 @@ def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = N
     else:
         weight = chosen_probs / xp.maximum(chosen_probs.sum(axis=1, keepdims=True), np.finfo(probs.dtype).eps)
 
-    first_choice_fraction = (first_counts / num_tokens).astype(probs.dtype)
-    aux_loss = num_experts * (probs.mean(axis=0) * first_choice_fraction).sum()
-    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, first_choice_fraction,
-                  aux_loss, (position < 0).mean(dtype=probs.dtype))
+    denominator = xp.maximum(used_count, 1).astype(probs.dtype)
+    ce_choices = counted[:, :1] if k <= 2 else counted
+    choice_fraction = (xp.bincount(ce_choices.reshape(-1), minlength=num_experts + 1)[:num_experts]
+                       / denominator).astype(probs.dtype)
+    me = (probs * used[:, None]).sum(axis=0) / denominator
+    aux_loss = aux_weight(k, num_experts) * (me * choice_fraction).sum()
+    dropped = 1.0 - kept.sum(dtype=probs.dtype) / (denominator * k)
+    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, choice_fraction, aux_loss,
+                  dropped, used_count, token_mask)
 
 
 def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any, second_scores: Any,
-                     priority: Any) -> Gating:
+                     priority: Any, token_mask: Any) -> Gating:
     """cuda/gating.cu's gate_route: everything in one cooperative launch. Float32 throughout."""
     import cupy
 
@@ -233,7 +377,9 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
     workspace = cupy.empty(1 + (k + 1) * (tiles + 1) * num_experts, dtype=cupy.int32)  # see gate_route's comment
     tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
-    statistics = cupy.empty((tiles + 2) * num_experts + 2, dtype=cupy.float32)
+    # first_fraction [E], aux loss, dropped, used tokens, prob_totals [E + 1], prob_sums [E + 1][tiles]
+    statistics = cupy.empty(2 * num_experts + 4 + (num_experts + 1) * tiles, dtype=cupy.float32)
+    mask = null if token_mask is None else cupy.ascontiguousarray(token_mask, dtype=cupy.uint8)
     # Fixed capacity: the kernel also writes dispatch's inverse table (dropless: C is known only after it).
     source_token = null if capacity is None else cupy.empty(num_experts * capacity, dtype=cupy.int64)
     order = keep = null
@@ -242,7 +388,7 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
         keep = cupy.empty(num_tokens, dtype=cupy.uint8)
     # A cooperative launch: all `tiles` blocks resident at once, as the kernel's grid barrier needs.
     kernel.kernel((tiles,), (ROUTE_THREADS,), (
-        logits, first_scores, second_scores, order, np.int32(num_tokens), np.int32(num_experts), np.int32(lanes),
+        logits, first_scores, second_scores, order, mask, np.int32(num_tokens), np.int32(num_experts), np.int32(lanes),
         np.int32(vector), np.int32(k), np.int64(-1 if capacity is None else capacity), probs,
         expert_index, position, weight, keep, workspace, tokens_per_expert, statistics, source_token),
         shared_mem=shared_mem, enable_cooperative_groups=True)
@@ -250,7 +396,8 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
         capacity = int(workspace[0])  # the kernel's dropless capacity: one read of the device
         source_token = None
     return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, statistics[:num_experts],
-                  statistics[num_experts], statistics[num_experts + 1], source_token)
+                  statistics[num_experts], statistics[num_experts + 1], statistics[num_experts + 2], token_mask,
+                  source_token)
 
 
 @functools.cache
@@ -264,8 +411,9 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
     lanes = 1 << (-(-num_experts // PER_LANE) - 1).bit_length()
     kernel = build.kernel("gating.cu", "gate_route")
     # The stage (int64 experts and ranks, float32 probabilities), then warp_offsets [warps][2][E], scan
-    # [warps][E], running [E], before [2][E], total [2][E]: gate_route's comment.
-    shared_mem = (8 + 8 + 4) * STAGE_ENTRIES + 4 * (3 * ROUTE_THREADS // WARP + 5) * num_experts
+    # [warps][E], running [E], before [2][E], total [2][E], warp_used [warps]: gate_route's comment.
+    warps = ROUTE_THREADS // WARP
+    shared_mem = (8 + 8 + 4) * STAGE_ENTRIES + 4 * ((3 * warps + 5) * num_experts + warps)
     if shared_mem > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 135) a launch must opt in
         kernel.max_dynamic_shared_size_bytes = shared_mem
     runtime = cupy.cuda.runtime
@@ -330,22 +478,34 @@ def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
 
 
 def aux_loss_backward(grad_loss: Any, gating: Gating) -> Any:
-    """d aux_loss / d logits: aux = E * sum_e ce_e * mean_t p[t, e], so dL/dp[t, e] = g * E * ce_e / T
-    for every token t."""
+    """d aux_loss / d logits: aux = w sum_e ce_e me_e with me_e = sum over the U used tokens of
+    p[t, e] / U (w = aux_weight), so dL/dp[t, e] = g w ce_e / U for every used token t, 0 for a masked one."""
     probs = gating.probs
-    num_tokens, num_experts = probs.shape
-    grad_probs = array_module(probs).broadcast_to(
-        (grad_loss * num_experts / num_tokens) * gating.first_choice_fraction, probs.shape)
+    xp = array_module(probs)
+    num_experts = probs.shape[1]
+    scale = grad_loss * aux_weight(gating.expert_index.shape[1], num_experts) / xp.maximum(gating.used_tokens, 1)
+    grad_probs = xp.broadcast_to(scale * gating.choice_fraction, probs.shape)
+    if gating.token_mask is not None:
+        grad_probs = grad_probs * xp.asarray(gating.token_mask, dtype=probs.dtype)[:, None]
     return softmax_backward(grad_probs, probs)
 
 
-def z_loss_forward(logits: Any) -> tuple[Any, Any]:
-    """Router z-loss (ST-MoE, Zoph et al., 2022, sec. 3.3): mean_t logsumexp(z_t)^2; returns (loss, lse [T])."""
+def z_loss_forward(logits: Any, token_mask: Any = None) -> tuple[Any, Any]:
+    """Router z-loss (ST-MoE, Zoph et al., 2022, sec. 3.3): the mean over the U used tokens of
+    logsumexp(z_t)^2; returns (loss, lse [T])."""
     row_logsumexp = logsumexp(logits)
-    return (row_logsumexp**2).mean(), row_logsumexp
+    used = _used(logits, token_mask)
+    return (row_logsumexp**2 * used).sum() / used.sum().clip(1), row_logsumexp
 
 
-def z_loss_backward(grad_loss: Any, logits: Any, row_logsumexp: Any) -> Any:
-    """d/dz_te of mean_t lse_t^2 = 2 lse_t softmax(z_t)_e / T."""
+def z_loss_backward(grad_loss: Any, logits: Any, row_logsumexp: Any, token_mask: Any = None) -> Any:
+    """d/dz_te of the mean over U used tokens of lse_t^2 = 2 lse_t softmax(z_t)_e / U (0 for a masked token)."""
     probs = array_module(logits).exp(logits - row_logsumexp[:, None])
-    return probs * (grad_loss * 2.0 / len(logits) * row_logsumexp)[:, None]
+    used = _used(logits, token_mask)
+    return probs * (grad_loss * 2.0 / used.sum().clip(1) * row_logsumexp * used)[:, None]
+
+
+def _used(logits: Any, token_mask: Any) -> Any:
+    """[T] of 1 for a used token, 0 for a masked one, in the logits' dtype."""
+    xp = array_module(logits)
+    return xp.ones(len(logits), logits.dtype) if token_mask is None else xp.asarray(token_mask, dtype=logits.dtype)

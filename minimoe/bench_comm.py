@@ -119,7 +119,8 @@ def bench_moe_layer_ep(args: argparse.Namespace) -> None:
     import cupy
 
     from minimoe.comm.groups import build_groups
-    from minimoe.moe.layer import MoE, MoESettings
+    from minimoe.moe.gate import MoESettings
+    from minimoe.moe.layer import MoE
 
     world = _start()
     if args.ep != world.size:
@@ -132,8 +133,7 @@ def bench_moe_layer_ep(args: argparse.Namespace) -> None:
     _say(world, f"bench moe-layer --ep {args.ep} on {world.size} x {backend.gpu_name()}: per GPU T={TOKENS}, "
                 f"d={WIDTH}, f={HIDDEN}, E={EXPERTS} in all, bf16; times in ms, median of 20 of the slowest rank")
     for k, dropless in cases:
-        settings = MoESettings(k=k, capacity_factor=1.0, min_capacity=4, drop_tokens=not dropless,
-                               use_rts=k == 1, second_expert_sampling=k == 2)
+        settings = MoESettings(k=k, drop_tokens=not dropless)  # capacity factor 1, DeepSpeed's RTS and sampling
 
         def layer(expert_parallel: Any = None) -> MoE:
             return MoE(WIDTH, HIDDEN, EXPERTS, settings, np.random.default_rng(0), 0.02,  # noqa: B023

@@ -129,10 +129,10 @@ def header(name: str) -> tuple[float, float]:
 
 
 def _minimoe_layer(k: int, dropless: bool, dtype: Any) -> Any:
-    from minimoe.moe.layer import MoE, MoESettings
+    from minimoe.moe.gate import MoESettings
+    from minimoe.moe.layer import MoE
 
-    settings = MoESettings(k=k, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=4, drop_tokens=not dropless,
-                           use_rts=k == 1, second_expert_sampling=k == 2)
+    settings = MoESettings(k=k, drop_tokens=not dropless)  # capacity factor 1, DeepSpeed's RTS and sampling
     return MoE(WIDTH, HIDDEN, EXPERTS, settings, np.random.default_rng(0), 0.02).to(dtype).train()
 
 
@@ -273,8 +273,7 @@ def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
     settings = layer.settings
     backend.manual_seed(0)
     logits = gating.gate_logits(x, gate_weight)
-    routing = route(logits, settings.k, settings.capacity_factor, settings.min_capacity, settings.drop_tokens,
-                    training=True, use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling)
+    routing = route(logits, settings, training=True)
     table = routing.expert_index, routing.position
     weight = routing.weight.data
 
@@ -289,9 +288,7 @@ def _breakdown(layer: Any, x: Any, grad: Any) -> list[tuple[str, float]]:
     gating_result = gating.topk_gating(logits, settings.k, routing.capacity)
     rows = [
         ("gate: logits (float32, cast in registers)", event_ms(lambda: gating.gate_logits(x, gate_weight))),
-        ("gate: routing (cuda/gating)", event_ms(lambda: route(
-            logits, settings.k, settings.capacity_factor, settings.min_capacity, settings.drop_tokens, training=True,
-            use_rts=settings.use_rts, second_expert_sampling=settings.second_expert_sampling))),
+        ("gate: routing (cuda/gating)", event_ms(lambda: route(logits, settings, training=True))),
         ("dispatch (Numba)", event_ms(dispatch_x)),
         ("expert GEMM 1 [E,C,d]x[E,d,f]", event_ms(lambda: matmul(buffer, w1))),
         ("bias + GELU", event_ms(lambda: bias_gelu.bias_gelu_forward(pre, b1))),

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from minimoe.cuda.gating import DROP_POLICIES
 from minimoe.data import read_user_file
 from minimoe.model import GPTConfig
 from minimoe.moe.gate import NOISY_GATE_POLICIES
@@ -203,17 +204,20 @@ def _validate_moe(model: GPTConfig) -> None:
         raise ConfigError(f"model.moe_every={model.moe_every} leaves no MoE layer in {model.n_layer} blocks")
     _require("model.experts_per_layer", model.experts_per_layer, min(model.experts_per_layer) >= 1,
              "a list of counts of at least 1")
-    _require("model.k", model.k, model.k in (1, 2), "1 or 2")
-    if model.k == 2 and min(experts) < 2:
-        raise ConfigError(f"model.k=2 needs at least 2 experts in every MoE layer, got {model.experts_per_layer}")
+    _require("model.k", model.k, model.k >= 1, "at least 1 (experts per token)")
+    if model.k > min(experts):
+        raise ConfigError(f"model.k={model.k} needs at least {model.k} experts in every MoE layer, got "
+                          f"{model.experts_per_layer}")
+    _require("model.drop_policy", model.drop_policy, model.drop_policy in DROP_POLICIES, f"one of {DROP_POLICIES}")
     for name in ("capacity_factor", "eval_capacity_factor"):
         value = getattr(model, name)
         _require(f"model.{name}", value, 0.0 < value < math.inf, "a finite number > 0")
     _require("model.min_capacity", model.min_capacity, model.min_capacity >= 0, "at least 0")
     _require("model.noisy_gate_policy", model.noisy_gate_policy, model.noisy_gate_policy in NOISY_GATE_POLICIES,
              f"one of {NOISY_GATE_POLICIES}")
-    if model.k == 2 and model.noisy_gate_policy == "RSample":
-        raise ConfigError("model.noisy_gate_policy='RSample' is top-1 only (DeepSpeed's top2gating ignores it)")
+    if model.k >= 2 and model.noisy_gate_policy == "RSample":
+        raise ConfigError("model.noisy_gate_policy='RSample' is top-1 only (DeepSpeed's top2gating and topkgating "
+                          "ignore it)")
     for name in ("aux_loss_coef", "z_loss_coef"):
         value = getattr(model, name)
         _require(f"model.{name}", value, 0.0 <= value < math.inf, "a finite number >= 0")

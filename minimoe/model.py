@@ -13,13 +13,15 @@ With residual = true every MoE layer is a Residual MoE (sec. 4.1); pyramid + res
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from minimoe import backend, ops
-from minimoe.moe.layer import MoE, MoESettings, MoEStats
+from minimoe.moe.gate import MoESettings, Routing
+from minimoe.moe.layer import MoE
 from minimoe.nn import MLP, CausalSelfAttention, Embedding, LayerNorm, Module
 from minimoe.tensor import Tensor
 
@@ -38,17 +40,20 @@ class GPTConfig:
     # Mixture of Experts (DeepSpeed-MoE); moe_every = 0 keeps the model dense.
     moe_every: int = 0  # the MLP of blocks n-1, 2n-1, ... becomes an MoE
     experts_per_layer: list[int] = field(default_factory=lambda: [8])  # one value for all MoE layers, or one each
-    k: int = 1  # experts per token: 1 (Switch / DeepSpeed top1gating) or 2 (GShard top2gating)
-    capacity_factor: float = 1.0  # training capacity C = max(min_capacity, ceil(T / E * capacity_factor * k))
-    eval_capacity_factor: float = 1.0  # the same in evaluation and generation
-    min_capacity: int = 4
-    drop_tokens: bool = True  # false: dropless, C = the fullest expert's load
-    use_rts: bool = True  # random token selection; top-1 only, as in DeepSpeed
-    noisy_gate_policy: str = ""  # "", "Jitter" (gate input x U(0.99, 1.01)) or "RSample" (top-1 Gumbel logits)
-    second_expert_sampling: bool = True  # top-2: second expert from Gumbel-noised logits (training)
-    aux_loss_coef: float = 0.01  # weight of the load-balancing loss, summed over MoE layers
-    z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE); 0 leaves it out
     residual: bool = False  # Residual MoE: a dense MLP beside every MoE, mixed per token
+    # How every MoE layer routes: the keys of MoESettings (moe/gate.py), whose defaults and comments these are.
+    k: int = MoESettings.k
+    capacity_factor: float = MoESettings.capacity_factor
+    eval_capacity_factor: float = MoESettings.eval_capacity_factor
+    min_capacity: int = MoESettings.min_capacity
+    drop_tokens: bool = MoESettings.drop_tokens
+    drop_policy: str = MoESettings.drop_policy
+    use_rts: bool = MoESettings.use_rts
+    noisy_gate_policy: str = MoESettings.noisy_gate_policy
+    second_expert_sampling: bool = MoESettings.second_expert_sampling
+    eval_randomness: bool = MoESettings.eval_randomness
+    aux_loss_coef: float = MoESettings.aux_loss_coef
+    z_loss_coef: float = MoESettings.z_loss_coef
 
     def experts_in_block(self) -> list[int]:
         """Expert count of each block's feed-forward layer, 0 for a dense MLP."""
@@ -63,11 +68,7 @@ class GPTConfig:
         return experts
 
     def moe_settings(self) -> MoESettings:
-        return MoESettings(k=self.k, capacity_factor=self.capacity_factor,
-                           eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
-                           drop_tokens=self.drop_tokens, use_rts=self.use_rts and self.k == 1,
-                           noisy_gate_policy=self.noisy_gate_policy,
-                           second_expert_sampling=self.second_expert_sampling, z_loss=self.z_loss_coef > 0)
+        return MoESettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoESettings)})
 
 
 @dataclass
@@ -75,7 +76,7 @@ class ModelOutput:
     logits: Tensor  # [B, T, V]
     loss: Tensor | None  # what training minimises: lm_loss + the MoE layers' weighted auxiliary losses
     lm_loss: Tensor | None  # the mean next-token cross-entropy alone
-    moe: list[MoEStats]  # one entry per MoE layer, in depth order
+    moe: list[Routing]  # one entry per MoE layer, in depth order
 
 
 class Block(Module):
@@ -92,11 +93,11 @@ class Block(Module):
         else:
             self.mlp = MLP(width, hidden, rng, output_std, config.dropout, config.bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats | None]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing | None]:
         x = x + self.attn(self.ln_1(x))
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(self.ln_2(x))
-            return x + y, stats
+            y, routing = self.mlp(self.ln_2(x))
+            return x + y, routing
         return x + self.mlp(self.ln_2(x)), None
 
 
@@ -118,22 +119,22 @@ class GPT(Module):
                              f"(block_size={self.config.block_size})")
         positions = backend.array_module(tokens).arange(length)
         x = ops.dropout(self.wte(tokens) + self.wpe(positions), self.config.dropout, self.training)
-        moe_stats = []
+        routings = []
         for block in self.blocks:
-            x, stats = block(x)
-            if stats is not None:
-                moe_stats.append(stats)
+            x, routing = block(x)
+            if routing is not None:
+                routings.append(routing)
         x = self.ln_f(x)
         logits = x @ self.wte.weight.transpose()  # tied: the output layer is the embedding matrix
         if targets is None:
-            return ModelOutput(logits, None, None, moe_stats)
+            return ModelOutput(logits, None, None, routings)
         lm_loss = ops.cross_entropy(logits.reshape(batch * length, self.config.vocab_size), targets.reshape(-1))
         loss = lm_loss
-        for stats in moe_stats:  # GShard / DeepSpeed: the auxiliary losses of all MoE layers add up
-            loss = loss + self.config.aux_loss_coef * stats.aux_loss
-            if stats.z_loss is not None:
-                loss = loss + self.config.z_loss_coef * stats.z_loss
-        return ModelOutput(logits, loss, lm_loss, moe_stats)
+        for routing in routings:  # GShard / DeepSpeed: the auxiliary losses of all MoE layers add up
+            loss = loss + self.config.aux_loss_coef * routing.aux_loss
+            if routing.z_loss is not None:
+                loss = loss + self.config.z_loss_coef * routing.z_loss
+        return ModelOutput(logits, loss, lm_loss, routings)
 
     def num_parameters(self) -> int:
         return sum(parameter.size for parameter in self.parameters())

@@ -28,7 +28,7 @@ from minimoe.config import Config, ConfigError, from_dict, to_dict
 from minimoe.data import ByteTokenizer, DataError, TokenData, load_text
 from minimoe.generate import generate
 from minimoe.model import GPT
-from minimoe.moe.layer import MoEStats
+from minimoe.moe.gate import Routing
 from minimoe.optim import AdamW, clip_scale, cosine_lr, global_grad_norm
 from minimoe.parallel import Parallel, expert_array_names, start_world
 from minimoe.run_dir import METRICS_NAME, RunDir, read_metrics, write_metrics
@@ -181,10 +181,10 @@ class _StopFlag:
         print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
 
-def moe_log(stats: list[MoEStats]) -> list[dict[str, Any]]:
+def moe_log(routings: list[Routing]) -> list[dict[str, Any]]:
     """Per MoE layer, what the training log records: tokens per expert, dropped fraction, capacity."""
-    return [{"tokens_per_expert": backend.to_numpy(s.tokens_per_expert).tolist(),
-             "dropped": round(float(s.dropped), 6), "capacity": s.capacity} for s in stats]
+    return [{"tokens_per_expert": backend.to_numpy(r.tokens_per_expert).tolist(),
+             "dropped": round(float(r.dropped), 6), "capacity": r.capacity} for r in routings]
 
 
 @dataclass
@@ -285,7 +285,7 @@ class TrainingDiverged(Exception):
     """The loss or the gradient norm stopped being finite (a one-line error; nothing is saved)."""
 
 
-def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[MoEStats], bool]:
+def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Routing], bool]:
     """One optimizer step over every rank's micro-batches: (mean loss, learning rate, gradient norm,
     the last micro-batch's MoE statistics, whether any rank asked to stop). Refuses to update the
     weights with a non-finite loss or gradient."""

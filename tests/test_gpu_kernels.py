@@ -144,18 +144,22 @@ def test_gate_logits_and_backward_match_reference(tokens, width, num_experts, mi
 
 @st.composite
 def gating_inputs(draw):
-    k = draw(st.sampled_from([1, 2]))
+    k = draw(st.sampled_from([1, 2, 1, 2, 3, 4]))  # k >= 3: the reference itself on CuPy arrays
     num_experts = draw(st.one_of(st.integers(k, 64), st.sampled_from([100, 257, 512])))  # 1 to 32 lanes per token
     num_tokens = draw(st.integers(1, 3000))  # tiles of 64 tokens and more, T not a multiple of a tile
     rng = np.random.default_rng(draw(seeds))
     logits = (rng.standard_normal((num_tokens, num_experts)) * draw(st.sampled_from([0.5, 2.0]))).astype(np.float32)
     capacity = draw(st.one_of(st.none(), st.integers(1, max(1, 2 * num_tokens * k // num_experts))))
     extras = {}
-    if draw(st.booleans()):
+    if k <= 2 and draw(st.booleans()):
         noise = rng.gumbel(size=logits.shape).astype(np.float32)
         extras["first_scores" if k == 1 else "second_scores"] = logits + noise
     if k == 1 and draw(st.booleans()):
         extras["priority"] = rng.random(num_tokens).astype(np.float32)
+    if draw(st.booleans()):  # padding: a token mask
+        extras["token_mask"] = rng.random(num_tokens) < draw(st.sampled_from([0.1, 0.7]))
+    if k >= 3:
+        extras["drop_policy"] = draw(st.sampled_from(["probs", "position"]))
     return logits, k, capacity, extras
 
 
@@ -167,14 +171,15 @@ def check_gating_on_gpu(logits, k, capacity, extras, poison) -> None:
     cupy = cupy_module()
     expected = topk_gating(logits, k, capacity, **extras)
     poison_pool(poison)
-    actual = topk_gating(cupy.asarray(logits), k, capacity, **{n: cupy.asarray(v) for n, v in extras.items()})
+    actual = topk_gating(cupy.asarray(logits), k, capacity,
+                         **{n: v if isinstance(v, str) else cupy.asarray(v) for n, v in extras.items()})
     assert actual.capacity == expected.capacity
     for name in ("expert_index", "position", "tokens_per_expert"):
         np.testing.assert_array_equal(cupy.asnumpy(getattr(actual, name)), getattr(expected, name), err_msg=name)
-    for name in ("probs", "weight", "first_choice_fraction", "aux_loss", "dropped"):
+    for name in ("probs", "weight", "choice_fraction", "aux_loss", "dropped", "used_tokens"):
         np.testing.assert_allclose(cupy.asnumpy(getattr(actual, name)), getattr(expected, name), rtol=2e-5,
                                    atol=1e-7, err_msg=name)
-    if capacity is not None:  # the kernel's inverse table against the reference table's inverse
+    if capacity is not None and k <= 2:  # the kernel's inverse table against the reference table's inverse
         inverse = source_tokens(expected.expert_index, expected.position, logits.shape[1], capacity)
         np.testing.assert_array_equal(cupy.asnumpy(actual.source_token), inverse, err_msg="source_token")
 
@@ -283,7 +288,8 @@ def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
     """Forward and every gradient of a training-mode MoE layer (eval-mode routing, so no noise) on the
     GPU path against the NumPy path with the same weights."""
     from minimoe import backend
-    from minimoe.moe.layer import MoE, MoESettings
+    from minimoe.moe.gate import MoESettings
+    from minimoe.moe.layer import MoE
     from minimoe.tensor import Tensor
 
     cupy = cupy_module()
@@ -300,8 +306,8 @@ def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
     for device, xp in (("cpu", np), ("cuda", cupy)):
         layer = layers[device]
         inputs = Tensor(xp.asarray(x), requires_grad=True)
-        y, stats = layer(inputs)
-        ((y * xp.asarray(grad)).sum() + stats.aux_loss).backward()
+        y, routing = layer(inputs)
+        ((y * xp.asarray(grad)).sum() + routing.aux_loss).backward()
         results[device] = [y.data, inputs.grad] + [p.grad for p in layer.parameters()]
     for cpu, gpu in zip(results["cpu"], results["cuda"]):
         assert_close(to_host(gpu), cpu.astype(np.float64), "float32", "MoE layer output or gradient")
@@ -455,3 +461,21 @@ def test_gpu_random_uniform_draws_fresh_numbers_and_repeats_after_reseeding():
         assert backend.random_uniform((4,), backend.bfloat16()).dtype == backend.bfloat16()
     finally:
         backend.set_device("cpu")
+
+
+def test_jitter_factors_on_the_gpu_take_many_values_in_float32():
+    """The Jitter policy's factors U(0.99, 1.01) are drawn and applied in float32 (in bf16 they collapse
+    to a handful of values): a layer's bf16 input meets many distinct factors within the range."""
+    from minimoe import backend
+    from minimoe.moe.gate import jitter
+
+    backend.set_device("cuda")
+    try:
+        backend.manual_seed(0)
+        factors = backend.to_numpy(jitter((100_000,), np.float32))
+    finally:
+        backend.set_device("cpu")
+    assert factors.dtype == np.float32
+    assert factors.min() >= 0.99 and factors.max() <= 1.01
+    assert len(np.unique(factors)) > 50_000
+    assert np.mean(factors == 1.0) < 0.01

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from minimoe import backend
 from minimoe.config import ConfigError, load_config
 from minimoe.model import GPT, GPTConfig
-from minimoe.moe.layer import MoE, MoESettings
+from minimoe.moe.gate import MoESettings
+from minimoe.moe.layer import MoE
 from minimoe.nn import MLP
 from minimoe.plot import plot_run
 from minimoe.tensor import Tensor, no_grad
@@ -34,9 +35,9 @@ def test_one_expert_with_room_for_every_token_is_the_dense_mlp(tokens, width, se
     moe.experts.proj_bias.data[0, 0] = mlp.proj.bias.data
     moe.train(training)
     x = Tensor(rng.standard_normal((tokens, width)))
-    y, stats = moe(x)
+    y, routing = moe(x)
     np.testing.assert_allclose(y.data, mlp(x).data, rtol=1e-12, atol=1e-14)  # softmax over one expert = 1
-    assert stats.dropped == 0.0 and stats.tokens_per_expert.tolist() == [tokens]
+    assert routing.dropped == 0.0 and routing.tokens_per_expert.tolist() == [tokens]
 
 
 @settings(max_examples=12)
@@ -48,7 +49,7 @@ def test_whole_layer_gradients_match_finite_differences(k, residual, num_experts
     width, hidden = 3, 5
     rng = np.random.default_rng(seed)
     settings_ = MoESettings(k=k, capacity_factor=0.75, min_capacity=1, use_rts=k == 1, noisy_gate_policy=policy,
-                            second_expert_sampling=True, z_loss=z_loss)
+                            second_expert_sampling=True, z_loss_coef=0.2 if z_loss else 0.0)
     moe = MoE(width, hidden, num_experts, settings_, rng, 0.5, residual=residual).to(np.float64)
     for parameter in moe.parameters():  # larger weights than the GPT init, so every path matters
         parameter.data = rng.standard_normal(parameter.shape)
@@ -56,9 +57,9 @@ def test_whole_layer_gradients_match_finite_differences(k, residual, num_experts
     out_weights = rng.standard_normal((tokens, width))
 
     def objective(x_tensor):
-        y, stats = moe(x_tensor)
-        total = (y * out_weights).sum() + 0.3 * stats.aux_loss
-        return total + 0.2 * stats.z_loss if z_loss else total
+        y, routing = moe(x_tensor)
+        total = (y * out_weights).sum() + 0.3 * routing.aux_loss
+        return total + 0.2 * routing.z_loss if z_loss else total
 
     def reseed():
         backend.manual_seed(seed)

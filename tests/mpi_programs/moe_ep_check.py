@@ -16,7 +16,8 @@ import numpy as np
 from minimoe import backend
 from minimoe.comm.communicator import MPIComm
 from minimoe.comm.groups import build_groups
-from minimoe.moe.layer import MoE, MoESettings
+from minimoe.moe.gate import MoESettings
+from minimoe.moe.layer import MoE
 from minimoe.tensor import Tensor
 
 spec = json.loads(sys.argv[1])
@@ -41,8 +42,8 @@ results = {}
 for name, moe in (("reference", layer()), ("expert parallel", layer(groups.expert_parallel))):
     backend.manual_seed(world.rank)  # the same routing noise for both
     inputs = Tensor(x.copy(), requires_grad=True)
-    y, stats = moe(inputs)
-    ((y * grad).sum() + 0.3 * stats.aux_loss).backward()
+    y, routing = moe(inputs)
+    ((y * grad).sum() + 0.3 * routing.aux_loss).backward()
     results[name] = (moe, y.data, inputs.grad)
 
 reference, y_reference, x_grad_reference = results["reference"]
