@@ -46,6 +46,23 @@ def test_reference_matches_token_by_token_rules(case):
                        route_token_by_token(logits, k, capacity, token_mask=mask, drop_policy=policy))
 
 
+@given(case=gating_cases(), training=st.booleans(), factor=st.sampled_from([0.5, 1.0, 1.1, None]))
+def test_route_follows_the_token_by_token_rules(case, training, factor):
+    """route, as the layer calls it (capacity from the settings, deterministic evaluation or training
+    without noise), against the specification."""
+    logits, k, _, mask, policy = case
+    settings = MoESettings(k=k, capacity_factor=factor or 1.0, eval_capacity_factor=factor or 1.0, min_capacity=2,
+                           drop_tokens=factor is not None, drop_policy=policy, use_rts=False,
+                           second_expert_sampling=False)
+    routing = route(logits, settings, training=training, token_mask=mask)
+    capacity = None if factor is None else expert_capacity(*logits.shape, k, factor, 2)
+    expected = route_token_by_token(logits, k, capacity, token_mask=mask, drop_policy=policy)
+    np.testing.assert_array_equal(routing.expert_index, expected.expert_index)
+    np.testing.assert_array_equal(routing.position, expected.position)
+    np.testing.assert_allclose(routing.weight.data, expected.weight, rtol=1e-12)
+    np.testing.assert_allclose(routing.aux_loss.data, expected.aux_loss, rtol=1e-12)
+
+
 @given(case=gating_cases(k=2), seed=seeds)
 def test_noisy_second_choices_follow_the_rules(case, seed):
     logits, _, capacity, mask, _ = case

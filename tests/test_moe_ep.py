@@ -1,5 +1,5 @@
 """Expert parallelism under mpiexec: the MoE layer (EP=2, EP=2 x DP=2, EP=4 flat and as 2 simulated
-nodes x 2; top-1, top-2, dropless) against the one-process layer (tests/mpi_programs/moe_ep_check.py
+nodes x 2; top-1, top-2, top-3 with padding masked, dropless) against the one-process layer (tests/mpi_programs/moe_ep_check.py
 states what is compared); `minimoe train` under mpiexec against one process; checkpoints across
 expert-parallel sizes; a failure on one rank ending the job."""
 
@@ -17,10 +17,12 @@ pytestmark = [pytest.mark.mpi, pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("ranks, ep_size, local_size", [(2, 2, 0), (4, 2, 0), (4, 4, 0), (4, 4, 2)])
-@pytest.mark.parametrize("k, residual, drop_tokens", [(1, False, True), (2, True, True), (2, False, False)])
-def test_expert_parallel_layer_matches_one_process(ranks, ep_size, local_size, k, residual, drop_tokens):
+@pytest.mark.parametrize("k, residual, drop_tokens, mask", [(1, False, True, False), (2, True, True, False),
+                                                           (2, False, False, False), (3, False, True, True),
+                                                           (3, False, False, True)])
+def test_expert_parallel_layer_matches_one_process(ranks, ep_size, local_size, k, residual, drop_tokens, mask):
     spec = json.dumps({"k": k, "residual": residual, "ep_size": ep_size, "drop_tokens": drop_tokens,
-                       "local_size": local_size})
+                       "local_size": local_size, "mask": mask})
     result = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(PROGRAM), spec],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -38,11 +38,12 @@ def layer(expert_parallel=None) -> MoE:
 
 rng = np.random.default_rng(100 + world.rank)
 x, grad = rng.standard_normal((tokens, width)), rng.standard_normal((tokens, width))
+mask = rng.random(tokens) < 0.7 if spec["mask"] else None  # padding tokens, routed nowhere
 results = {}
 for name, moe in (("reference", layer()), ("expert parallel", layer(groups.expert_parallel))):
     backend.manual_seed(world.rank)  # the same routing noise for both
     inputs = Tensor(x.copy(), requires_grad=True)
-    y, routing = moe(inputs)
+    y, routing = moe(inputs, token_mask=mask)
     ((y * grad).sum() + 0.3 * routing.aux_loss).backward()
     results[name] = (moe, y.data, inputs.grad)
 
