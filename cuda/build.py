@@ -2,9 +2,10 @@
 
 `kernel("bias_gelu.cu", "bias_forward<bf16, true, true>")` compiles bias_gelu.cu once per process with NVRTC
 (CuPy also keeps the binary in its on-disk kernel cache across processes) and returns the function.
-Every .cu file can `#include "common.cuh"` (the bf16 type, conversions, reductions). The header is
-pasted into the source here rather than included by NVRTC: CuPy's disk cache is keyed on the source
-text, so an edit of the header must change that text, or a stale binary would be loaded. `#line`
+Every .cu file can `#include "common.cuh"` (the bf16 type, conversions, reductions) and the other
+headers of this folder (philox.cuh: the Philox generator). A header is pasted into the source here
+rather than included by NVRTC: CuPy's disk cache is keyed on the source text, so an edit of a header
+must change that text, or a stale binary would be loaded. `#line`
 directives keep compiler messages pointing at the right file and line, and a compile error is raised
 as a KernelBuildError that names them, not NVRTC's temporary file.
 """
@@ -44,19 +45,25 @@ def register(filename: str, *name_expressions: str) -> None:
     _NAME_EXPRESSIONS[filename] = tuple(name_expressions)
 
 
-HEADER = "common.cuh"
+INCLUDE = re.compile(r'^#include "(\w+\.cuh)"$', flags=re.MULTILINE)  # a header of this folder
 
 
-def _source(filename: str) -> str:
-    """The .cu file with common.cuh pasted in place of its #include, framed by #line directives."""
+def _source(filename: str, pasted: set[str] | None = None) -> str:
+    """The .cu (or .cuh) file with each `#include "<name>.cuh"` of this folder pasted in its place (each
+    header once per source), framed by #line directives so that messages name the right file and line."""
+    pasted = set() if pasted is None else pasted
     text = (KERNEL_DIR / filename).read_text()
-    header = (KERNEL_DIR / HEADER).read_text()
-    include = f'#include "{HEADER}"'
-    if include not in text:
-        return f'#line 1 "{filename}"\n{text}'
-    before, after = text.split(include, 1)
-    resume = before.count("\n") + 1
-    return f'#line 1 "{filename}"\n{before}\n#line 1 "{HEADER}"\n{header}\n#line {resume} "{filename}"\n{after}'
+    out, position = [f'#line 1 "{filename}"\n'], 0
+    for match in INCLUDE.finditer(text):
+        out.append(text[position:match.start()])
+        header = match.group(1)
+        if header not in pasted:
+            pasted.add(header)
+            out.append(_source(header, pasted) + "\n")
+        out.append(f'#line {text.count(chr(10), 0, match.end()) + 2} "{filename}"\n')  # the line after it
+        position = match.end() + 1
+    out.append(text[position:])
+    return "".join(out)
 
 
 def _readable_log(log: str) -> str:

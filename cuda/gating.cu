@@ -656,3 +656,51 @@ extern "C" __global__ void gate_weight_backward(const float* __restrict__ grad_w
     grad_logits[(long long)token * experts + e] = p[e] * (grad_p - through);
   }
 }
+
+// Dropless routing for inference (cuda/gating.py's dropless_choices): one warp per token, lane l holding
+// experts l, l + 32, ... of the row. The row's softmax, then k rounds of a warp argmax that skips the
+// experts already chosen (on the logits for k <= 2, as top1gating / top2gating choose, on the
+// probabilities for k >= 3, as topkgating does; the lowest expert among equals); weights p for top-1,
+// the chosen probabilities over their sum (clamped below by float32 epsilon) for k >= 2. A masked token
+// gets the choice E (no expert) and weight 0.
+extern "C" __global__ void dropless_choices(const float* __restrict__ logits, const unsigned char* __restrict__ token_mask,
+                                            int tokens, int experts, int k, long long* __restrict__ expert_index,
+                                            float* __restrict__ weight) {
+  const long long token = (long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+  const int lane = threadIdx.x % WARP;
+  if (token >= tokens) return;  // the whole warp
+  const float* row = logits + token * experts;
+  if (token_mask && !token_mask[token]) {
+    for (int c = lane; c < k; c += WARP) expert_index[token * k + c] = experts, weight[token * k + c] = 0.0f;
+    return;
+  }
+  float row_max = -infinity();
+  for (int e = lane; e < experts; e += WARP) row_max = fmaxf(row_max, row[e]);
+  row_max = warp_max(row_max);
+  float row_sum = 0.0f;
+  for (int e = lane; e < experts; e += WARP) row_sum += __expf(row[e] - row_max);
+  const float inverse = 1.0f / warp_sum(row_sum);
+  float chosen_sum = 0.0f;
+  for (int c = 0; c < k; ++c) {
+    float best = -infinity();
+    int best_expert = experts;
+    for (int e = lane; e < experts; e += WARP) {
+      bool taken = false;
+      for (int previous = 0; previous < c; ++previous) taken |= expert_index[token * k + previous] == e;
+      const float score = k <= 2 ? row[e] : __expf(row[e] - row_max) * inverse;
+      if (!taken && (score > best || best_expert == experts)) best = score, best_expert = e;
+    }
+    for (int offset = WARP / 2; offset > 0; offset /= 2) {
+      const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+      const int other_expert = __shfl_xor_sync(0xffffffffu, best_expert, offset);
+      if (other_expert < experts && (best_expert == experts || other > best || (other == best && other_expert < best_expert)))
+        best = other, best_expert = other_expert;
+    }
+    const float probability = __expf(row[best_expert] - row_max) * inverse;
+    if (lane == 0) expert_index[token * k + c] = best_expert, weight[token * k + c] = probability;
+    __syncwarp();  // the next round reads the choices lane 0 wrote
+    chosen_sum += probability;
+  }
+  const float denominator = k == 1 ? 1.0f : fmaxf(chosen_sum, 1.1920928955078125e-07f);
+  for (int c = lane; c < k; c += WARP) weight[token * k + c] /= denominator;
+}

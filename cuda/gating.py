@@ -349,6 +349,38 @@ def topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any = N
                   dropped, used_count, token_mask)
 
 
+def dropless_choices(logits: Any, k: int, token_mask: Any = None) -> tuple[Any, Any]:
+    """(expert_index [T, k], weight [T, k]): every token's k experts and combine weights with nothing
+    dropped, topk_gating's rules without a capacity or noise (inference routes deterministically); a
+    masked token's choices are E (no expert) with weight 0. GPU: gating.cu's dropless_choices, a warp per
+    token, one launch and no host read (it runs inside captured decode steps)."""
+    num_tokens, num_experts = logits.shape
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must lie in 1..E={num_experts} (experts per token), got {k}")
+    if is_gpu(logits):
+        return _gpu_dropless_choices(logits, k, token_mask)
+    xp = array_module(logits)
+    gating = topk_gating(logits, k, None, token_mask=token_mask)
+    used = xp.ones(num_tokens, dtype=bool) if token_mask is None else xp.asarray(token_mask, dtype=bool)
+    return xp.where(used[:, None], gating.expert_index, num_experts), gating.weight
+
+
+def _gpu_dropless_choices(logits: Any, k: int, token_mask: Any) -> tuple[Any, Any]:
+    import cupy
+
+    num_tokens, num_experts = logits.shape
+    expert_index = cupy.empty((num_tokens, k), dtype=cupy.int64)
+    weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
+    if num_tokens:
+        warps_per_block = 8
+        mask = np.uint64(0) if token_mask is None else cupy.ascontiguousarray(token_mask, dtype=cupy.uint8)
+        build.kernel("gating.cu", "dropless_choices")(
+            (-(-num_tokens // warps_per_block),), (WARP * warps_per_block,),
+            (cupy.ascontiguousarray(logits, dtype=cupy.float32), mask, np.int32(num_tokens), np.int32(num_experts),
+             np.int32(k), expert_index, weight))
+    return expert_index, weight
+
+
 def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: Any, second_scores: Any,
                      priority: Any, token_mask: Any) -> Gating:
     """cuda/gating.cu's gate_route: everything in one cooperative launch. Float32 throughout."""

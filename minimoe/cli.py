@@ -31,9 +31,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from minimoe.comm.communicator import CommError
     from minimoe.config import ConfigError
     from minimoe.data import DataError
+    from minimoe.inference import CacheError
     from minimoe.train import TrainingDiverged
 
-    return ConfigError, DataError, CheckpointError, DeviceError, CommError, TrainingDiverged, UsageError
+    return ConfigError, DataError, CheckpointError, DeviceError, CommError, TrainingDiverged, CacheError, UsageError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -55,20 +56,26 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from minimoe import backend
     from minimoe.data import ByteTokenizer
-    from minimoe.generate import generate
+    from minimoe.engine import GenerationError, SamplingParams
+    from minimoe.generate import generate, prepare
+    from minimoe.parallel import start_world
     from minimoe.train import load_model
 
-    backend.set_device(args.device)
-    model, config = load_model(args.ckpt)
+    world, _ = start_world(args.device)
+    expert_parallel = world if world.size > 1 else None  # under mpirun: the experts split over every rank
+    model, config = load_model(args.ckpt, expert_parallel)
     tokenizer = ByteTokenizer(config.model.vocab_size)
-    prompt = tokenizer.encode(args.prompt)
+    prompts = args.prompt or ["\n"]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     try:
-        tokens = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    except ValueError as error:
+        sequences = generate(prepare(model), [tokenizer.encode(prompt) for prompt in prompts], params,
+                             expert_parallel)
+    except GenerationError as error:
         raise UsageError(str(error)) from None
-    print(tokenizer.decode(tokens))
+    if world.rank == 0:
+        print("\n-----\n".join(prompt + sequence.text for prompt, sequence in zip(prompts, sequences)))
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -101,13 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--until", type=int, help="stop after this step (the schedule still spans max_steps)")
     train.set_defaults(run=_train)
 
-    generate = commands.add_parser("generate", help="sample text from a checkpoint")
+    generate = commands.add_parser("generate", help="sample text from a checkpoint (several --prompt: one batch)")
     generate.add_argument("--ckpt", required=True, help="a checkpoint.bin written by `minimoe train`")
-    generate.add_argument("--prompt", default="\n")
+    generate.add_argument("--prompt", action="append", default=[], help="repeatable; default: a newline")
     generate.add_argument("--max-new-tokens", type=int, default=300)
-    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     generate.add_argument("--top-k", type=int, default=40, help="0 samples from the whole vocabulary")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 keeps everything")
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--stop", action="append", default=[], help="end a completion before this string")
     generate.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     generate.set_defaults(run=_generate)
 

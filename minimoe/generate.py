@@ -1,57 +1,73 @@
-"""Sampling text from a trained GPT: temperature and top-k over the last position's logits.
+"""Text from a trained GPT: prompts in, completions out, through the generation engine (engine.py):
+all prompts at once, each with a KV cache, every MoE layer routing without drops onto the chosen
+experts only, sampling on the device.
 
-Each new token runs the model over the last block_size tokens (a sliding window once the text is
-longer than the context). Sampling happens on the host with a seeded NumPy generator, so the same
-checkpoint, prompt and seed give the same text on any device.
+Under mpirun with several ranks the model's experts are split over them (expert parallelism, as in
+training): each rank generates its share of the prompts, the MoE layers exchange rows by all-to-all,
+and every rank ends with every completion.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from minimoe import backend
+from minimoe.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationError, SamplingParams, Sequence
 from minimoe.model import GPT
-from minimoe.tensor import no_grad
 
 
-def sample_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """One token id from logits [V]: greedy for temperature 0, else softmax(logits / temperature)
-    restricted to the top_k largest logits (all of them when top_k <= 0)."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / temperature
-    if 0 < top_k < len(logits):
-        cutoff = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < cutoff, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
+def prepare(model: GPT) -> GPT:
+    """The model's working weights for inference on the current device: bf16 on the GPU (the gate stays
+    float32), as they are on the CPU."""
+    if backend.device() == "cuda" and model.wte.weight.dtype == np.float32:
+        model.to(backend.bfloat16())
+    return model.eval()
 
 
-def generate(model: GPT, prompt: np.ndarray, max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 40, seed: int = 0) -> np.ndarray:
-    """The prompt's tokens [T] followed by max_new_tokens sampled ones."""
-    block_size = model.config.block_size
-    if len(prompt) > block_size:
-        raise ValueError(f"the prompt is {len(prompt)} tokens long, more than the model's context "
-                         f"(block_size={block_size})")
-    if len(prompt) == 0:
-        raise ValueError("the prompt is empty; give at least one character to start from")
-    if max_new_tokens < 1:
-        raise ValueError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    if not 0 <= temperature < np.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top-k must be at least 0 (0 keeps the whole vocabulary), got {top_k}")
-    if seed < 0:
-        raise ValueError(f"the seed must be at least 0, got {seed}")
-    rng = np.random.default_rng(seed)
-    tokens = list(prompt)
-    was_training = model.training
-    model.eval()
-    with no_grad():
-        for _ in range(max_new_tokens):
-            window = backend.asarray(np.array(tokens[-block_size:])[None, :])
-            last = backend.to_numpy(model(window).logits.data[0, -1])
-            tokens.append(sample_next(last, temperature, top_k, rng))
-    model.train(was_training)
-    return np.array(tokens, dtype=np.int64)
+def generate(model: GPT, prompts: list[np.ndarray], params: SamplingParams | list[SamplingParams],
+             comm: Any = None) -> list[Sequence]:
+    """One finished Sequence per prompt (token arrays), in order. `params` for all or one per prompt.
+    `comm`: the ranks of an expert-parallel model (None: one process)."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise GenerationError(f"{len(prompts)} prompts need as many sampling settings, got {len(params)}")
+    if not prompts:
+        raise GenerationError("no prompt given")
+    rank, ranks = (0, 1) if comm is None else (comm.rank, comm.size)
+    mine = list(range(rank, len(prompts), ranks))  # this rank's share
+    engine = Engine(model, slots=max(len(mine), 1), lockstep=comm is not None)
+    sequences = {index: engine.submit(prompts[index], params[index]) for index in mine}
+    if comm is None:
+        engine.run_to_completion()
+        return [sequences[index] for index in range(len(prompts))]
+    # Expert parallel: every rank steps while any rank has work, since each step's MoE layers exchange rows.
+    while comm.all_reduce(np.array([int(engine.busy)]))[0] > 0:
+        engine.admit()
+        engine.step()
+    return _gather(sequences, prompts, params, comm)
+
+
+def _gather(sequences: dict[int, Sequence], prompts: list[np.ndarray], params: list[SamplingParams],
+            comm: Any) -> list[Sequence]:
+    """Every rank's finished sequences on every rank: tokens, counts and finish reasons summed over the
+    ranks (each prompt's row is non-zero on the one rank that generated it)."""
+    longest = max(p.max_new_tokens for p in params)
+    tokens = np.zeros((len(prompts), longest), dtype=np.int64)
+    counts = np.zeros(len(prompts), dtype=np.int64)
+    stopped = np.zeros(len(prompts), dtype=np.int64)
+    for index, sequence in sequences.items():
+        tokens[index, :len(sequence.generated)] = sequence.generated
+        counts[index] = len(sequence.generated)
+        stopped[index] = sequence.finish_reason == FINISH_STOP
+    tokens, counts, stopped = (comm.all_reduce(array) for array in (tokens, counts, stopped))
+    gathered = []
+    for index, prompt in enumerate(prompts):
+        sequence = Sequence(np.asarray(prompt), params[index], generated=tokens[index, :counts[index]].tolist())
+        text = bytes(sequence.generated).decode("utf-8", errors="replace")
+        stops = [text.find(stop) for stop in sequence.params.stop if stop in text]
+        sequence.text = text[:min(stops)] if stopped[index] and stops else text
+        sequence.finish_reason = FINISH_STOP if stopped[index] else FINISH_LENGTH
+        gathered.append(sequence)
+    return gathered

@@ -26,6 +26,7 @@ from minimoe.comm.communicator import Communicator
 from minimoe.comm.groups import LayoutError
 from minimoe.config import Config, ConfigError, from_dict, to_dict
 from minimoe.data import ByteTokenizer, DataError, TokenData, load_text
+from minimoe.engine import SamplingParams
 from minimoe.generate import generate
 from minimoe.model import GPT
 from minimoe.moe.gate import Routing
@@ -84,12 +85,20 @@ def _section(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray
     return {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
 
 
-def load_model(path: str | Path) -> tuple[GPT, Config]:
-    """The model saved in a checkpoint, with the config it was trained with."""
+def load_model(path: str | Path, expert_parallel: Communicator | None = None) -> tuple[GPT, Config]:
+    """The model saved in a checkpoint (whatever ep_size wrote it), with the config it was trained with.
+    expert_parallel: the ranks to split the experts over (this rank keeps its slice); None: all here."""
     arrays, meta = load_checkpoint(path)
     config = from_dict(meta["config"])
-    model = GPT(config.model)
-    model.load_state_dict(_section(arrays, "model."))
+    model = GPT(config.model, expert_parallel)
+    state = _section(arrays, "model.")
+    if expert_parallel is not None and expert_parallel.size > 1:
+        experts = Parallel.expert_parameters(model)
+        for name, parameter in model.named_parameters():
+            if id(parameter) in experts:
+                count = len(parameter.data)
+                state[name] = state[name][expert_parallel.rank * count:(expert_parallel.rank + 1) * count]
+    model.load_state_dict(state)
     return model, config
 
 
@@ -403,9 +412,11 @@ def _sample(run: Run) -> str | None:
     if train_config.sample_tokens == 0:
         return ""
     tokenizer = ByteTokenizer(run.config.model.vocab_size)
+    params = SamplingParams(max_new_tokens=train_config.sample_tokens, temperature=train_config.temperature,
+                            top_k=train_config.top_k, seed=train_config.seed)
+    expert_parallel = run.parallel.groups.expert_parallel if run.config.train.ep_size > 1 else None
     try:
-        tokens = generate(run.model, tokenizer.encode(train_config.sample_prompt), train_config.sample_tokens,
-                          train_config.temperature, train_config.top_k, seed=train_config.seed)
+        [sequence] = generate(run.model, [tokenizer.encode(train_config.sample_prompt)], params, expert_parallel)
     except KeyboardInterrupt:
         return None
-    return tokenizer.decode(tokens)
+    return train_config.sample_prompt + sequence.text

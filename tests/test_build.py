@@ -1,17 +1,36 @@
-"""cuda/build.py without a GPU: the header is pasted with #line directives, errors name file and line."""
+"""cuda/build.py without a GPU: headers are pasted with #line directives, errors name file and line."""
+
+import re
+
+import pytest
 
 from minimoe.cuda import build
 
 
-def test_source_pastes_the_header_with_line_directives():
-    source = build._source("layernorm.cu")
-    assert '#include "common.cuh"' not in source
-    assert (build.KERNEL_DIR / "common.cuh").read_text() in source
-    lines = (build.KERNEL_DIR / "layernorm.cu").read_text().splitlines()
-    include_line = lines.index('#include "common.cuh"') + 1
-    # Numbering resumes at the include's own line (its remainder is empty), so every later line keeps
-    # its number.
-    assert f'#line {include_line} "layernorm.cu"\n\n' in source
+def lines_as_the_compiler_numbers_them(source):
+    """[(file, line number, text)] for every line of a pasted source, following its #line directives."""
+    numbered, file, line = [], None, 0
+    for text in source.split("\n"):
+        directive = re.fullmatch(r'#line (\d+) "([\w.]+)"', text)
+        if directive:
+            line, file = int(directive.group(1)), directive.group(2)
+            continue
+        numbered.append((file, line, text))
+        line += 1
+    return numbered
+
+
+@pytest.mark.parametrize("filename", sorted(path.name for path in build.KERNEL_DIR.glob("*.cu")))
+def test_every_pasted_line_keeps_its_file_and_number(filename):
+    """Each line the compiler sees is the line its #line directive says it is, for every kernel file
+    and the headers pasted into it (common.cuh, philox.cuh), and no include of a local header is left."""
+    source = build._source(filename)
+    assert not build.INCLUDE.search(source)
+    files = {}
+    for file, line, text in lines_as_the_compiler_numbers_them(source):
+        lines = files.setdefault(file, (build.KERNEL_DIR / file).read_text().split("\n"))
+        assert lines[line - 1] == text, (file, line)
+    assert "common.cuh" in files or "common.cuh" not in (build.KERNEL_DIR / filename).read_text()
 
 
 def test_compiler_messages_name_the_kernel_file_and_line():

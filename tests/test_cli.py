@@ -78,9 +78,12 @@ def test_console_script_prints_no_traceback(tmp_path):
 
 
 def test_generate_refuses_values_it_would_otherwise_reinterpret(checkpoint, capsys):
-    for flag, value, expected in [("--max-new-tokens", "-5", "max new tokens must be at least 1, got -5"),
-                                  ("--temperature", "-1", "temperature must be a finite number >= 0"),
-                                  ("--top-k", "-3", "top-k must be at least 0 (0 keeps the whole vocabulary), got -3")]:
+    for flag, value, expected in [
+        ("--max-new-tokens", "-5", "max new tokens must be an integer of at least 1, got -5"),
+        ("--temperature", "-1", "temperature must be a finite number >= 0"),
+        ("--top-k", "-3", "top-k must be an integer of at least 0 (0 keeps the whole vocabulary), got -3"),
+        ("--top-p", "0", "top-p must lie in (0, 1], got 0.0"),
+    ]:
         one_line_error(capsys, ["generate", "--ckpt", str(checkpoint), flag, value], expected)
 
 

@@ -1,7 +1,7 @@
 """Expert parallelism under mpiexec: the MoE layer (EP=2, EP=2 x DP=2, EP=4 flat and as 2 simulated
-nodes x 2; top-1, top-2, top-3 with padding masked, dropless) against the one-process layer (tests/mpi_programs/moe_ep_check.py
-states what is compared); `minimoe train` under mpiexec against one process; checkpoints across
-expert-parallel sizes; a failure on one rank ending the job."""
+nodes x 2; top-1, top-2, top-3 with padding masked, dropless) against the one-process layer
+(tests/mpi_programs/moe_ep_check.py states what is compared); `minimoe train` under mpiexec against
+one process; checkpoints across expert-parallel sizes; a failure on one rank ending the job."""
 
 import json
 import subprocess
@@ -156,3 +156,26 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stopped at step 3; checkpoint saved" in result.stdout
     assert load_checkpoint(tmp_path / "run" / "checkpoint.bin")[1]["step"] == 3
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_expert_parallel_generation_gives_the_one_process_text(tmp_path, ranks):
+    """`mpirun -n P minimoe generate` splits the experts of a checkpoint over P ranks and the prompts
+    between them (some ranks get none: they still take part in every step's exchanges): the same greedy
+    and seeded texts as one process."""
+    from helpers import generated_text
+
+    from minimoe.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(300))
+    assert main(train_args(corpus, tmp_path / "run", "train.max_steps=3", "model.k=3")) == 0
+    args = ["generate", "--ckpt", str(tmp_path / "run" / "checkpoint.bin"), "--max-new-tokens", "12",
+            "--prompt", "The king", "--prompt", "A", "--prompt", "Good night and", "--temperature", "0.9",
+            "--top-k", "5", "--seed", "3"]
+    single = subprocess.run([sys.executable, "-m", "minimoe.cli", *args], capture_output=True, text=True, timeout=120)
+    parallel = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "minimoe.cli", *args],
+                              capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0 and parallel.returncode == 0, single.stderr + parallel.stderr
+    assert single.stdout.count("-----") == 2
+    assert parallel.stdout == single.stdout

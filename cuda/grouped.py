@@ -1,0 +1,143 @@
+"""Rows grouped by expert, for inference: every token's chosen experts run on just that token's row, and
+an expert no token chose is never read (DeepSpeed-MoE sec. 5: MoE inference is bound by reading the
+expert weights, so read only the active ones).
+
+A batch of n rows with k choices each makes P = n * k (row, expert) pairs, pair p = i * k + j for choice
+j of row i; expert_index = E marks a pair that is no choice at all (a padding row's).
+
+    group_rows:      order [P]: the pairs sorted by expert, stably (pairs of expert E last);
+                     rank [P]: each pair's place in that order (rank[order[r]] = r);
+                     offsets [E + 1]: expert e's pairs are order[offsets[e] : offsets[e + 1]]
+    grouped_linear:  y[r] = x[r] @ weight[e] (+ bias[e]) (then GELU) for every r in expert e's range:
+                     one matrix product per expert over its rows only; rows past offsets[E] are left
+                     unwritten
+    combine_pairs:   y[i] = sum_j weight[i, j] * out[rank[i * k + j]] over the row's real choices
+
+sparse_experts chains them: gather each pair's row, the experts' two layers, combine. grouped_linear
+with E = 1 is also a plain linear layer whose rows are computed independently of each other: a decode
+step's results do not depend on what else is in the batch.
+
+Reference: NumPy. GPU: cuda/grouped.cu: group_rows in one block (a counting sort), grouped_linear one
+block per (expert, 64 output columns) that exits at once when its expert has no rows (so its weights are
+never read), float32 sums over bf16 or float32 weights; combine_pairs one block per row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from minimoe.backend import array_module, is_gpu
+from minimoe.cuda import build
+from minimoe.cuda.gelu import gelu_forward
+
+build.register("grouped.cu", "group_rows", *(f"{name}<{t}>" for name in ("grouped_linear", "combine_pairs")
+                                             for t in ("float", "bf16")))
+COLUMNS = 64  # output columns of one grouped_linear block (grouped.cu's constant of the same name)
+THREADS = 128  # threads of one grouped_linear block: 4 warps, each a quarter of every chunk of K
+GROUP_THREADS = 1024  # group_rows: one block
+MAX_PAIRS = 8192  # group_rows ranks its pairs in O(P^2 / threads): fine for decode batches, not for more
+
+
+def group_rows(expert_index: Any, num_experts: int) -> tuple[Any, Any, Any]:
+    """(order [P], rank [P], offsets [E + 1]) of the pairs of expert_index [n, k] (values in 0..E)."""
+    experts = expert_index.reshape(-1)
+    if is_gpu(experts):
+        return _gpu_group_rows(experts, num_experts)
+    xp = array_module(experts)
+    order = xp.argsort(experts, kind="stable")
+    rank = xp.empty_like(order)
+    rank[order] = xp.arange(len(order))
+    counts = xp.bincount(experts, minlength=num_experts + 1)[:num_experts]
+    offsets = xp.concatenate([xp.zeros(1, dtype=np.int64), xp.cumsum(counts)])
+    return order, rank, offsets
+
+
+def grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any = None, gelu: bool = False) -> Any:
+    """y [R, N] = x [R, K] @ weight[e] [K, N] (+ bias[e] [N]) (then GELU) for the rows offsets[e] ..
+    offsets[e + 1] - 1 of each expert e; rows past offsets[E] are left as they are (zero here)."""
+    num_experts, width, features = weight.shape
+    if x.shape[-1] != width or offsets.shape != (num_experts + 1,):
+        raise ValueError(f"x {x.shape}, offsets {offsets.shape}, weight {weight.shape} do not fit")
+    if is_gpu(x):
+        return _gpu_grouped_linear(x, offsets, weight, bias, gelu)
+    y = np.zeros((len(x), features), dtype=x.dtype)
+    for expert in range(num_experts):
+        rows = slice(int(offsets[expert]), int(offsets[expert + 1]))
+        if rows.stop > rows.start:  # an expert without rows is never read
+            out = x[rows] @ weight[expert] + (0 if bias is None else bias[expert])
+            y[rows] = gelu_forward(out) if gelu else out
+    return y
+
+
+def combine_pairs(out: Any, rank: Any, expert_index: Any, weight: Any, num_experts: int) -> Any:
+    """y [n, d]: each row's real choices' outputs (rows of out [P, d] in grouped order) weighted and summed."""
+    if is_gpu(out):
+        return _gpu_combine_pairs(out, rank, expert_index, weight, num_experts)
+    rows, k = expert_index.shape
+    gathered = out[rank].reshape(rows, k, out.shape[1])  # [n, k, d]: each pair's output, in pair order
+    real = (expert_index < num_experts)[:, :, None]
+    return (np.where(real, gathered * weight[:, :, None], 0)).sum(axis=1).astype(out.dtype)
+
+
+def sparse_experts(x: Any, expert_index: Any, weight: Any, grouping: tuple[Any, Any, Any], fc_weight: Any,
+                   fc_bias: Any, proj_weight: Any, proj_bias: Any) -> Any:
+    """The experts' MLPs (experts.py's, gelu(x @ W1 + b1) @ W2 + b2) on the rows that chose them, combined
+    with the routing weights: y [n, d] from x [n, d], expert_index [n, k] (E: none), weight [n, k] and
+    their grouping (group_rows)."""
+    num_experts, k = fc_weight.shape[0], expert_index.shape[1]
+    order, rank, offsets = grouping
+    rows = x[order // k]  # each pair's row, grouped by expert
+    hidden = grouped_linear(rows, offsets, fc_weight, fc_bias.reshape(num_experts, -1), gelu=True)
+    out = grouped_linear(hidden, offsets, proj_weight, proj_bias.reshape(num_experts, -1))
+    return combine_pairs(out, rank, expert_index, weight, num_experts)
+
+
+# ----------------------------------------------------------------------------- GPU paths
+
+
+def _gpu_group_rows(experts: Any, num_experts: int) -> tuple[Any, Any, Any]:
+    import cupy
+
+    pairs = len(experts)
+    if pairs > MAX_PAIRS:
+        raise ValueError(f"group_rows ranks at most {MAX_PAIRS} pairs in one block, got {pairs}")
+    order, rank = cupy.empty(pairs, dtype=cupy.int64), cupy.empty(pairs, dtype=cupy.int64)
+    offsets = cupy.empty(num_experts + 1, dtype=cupy.int64)
+    build.kernel("grouped.cu", "group_rows")(
+        (1,), (GROUP_THREADS,), (cupy.ascontiguousarray(experts, dtype=cupy.int64), np.int32(pairs),
+                                 np.int32(num_experts), order, rank, offsets),
+        shared_mem=8 * (num_experts + 1))
+    return order, rank, offsets
+
+
+def _gpu_grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any, gelu: bool) -> Any:
+    import cupy
+
+    num_experts, width, features = weight.shape
+    x = cupy.ascontiguousarray(x, dtype=weight.dtype)
+    y = cupy.empty((len(x), features), dtype=weight.dtype)
+    null = np.uint64(0)
+    if len(x):
+        build.kernel("grouped.cu", f"grouped_linear<{build.type_name(weight)}>")(
+            ((features + COLUMNS - 1) // COLUMNS, num_experts), (THREADS,),
+            (x, cupy.ascontiguousarray(offsets, dtype=cupy.int64), cupy.ascontiguousarray(weight),
+             null if bias is None else cupy.ascontiguousarray(bias, dtype=weight.dtype), y, np.int32(width),
+             np.int32(features), np.int32(gelu)))
+    return y
+
+
+def _gpu_combine_pairs(out: Any, rank: Any, expert_index: Any, weight: Any, num_experts: int) -> Any:
+    import cupy
+
+    rows, k = expert_index.shape
+    width = out.shape[1]
+    y = cupy.empty((rows, width), dtype=out.dtype)
+    if rows:
+        build.kernel("grouped.cu", f"combine_pairs<{build.type_name(out)}>")(
+            (rows,), (min(1024, max(32, width)),),
+            (cupy.ascontiguousarray(out), cupy.ascontiguousarray(rank, dtype=cupy.int64),
+             cupy.ascontiguousarray(expert_index, dtype=cupy.int64), cupy.ascontiguousarray(weight, dtype=cupy.float32),
+             y, np.int32(k), np.int32(width), np.int32(num_experts)))
+    return y
