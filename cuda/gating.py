@@ -472,8 +472,9 @@ def gumbel_scores(logits: Any) -> Any:
 
 
 def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
-    """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs."""
-    if is_gpu(grad_weight):
+    """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs.
+    GPU: gating.cu's gate_weight_backward for k <= 2; k >= 3 runs this reference on CuPy arrays."""
+    if is_gpu(grad_weight) and gating.expert_index.shape[1] <= 2:
         return _gpu_gate_weight_backward(grad_weight, gating)
     xp = array_module(grad_weight)
     probs, expert_index, weight = gating.probs, gating.expert_index, gating.weight

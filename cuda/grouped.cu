@@ -3,11 +3,12 @@
 #include "common.cuh"
 
 // One block: a counting sort of the P pairs by expert (values 0..E, E = no expert). counts [E + 1] in
-// shared memory by atomics, an exclusive scan of them (offsets), then each pair's place: its expert's
-// offset plus the number of earlier pairs of the same expert (a loop over them: stable, deterministic).
+// shared memory by atomics, an exclusive scan of them (offsets; each expert's count also added to
+// counter[e] when a counter is given), then each pair's place: its expert's offset plus the number of
+// earlier pairs of the same expert (a loop over them: stable and deterministic).
 extern "C" __global__ void group_rows(const long long* __restrict__ experts, int pairs, int num_experts,
                                       long long* __restrict__ order, long long* __restrict__ rank,
-                                      long long* __restrict__ offsets) {
+                                      long long* __restrict__ offsets, long long* __restrict__ counter) {
   extern __shared__ long long start[];  // [E + 1]: counts, then each expert's first place
   for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) start[e] = 0;
   __syncthreads();
@@ -17,6 +18,7 @@ extern "C" __global__ void group_rows(const long long* __restrict__ experts, int
     long long sum = 0;
     for (int e = 0; e <= num_experts; ++e) {
       const long long count = start[e];
+      if (counter && e < num_experts) counter[e] += count;
       start[e] = sum;
       offsets[e] = sum;  // offsets[E]: how many pairs have a real expert
       sum += count;
@@ -32,65 +34,118 @@ extern "C" __global__ void group_rows(const long long* __restrict__ experts, int
   }
 }
 
-// y[r] = x[r] @ weight[e] (+ bias[e]) (GELU) for the rows r of expert e = blockIdx.y, COLUMNS output
-// columns per block (blockIdx.x). A block whose expert has no rows returns before reading anything.
-// The rows go ROWS at a time; for each group of rows the K axis goes in chunks of CHUNK: the chunk of the
-// rows' x is staged in shared memory (float), and warp w multiplies its quarter of the chunk: lane l
-// holds output columns 2l and 2l + 1 of the block for every row (ROWS x 2 float32 sums in registers),
-// reading each weight row's 64 columns coalesced, once per group of rows. The four warps' sums meet in
-// shared memory, in a fixed order, before the bias, the GELU and the store.
-constexpr int COLUMNS = 64, ROWS = 8, CHUNK = 256, WARPS = 4;
+// y[r] = x[source(r)] @ weight[e] (+ bias[e]) (GELU) for the rows r of expert e, source(r) = order[r] /
+// choices when `order` is given (the pairs' rows, gathered on the way), else r.
+//
+// Block (column tile, expert, K slice) = (blockIdx.x, blockIdx.y, blockIdx.z): COLUMNS output columns, the
+// K rows z * slice .. (z + 1) * slice - 1 of the expert's weight. A block whose expert has no rows returns
+// before reading anything. Decode steps have few rows, so the weights' bytes are the cost, and they must
+// be read by many blocks at once with many loads in flight: splitting K gives every matrix hundreds of
+// blocks (the split is a function of the shapes alone, so a row's sums do not depend on the batch), and
+// each lane reads 8 consecutive columns of a weight row in one 16-byte load (VEC: rows are whole 16-byte
+// vectors; else element by element).
+// The rows go ROWS at a time; the slice goes in chunks of CHUNK: the chunk of the rows' x is staged in
+// shared memory (float), and warp w takes its quarter of the chunk: lane l holds output columns 8l ..
+// 8l + 7 of the tile for every row (ROWS x 8 float32 sums in registers). The four warps' sums meet in
+// shared memory in a fixed order; with one slice the block applies the bias and GELU and stores y, else
+// it stores its float32 sums in partial [slices, R, N] for grouped_linear_finish.
+constexpr int COLUMNS = 256, PER_LANE = 8, ROWS = 8, CHUNK = 256, WARPS = 4;
 
-template <typename T>
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(WARPS * 32)
-    grouped_linear(const T* __restrict__ x, const long long* __restrict__ offsets, const T* __restrict__ weight,
-                   const T* __restrict__ bias, T* __restrict__ y, int width, int features, int gelu) {
+    grouped_linear(const T* __restrict__ x, const long long* __restrict__ order, int choices,
+                   const long long* __restrict__ offsets, const T* __restrict__ weight, const T* __restrict__ bias,
+                   T* __restrict__ y, float* __restrict__ partial, long long rows_total, int width, int features,
+                   int slice, int gelu) {
+  using R = Row<T, VEC>;
   __shared__ float staged[ROWS][CHUNK];
-  __shared__ float partial[WARPS][ROWS][COLUMNS];
+  __shared__ float sums_of[WARPS][ROWS][COLUMNS];
   const int expert = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long first_row = offsets[expert], end_row = offsets[expert + 1];
   if (first_row == end_row) return;
-  const int first_column = blockIdx.x * COLUMNS;
+  const int first_column = blockIdx.x * COLUMNS, column = first_column + PER_LANE * lane;
+  const int k_begin = blockIdx.z * slice, k_end = min(width, k_begin + slice);
   const T* w = weight + (long long)expert * width * features;
   for (long long row0 = first_row; row0 < end_row; row0 += ROWS) {
     const int rows = (int)min((long long)ROWS, end_row - row0);
-    float sums[ROWS][2] = {};
-    for (int chunk = 0; chunk < width; chunk += CHUNK) {
-      const int chunk_width = min(CHUNK, width - chunk);
+    float sums[ROWS][PER_LANE] = {};
+    for (int chunk = k_begin; chunk < k_end; chunk += CHUNK) {
+      const int chunk_width = min(CHUNK, k_end - chunk);
       __syncthreads();  // the previous chunk's reads of `staged` are done
       for (int i = threadIdx.x; i < ROWS * CHUNK; i += blockDim.x) {
         const int r = i / CHUNK, c = i % CHUNK;
-        staged[r][c] = r < rows && c < chunk_width ? to_float(x[(row0 + r) * width + chunk + c]) : 0.0f;
+        float value = 0.0f;
+        if (r < rows && c < chunk_width) {
+          const long long source = order ? order[row0 + r] / choices : row0 + r;
+          value = to_float(x[source * width + chunk + c]);
+        }
+        staged[r][c] = value;
       }
       __syncthreads();
       const int quarter = (chunk_width + WARPS - 1) / WARPS;
       const int begin = warp * quarter, end = min(chunk_width, begin + quarter);
 #pragma unroll 4
       for (int kk = begin; kk < end; ++kk) {
-        const T* w_row = w + (long long)(chunk + kk) * features + first_column + 2 * lane;
-        const int column = first_column + 2 * lane;
-        const float w0 = column < features ? to_float(w_row[0]) : 0.0f;
-        const float w1 = column + 1 < features ? to_float(w_row[1]) : 0.0f;
+        const T* w_row = w + (long long)(chunk + kk) * features;
+        float w_values[PER_LANE];
+        if (VEC && column < features) {
+#pragma unroll
+          for (int j = 0; j < PER_LANE; j += R::per_load) R::load(w_row, column + j, w_values + j);
+        } else {
+#pragma unroll
+          for (int j = 0; j < PER_LANE; ++j) w_values[j] = column + j < features ? to_float(w_row[column + j]) : 0.0f;
+        }
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-          sums[r][0] += staged[r][kk] * w0;
-          sums[r][1] += staged[r][kk] * w1;
+          const float x_value = staged[r][kk];
+#pragma unroll
+          for (int j = 0; j < PER_LANE; ++j) sums[r][j] += x_value * w_values[j];
         }
       }
     }
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) partial[warp][r][2 * lane] = sums[r][0], partial[warp][r][2 * lane + 1] = sums[r][1];
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int j = 0; j < PER_LANE; ++j) sums_of[warp][r][PER_LANE * lane + j] = sums[r][j];
     __syncthreads();
     for (int i = threadIdx.x; i < rows * COLUMNS; i += blockDim.x) {
-      const int r = i / COLUMNS, c = i % COLUMNS, column = first_column + c;
-      if (column >= features) continue;
+      const int r = i / COLUMNS, c = i % COLUMNS, out_column = first_column + c;
+      if (out_column >= features) continue;
       float value = 0.0f;
-      for (int v = 0; v < WARPS; ++v) value += partial[v][r][c];
-      if (bias) value += to_float(bias[(long long)expert * features + column]);
+      for (int v = 0; v < WARPS; ++v) value += sums_of[v][r][c];
+      const long long out_index = (row0 + r) * features + out_column;
+      if (gridDim.z > 1) {
+        partial[blockIdx.z * rows_total * features + out_index] = value;
+        continue;
+      }
+      if (bias) value += to_float(bias[(long long)expert * features + out_column]);
       if (gelu) value = gelu_tanh(value);
-      y[(row0 + r) * features + column] = from_float<T>(value);
+      y[out_index] = from_float<T>(value);
     }
   }
+}
+
+// y = the sum of the slices' partial sums (in slice order) (+ bias[e]) (GELU), a thread per element of
+// the rows that have an expert; a row's expert found by a binary search of the offsets.
+template <typename T>
+__global__ void grouped_linear_finish(const float* __restrict__ partial, int slices, const long long* __restrict__ offsets,
+                                      int num_experts, const T* __restrict__ bias, T* __restrict__ y,
+                                      long long rows_total, int features, int gelu) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long row = i / features;
+  if (row >= offsets[num_experts]) return;
+  float value = 0.0f;
+  for (int z = 0; z < slices; ++z) value += partial[z * rows_total * features + i];
+  if (bias) {
+    int low = 0, high = num_experts;  // the expert e with offsets[e] <= row < offsets[e + 1]
+    while (high - low > 1) {
+      const int middle = (low + high) / 2;
+      if (offsets[middle] <= row) low = middle; else high = middle;
+    }
+    value += to_float(bias[(long long)low * features + i % features]);
+  }
+  if (gelu) value = gelu_tanh(value);
+  y[i] = from_float<T>(value);
 }
 
 // y[i] = sum over the row's real choices j of weight[i, j] * out[rank[i k + j]]; one block per row, a

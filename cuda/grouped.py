@@ -17,9 +17,10 @@ sparse_experts chains them: gather each pair's row, the experts' two layers, com
 with E = 1 is also a plain linear layer whose rows are computed independently of each other: a decode
 step's results do not depend on what else is in the batch.
 
-Reference: NumPy. GPU: cuda/grouped.cu: group_rows in one block (a counting sort), grouped_linear one
-block per (expert, 64 output columns) that exits at once when its expert has no rows (so its weights are
-never read), float32 sums over bf16 or float32 weights; combine_pairs one block per row.
+Reference: NumPy. GPU: cuda/grouped.cu: group_rows in one block (a counting sort; a large prefill's pairs
+sort on CuPy instead), grouped_linear one block per (expert, 256 output columns, slice of K) that exits
+at once when its expert has no rows (so its weights are never read), float32 sums over bf16 or float32
+weights, the slices' sums added in a second launch; combine_pairs one block per row.
 """
 
 from __future__ import annotations
@@ -32,42 +33,53 @@ from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
 from minimoe.cuda.gelu import gelu_forward
 
-build.register("grouped.cu", "group_rows", *(f"{name}<{t}>" for name in ("grouped_linear", "combine_pairs")
-                                             for t in ("float", "bf16")))
-COLUMNS = 64  # output columns of one grouped_linear block (grouped.cu's constant of the same name)
+build.register("grouped.cu", "group_rows",
+               *(f"grouped_linear<{t}, {v}>" for t in ("float", "bf16") for v in ("true", "false")),
+               *(f"{name}<{t}>" for name in ("grouped_linear_finish", "combine_pairs") for t in ("float", "bf16")))
+COLUMNS = 256  # output columns of one grouped_linear block (grouped.cu's constant of the same name)
 THREADS = 128  # threads of one grouped_linear block: 4 warps, each a quarter of every chunk of K
 GROUP_THREADS = 1024  # group_rows: one block
-MAX_PAIRS = 8192  # group_rows ranks its pairs in O(P^2 / threads): fine for decode batches, not for more
+MAX_PAIRS = 8192  # group_rows' kernel ranks in O(P^2 / threads): decode batches; more pairs sort on CuPy
+BLOCKS_PER_MATRIX = 1024  # grouped_linear splits K until a matrix of every expert has about this many blocks
+MIN_SLICE = 64  # ... but never into slices of fewer rows of K
+FINISH_THREADS = 256
 
 
-def group_rows(expert_index: Any, num_experts: int) -> tuple[Any, Any, Any]:
-    """(order [P], rank [P], offsets [E + 1]) of the pairs of expert_index [n, k] (values in 0..E)."""
+def group_rows(expert_index: Any, num_experts: int, counter: Any = None) -> tuple[Any, Any, Any]:
+    """(order [P], rank [P], offsets [E + 1]) of the pairs of expert_index [n, k] (values in 0..E); each
+    expert's count of pairs is also added to counter [E] when one is given."""
     experts = expert_index.reshape(-1)
-    if is_gpu(experts):
-        return _gpu_group_rows(experts, num_experts)
+    if is_gpu(experts) and len(experts) <= MAX_PAIRS:
+        return _gpu_group_rows(experts, num_experts, counter)
     xp = array_module(experts)
     order = xp.argsort(experts, kind="stable")
     rank = xp.empty_like(order)
     rank[order] = xp.arange(len(order))
     counts = xp.bincount(experts, minlength=num_experts + 1)[:num_experts]
+    if counter is not None:
+        counter += counts
     offsets = xp.concatenate([xp.zeros(1, dtype=np.int64), xp.cumsum(counts)])
     return order, rank, offsets
 
 
-def grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any = None, gelu: bool = False) -> Any:
-    """y [R, N] = x [R, K] @ weight[e] [K, N] (+ bias[e] [N]) (then GELU) for the rows offsets[e] ..
-    offsets[e + 1] - 1 of each expert e; rows past offsets[E] are left as they are (zero here)."""
+def grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any = None, gelu: bool = False, order: Any = None,
+                   choices: int = 1) -> Any:
+    """y [R, N] = x[r] [K] @ weight[e] [K, N] (+ bias[e] [N]) (then GELU) for the rows r offsets[e] ..
+    offsets[e + 1] - 1 of each expert e; with `order` given, row r takes x[order[r] // choices] instead of
+    x[r] (the rows of group_rows' pairs, gathered on the way). Rows past offsets[E] are left as they are
+    (zero here)."""
     num_experts, width, features = weight.shape
+    rows = x[order // choices] if order is not None and not is_gpu(x) else x
     if x.shape[-1] != width or offsets.shape != (num_experts + 1,):
         raise ValueError(f"x {x.shape}, offsets {offsets.shape}, weight {weight.shape} do not fit")
     if is_gpu(x):
-        return _gpu_grouped_linear(x, offsets, weight, bias, gelu)
-    y = np.zeros((len(x), features), dtype=x.dtype)
+        return _gpu_grouped_linear(x, offsets, weight, bias, gelu, order, choices)
+    y = np.zeros((len(rows), features), dtype=x.dtype)
     for expert in range(num_experts):
-        rows = slice(int(offsets[expert]), int(offsets[expert + 1]))
-        if rows.stop > rows.start:  # an expert without rows is never read
-            out = x[rows] @ weight[expert] + (0 if bias is None else bias[expert])
-            y[rows] = gelu_forward(out) if gelu else out
+        group = slice(int(offsets[expert]), int(offsets[expert + 1]))
+        if group.stop > group.start:  # an expert without rows is never read
+            out = rows[group] @ weight[expert] + (0 if bias is None else bias[expert])
+            y[group] = gelu_forward(out) if gelu else out
     return y
 
 
@@ -88,8 +100,8 @@ def sparse_experts(x: Any, expert_index: Any, weight: Any, grouping: tuple[Any, 
     their grouping (group_rows)."""
     num_experts, k = fc_weight.shape[0], expert_index.shape[1]
     order, rank, offsets = grouping
-    rows = x[order // k]  # each pair's row, grouped by expert
-    hidden = grouped_linear(rows, offsets, fc_weight, fc_bias.reshape(num_experts, -1), gelu=True)
+    hidden = grouped_linear(x, offsets, fc_weight, fc_bias.reshape(num_experts, -1), gelu=True, order=order,
+                            choices=k)  # each pair's row, grouped by expert
     out = grouped_linear(hidden, offsets, proj_weight, proj_bias.reshape(num_experts, -1))
     return combine_pairs(out, rank, expert_index, weight, num_experts)
 
@@ -97,34 +109,57 @@ def sparse_experts(x: Any, expert_index: Any, weight: Any, grouping: tuple[Any, 
 # ----------------------------------------------------------------------------- GPU paths
 
 
-def _gpu_group_rows(experts: Any, num_experts: int) -> tuple[Any, Any, Any]:
+def _gpu_group_rows(experts: Any, num_experts: int, counter: Any) -> tuple[Any, Any, Any]:
     import cupy
 
     pairs = len(experts)
-    if pairs > MAX_PAIRS:
-        raise ValueError(f"group_rows ranks at most {MAX_PAIRS} pairs in one block, got {pairs}")
     order, rank = cupy.empty(pairs, dtype=cupy.int64), cupy.empty(pairs, dtype=cupy.int64)
     offsets = cupy.empty(num_experts + 1, dtype=cupy.int64)
     build.kernel("grouped.cu", "group_rows")(
         (1,), (GROUP_THREADS,), (cupy.ascontiguousarray(experts, dtype=cupy.int64), np.int32(pairs),
-                                 np.int32(num_experts), order, rank, offsets),
+                                 np.int32(num_experts), order, rank, offsets,
+                                 np.uint64(0) if counter is None else counter),
         shared_mem=8 * (num_experts + 1))
     return order, rank, offsets
 
 
-def _gpu_grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any, gelu: bool) -> Any:
+def k_slices(width: int, features: int, num_experts: int) -> int:
+    """How many slices of K grouped_linear cuts a product into: enough that the column tiles of every
+    expert's matrix make about BLOCKS_PER_MATRIX blocks, none thinner than MIN_SLICE rows. A function of
+    the shapes alone, so that a row's sums never depend on how many rows share the call."""
+    tiles = -(-features // COLUMNS) * num_experts
+    return max(1, min(-(-BLOCKS_PER_MATRIX // tiles), width // MIN_SLICE))
+
+
+def _gpu_grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any, gelu: bool, order: Any,
+                        choices: int) -> Any:
     import cupy
 
     num_experts, width, features = weight.shape
-    x = cupy.ascontiguousarray(x, dtype=weight.dtype)
-    y = cupy.empty((len(x), features), dtype=weight.dtype)
     null = np.uint64(0)
-    if len(x):
-        build.kernel("grouped.cu", f"grouped_linear<{build.type_name(weight)}>")(
-            ((features + COLUMNS - 1) // COLUMNS, num_experts), (THREADS,),
-            (x, cupy.ascontiguousarray(offsets, dtype=cupy.int64), cupy.ascontiguousarray(weight),
-             null if bias is None else cupy.ascontiguousarray(bias, dtype=weight.dtype), y, np.int32(width),
-             np.int32(features), np.int32(gelu)))
+    x = cupy.ascontiguousarray(x, dtype=weight.dtype)
+    rows = len(x) if order is None else len(order)
+    y = cupy.empty((rows, features), dtype=weight.dtype)
+    if rows == 0:
+        return y
+    slices = k_slices(width, features, num_experts)
+    slice_rows = -(-width // slices)
+    slices = -(-width // slice_rows)
+    partial = cupy.empty((slices, rows, features), dtype=cupy.float32) if slices > 1 else null
+    type_name = build.type_name(weight)
+    offsets = cupy.ascontiguousarray(offsets, dtype=cupy.int64)
+    bias = null if bias is None else cupy.ascontiguousarray(bias, dtype=weight.dtype)
+    vectors = "true" if features % 8 == 0 else "false"  # a lane's 8 columns: whole 16-byte vectors
+    build.kernel("grouped.cu", f"grouped_linear<{type_name}, {vectors}>")(
+        ((features + COLUMNS - 1) // COLUMNS, num_experts, slices), (THREADS,),
+        (x, null if order is None else cupy.ascontiguousarray(order, dtype=cupy.int64), np.int32(choices), offsets,
+         cupy.ascontiguousarray(weight), bias, y, partial, np.int64(rows), np.int32(width), np.int32(features),
+         np.int32(slice_rows), np.int32(gelu)))
+    if slices > 1:
+        build.kernel("grouped.cu", f"grouped_linear_finish<{type_name}>")(
+            (-(-rows * features // FINISH_THREADS),), (FINISH_THREADS,),
+            (partial, np.int32(slices), offsets, np.int32(num_experts), bias, y, np.int64(rows), np.int32(features),
+             np.int32(gelu)))
     return y
 
 

@@ -101,11 +101,10 @@ def forward_cached(model: GPT, cache: KVCache, tokens: Any, slot: Any, start: An
     heads, width = config.n_head, config.n_embd
     expert_tokens = iter(cache.expert_tokens)
     for layer, block in enumerate(model.blocks):
-        qkv = linear(layer_norm(x, block.ln_1), block.attn.qkv)
-        q, k, v = qkv.reshape(n, length, 3, heads, width // heads).transpose(2, 0, 3, 1, 4)  # each [n, H, T, D]
-        kv_attention_kernels.write_cache(cache.keys[layer], cache.values[layer], k, v, slot, start)
-        attended = kv_attention_kernels.cached_attention(q, cache.keys[layer], cache.values[layer], slot, start)
-        x = x + linear(attended.transpose(0, 2, 1, 3).reshape(n, length, width), block.attn.proj)
+        qkv = linear(layer_norm(x, block.ln_1), block.attn.qkv).reshape(n, length, 3, heads, width // heads)
+        kv_attention_kernels.write_cache(cache.keys[layer], cache.values[layer], qkv, slot, start)
+        attended = kv_attention_kernels.cached_attention(qkv, cache.keys[layer], cache.values[layer], slot, start)
+        x = x + linear(attended.reshape(n, length, width), block.attn.proj)
         h = layer_norm(x, block.ln_2)
         feed_forward = block.mlp
         if isinstance(feed_forward, MoE):
@@ -154,11 +153,10 @@ def moe(x: Any, layer: MoE, token_mask: Any, expert_tokens: Any) -> Any:
     """The MoE layer with room for every token: each real token's k experts (DeepSpeed-MoE sec. 5:
     inference never drops a token), padding tokens routed nowhere; expert_tokens [E] counts them."""
     rows = x.reshape(-1, x.shape[-1])
-    logits = gating_kernels.gate_logits(rows, layer.gate.weight.data)
+    gate = layer.gate.weight.data  # float32, as the gate computes in training (gate.py)
+    logits = dense(rows.astype(gate.dtype), gate)  # row-independent kernels, like every decode product
     expert_index, weight = gating_kernels.dropless_choices(logits, layer.settings.k, token_mask.reshape(-1))
-    grouping = grouped_kernels.group_rows(expert_index, len(expert_tokens))
-    offsets = grouping[2]
-    expert_tokens += offsets[1:] - offsets[:-1]
+    grouping = grouped_kernels.group_rows(expert_index, len(expert_tokens), counter=expert_tokens)
     experts = layer.experts
     parameters = (experts.fc_weight.data, experts.fc_bias.data, experts.proj_weight.data, experts.proj_bias.data)
     parallel = layer.expert_parallel is not None and layer.expert_parallel.size > 1

@@ -73,7 +73,7 @@ def test_sparse_experts_equal_the_buffer_path_and_the_training_layer(kind):
     mask = rng.random(40) < 0.8
     logits = gate_logits(x, layer.gate.weight.data)
     expert_index, weight = dropless_choices(logits, layer.settings.k, mask)
-    grouping = group_rows(expert_index, len(layer.experts.fc_weight.data))
+    grouping = group_rows(expert_index, len(layer.experts.fc_weight.data))  # (no counter: counts stay as they are)
     parameters = tuple(p.data for p in (layer.experts.fc_weight, layer.experts.fc_bias, layer.experts.proj_weight,
                                         layer.experts.proj_bias))
     sparse = sparse_experts(x, expert_index, weight, grouping, *parameters)
@@ -115,8 +115,8 @@ def test_grouping_puts_each_experts_pairs_together_in_pair_order(seed, rows, k, 
 @given(seed=seeds, rows=st.integers(1, 4), heads=st.integers(1, 3), width=st.integers(1, 8),
        length=st.integers(1, 6), context=st.integers(6, 12))
 def test_cache_attention_is_causal_attention_over_what_the_slot_holds(seed, rows, heads, width, length, context):
-    """Writing a prompt into slots, then attending: each query sees exactly its prefix, as the model's
-    causal attention over the prompt would (plus what the slot held before)."""
+    """Writing new tokens into slots, then attending: each query sees exactly its prefix, as the model's
+    causal attention over the whole sequence would (the slot's earlier positions included)."""
     from minimoe.cuda.attention import causal_attention_forward
 
     rng = np.random.default_rng(seed)
@@ -124,17 +124,18 @@ def test_cache_attention_is_causal_attention_over_what_the_slot_holds(seed, rows
     cache_k, cache_v = rng.standard_normal((2, slots, heads, context, width))
     slot = rng.permutation(slots)[:rows]
     start = rng.integers(0, context - length + 1, rows)
-    q, k, v = rng.standard_normal((3, rows, heads, length, width))
-    write_cache(cache_k, cache_v, k, v, slot, start)
-    out = cached_attention(q, cache_k, cache_v, slot, start)
+    qkv = rng.standard_normal((rows, length, 3, heads, width))
+    write_cache(cache_k, cache_v, qkv, slot, start)
+    out = cached_attention(qkv, cache_k, cache_v, slot, start)
     for i in range(rows):
         end = start[i] + length
         keys, values = cache_k[slot[i], :, :end], cache_v[slot[i], :, :end]
-        np.testing.assert_array_equal(keys[:, start[i]:], k[i])
+        np.testing.assert_array_equal(keys[:, start[i]:], qkv[i, :, 1].transpose(1, 0, 2))
+        np.testing.assert_array_equal(values[:, start[i]:], qkv[i, :, 2].transpose(1, 0, 2))
         # The whole prefix as one causal sequence: its last `length` queries are ours.
-        prefix_q = np.concatenate([np.zeros((heads, start[i], width)), q[i]], axis=1)
+        prefix_q = np.concatenate([np.zeros((heads, start[i], width)), qkv[i, :, 0].transpose(1, 0, 2)], axis=1)
         expected, _ = causal_attention_forward(prefix_q[None], keys[None], values[None])
-        np.testing.assert_allclose(out[i], expected[0, :, start[i]:], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out[i], expected[0, :, start[i]:].transpose(1, 0, 2), rtol=1e-10, atol=1e-12)
 
 
 def test_sampling_follows_its_rules():

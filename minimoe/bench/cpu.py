@@ -1,13 +1,6 @@
-"""Benchmarks with side-by-side peers: `minimoe bench NAME`.
-
-Each benchmark checks its own result first, then times minimoe and the peers present in one run on one
-machine and prints what it measured, where, against which floor.
-
-cpu-step: one full training step (forward, backward, clipping, AdamW) of a config's GPT on the NumPy
+"""`minimoe bench cpu-step`: one full training step (forward, backward, clipping, AdamW) of a config's GPT on the NumPy
 path, against the same model written in PyTorch eager on the CPU when PyTorch is importable (a
 benchmark peer only: minimoe never imports it elsewhere).
-moe-layer, gating, dispatch, train-step (one GPU): see minimoe/bench_gpu.py.
-alltoall, moe-layer --ep P (several GPUs under mpirun): see minimoe/bench_comm.py.
 """
 
 from __future__ import annotations
@@ -153,22 +146,3 @@ def bench_cpu_step(args: argparse.Namespace) -> None:
         print("PyTorch is not importable here: no peer timed (pip install torch to compare)")
     else:
         print(f"minimoe takes {rows[0][1] / rows[1][1]:.2f}x the time of PyTorch eager per step")
-
-
-def run(name: str, args: argparse.Namespace) -> None:
-    if name == "cpu-step":
-        bench_cpu_step(args)
-        return
-    from minimoe.backend import DeviceError, cupy_or_reason
-
-    _, reason = cupy_or_reason()
-    if reason:
-        raise DeviceError(f"bench {name} times GPU kernels and needs a CUDA GPU with CuPy, but {reason}")
-    if name == "alltoall" or args.ep > 1:
-        from minimoe import bench_comm
-
-        bench_comm.BENCHMARKS[name](args)
-        return
-    from minimoe import bench_gpu
-
-    bench_gpu.BENCHMARKS[name](args)

