@@ -20,7 +20,7 @@ def summary(path: str) -> None:
             continue
         name = row["Kernel Name"].split("(")[0][:60]
         value = float(row["Metric Value"].replace(",", ""))
-        totals[name] += value / 1e3 if row["Metric Unit"] == "nsecond" else value
+        totals[name] += value / 1e3 if row["Metric Unit"] in ("ns", "nsecond") else value  # in us
         counts[name] += 1
     total = sum(totals.values())
     print(f"{'kernel':<62}{'launches':>9}{'us':>10}{'share':>8}")
