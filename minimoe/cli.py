@@ -1,4 +1,4 @@
-"""The `minimoe` command: train, generate, plot, bench.
+"""The `minimoe` command: train, generate, serve, plot, bench.
 
 User mistakes (a bad config key or value, a path that is not what it should be, a missing or
 corrupted checkpoint, text the tokenizer cannot take, a prompt longer than the context, a run
@@ -78,6 +78,32 @@ def _generate(args: argparse.Namespace) -> None:
         print("\n-----\n".join(prompt + sequence.text for prompt, sequence in zip(prompts, sequences)))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from minimoe import backend
+    from minimoe.generate import prepare
+    from minimoe.train import load_model
+
+    try:
+        import fastapi  # noqa: F401  (the serve extra)
+        import uvicorn  # noqa: F401
+
+        from minimoe.serve import serve
+    except ImportError as error:
+        raise UsageError(f"minimoe serve needs FastAPI and uvicorn ({error.name} is missing): pip install -e "
+                         f"'.[serve]' in a clone of minimoe") from None
+    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must lie in 1..65535, got {args.port}")
+    backend.set_device(args.device)
+    model, _ = load_model(args.ckpt)
+    serve(prepare(model), args.name or Path(args.ckpt).resolve().parent.name, args.host, args.port, args.max_batch,
+          args.max_queue)
+
+
 def _plot(args: argparse.Namespace) -> None:
     from minimoe.plot import PlotError, plot_run
 
@@ -120,19 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     generate.set_defaults(run=_generate)
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server of a checkpoint (the serve extra)")
+    serve.add_argument("--ckpt", required=True, help="a checkpoint.bin written by `minimoe train`")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    serve.add_argument("--max-batch", type=int, default=64, help="sequences generated at once (KV cache slots)")
+    serve.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; beyond: 429")
+    serve.add_argument("--name", help="the model id clients ask for (default: the checkpoint's directory name)")
+    serve.set_defaults(run=_serve)
+
     plot = commands.add_parser("plot", help="PNGs of a run: loss curves, expert load per MoE layer")
     plot.add_argument("run_dir", help="a train.out_dir (it holds metrics.jsonl)")
     plot.set_defaults(run=_plot)
 
     bench = commands.add_parser("bench", help="benchmarks with side-by-side peers")
     bench.add_argument("name", choices=["cpu-step", "moe-layer", "gating", "dispatch", "train-step", "decode",
-                                        "alltoall"])
+                                        "serve", "alltoall"])
     bench.add_argument("--config", help="cpu-step: TOML config of the model to time (default: the default config)")
     bench.add_argument("--steps", type=int, default=10, help="cpu-step: timed steps (after 2 warm-up steps)")
     bench.add_argument("--k", type=int, choices=[1, 2], help="moe-layer: top-k (default: both)")
     bench.add_argument("--dropless", action="store_true", help="moe-layer: no capacity, no dropped tokens")
     bench.add_argument("--no-peers", action="store_true", help="moe-layer, decode: time minimoe only")
     bench.add_argument("--batches", default="1,8,64,256", help="decode: batch sizes, comma-separated")
+    bench.add_argument("--clients", type=int, default=64, help="serve: concurrent clients")
+    bench.add_argument("--requests", type=int, default=256, help="serve: requests in all")
+    bench.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="serve: where the model runs")
     bench.add_argument("--ep", type=int, default=1,
                        help="moe-layer: expert-parallel size (mpirun -n EP, one GPU per rank) against EP=1")
     bench.set_defaults(run=_bench)

@@ -6,6 +6,7 @@ machine and prints what it measured, where, against which floor.
     cpu.py     cpu-step: one training step on the NumPy path against PyTorch eager on the CPU
     gpu.py     moe-layer, gating, dispatch, train-step: one GPU
     decode.py  decode: generation at batch 1 to 256 against transformers' Mixtral generate
+    serve.py   serve: the HTTP server under concurrent clients against one at a time (CPU or GPU)
     comm.py    alltoall, moe-layer --ep P: several GPUs under mpirun
 """
 
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 
-GPU_BENCHMARKS = ("moe-layer", "gating", "dispatch", "train-step", "decode", "alltoall")
-
 
 def run(name: str, args: argparse.Namespace) -> None:
     if name == "cpu-step":
         from minimoe.bench.cpu import bench_cpu_step
 
         bench_cpu_step(args)
+        return
+    if name == "serve":
+        from minimoe.bench.serve import bench_serve
+
+        bench_serve(args)
         return
     from minimoe.backend import DeviceError, cupy_or_reason
 

@@ -1,0 +1,102 @@
+"""`minimoe bench serve`: the HTTP server under load, N concurrent clients against one at a time.
+
+A server (minimoe/serve.py) runs in this process on 127.0.0.1 and a free port, on a model with random
+weights: on the GPU bench decode's model (482M parameters, bf16), on the CPU a small one (4 layers,
+d=128, 8 experts top-2, context 256). A fixed number of requests, their prompt lengths and max_tokens
+drawn from a fixed seed, each streamed (greedy, so every request makes exactly max_tokens tokens), are
+sent by --clients concurrent clients, then the same requests one at a time. Printed for each: output
+tokens per second over the whole run, and the 50th and 99th percentiles of time to first token (from
+sending the request to its first chunk) and of time per output token (after the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from minimoe import backend
+from minimoe.model import GPT, GPTConfig
+
+CPU_MODEL = dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128, moe_every=1, experts_per_layer=[8],
+                 k=2, drop_tokens=False)
+
+
+def _requests(count: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", dtype=np.uint8)
+    return [{"prompt": bytes(rng.choice(letters, rng.integers(16, 65))).decode(),
+             "max_tokens": int(rng.integers(16, 129)), "temperature": 0.0, "stream": True} for _ in range(count)]
+
+
+def _one(url: str, body: dict[str, Any]) -> tuple[float, float, int]:
+    """(seconds to the first chunk, seconds from the first chunk to the last, tokens) of one request."""
+    import httpx
+
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if first is None:
+                first = time.perf_counter()
+            tokens += len(json.loads(line[6:])["choices"][0]["text"].encode())  # byte tokens
+    return first - start, time.perf_counter() - first, tokens
+
+
+def _run(url: str, requests: list[dict[str, Any]], clients: int) -> dict[str, float]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda body: _one(url, body), requests))
+    elapsed = time.perf_counter() - start
+    first = np.array([r[0] for r in results])
+    per_token = np.array([r[1] / max(r[2] - 1, 1) for r in results])
+    return {"tokens/s": sum(r[2] for r in results) / elapsed, "ttft p50": np.percentile(first, 50),
+            "ttft p99": np.percentile(first, 99), "tpot p50": np.percentile(per_token, 50),
+            "tpot p99": np.percentile(per_token, 99)}
+
+
+def bench_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from minimoe.bench.decode import build_model
+    from minimoe.generate import prepare
+    from minimoe.serve import create_app
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    device = backend.set_device(args.device)
+    model = build_model() if device == "cuda" else prepare(GPT(GPTConfig(**CPU_MODEL)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app, _ = create_app(model, "bench", max_batch=args.clients, max_queue=4 * args.requests)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    requests = _requests(args.requests)
+    _run(url, requests[:2], 2)  # warm-up: compiles, captures the first graphs
+    where = backend.gpu_name() if device == "cuda" else f"CPU ({__import__('os').cpu_count()} threads)"
+    print(f"bench serve on {where}: {model.num_parameters():,} parameters, {args.requests} streamed greedy requests "
+          f"(prompts 16-64 bytes, 16-128 new tokens, seed 0) over loopback HTTP")
+    rows = {f"{args.clients} concurrent clients": _run(url, requests, args.clients),
+            "one at a time": _run(url, requests, 1)}
+    print(f"{'':<26}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'TPOT p50 ms':>13}{'TPOT p99 ms':>13}")
+    for name, row in rows.items():
+        print(f"{name:<26}{row['tokens/s']:>10,.0f}{1e3 * row['ttft p50']:>13.1f}{1e3 * row['ttft p99']:>13.1f}"
+              f"{1e3 * row['tpot p50']:>13.2f}{1e3 * row['tpot p99']:>13.2f}")
+    ratio = rows[f"{args.clients} concurrent clients"]["tokens/s"] / rows["one at a time"]["tokens/s"]
+    print(f"throughput with {args.clients} clients: {ratio:.1f}x one at a time")
+    server.should_exit = True
+    thread.join(timeout=10)
