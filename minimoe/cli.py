@@ -192,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         from minimoe.parallel import abort_world, launched_ranks, rank_prefix
 
         if launched_ranks() > 1:  # a bug on one rank ends the job, never leaves the others waiting
-            print(f"minimoe {args.command}: {rank_prefix()}failed:", file=sys.stderr)
-            traceback.print_exc()
+            sys.stderr.write(f"minimoe {args.command}: {rank_prefix()}failed:\n{traceback.format_exc()}")
             abort_world(1)
         raise
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ def abort_world(code: int) -> None:
 
         sys.stdout.flush()
         sys.stderr.flush()
+        # The launcher forwards a rank's output from a pipe and stops forwarding when the abort kills the
+        # job: a moment's pause lets it pass on the failing rank's message first.
+        time.sleep(0.5)
         MPI.COMM_WORLD.Abort(code)
 
 
