@@ -136,7 +136,12 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
 
     def encode(self, text: str) -> np.ndarray:
-        tokens = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        try:
+            encoded = text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate: bytes that were not UTF-8 (a command line's)
+            raise DataError(f"the text is not valid UTF-8 (character {error.start}: {text[error.start]!r}); give "
+                            f"UTF-8 text") from None
+        tokens = np.frombuffer(encoded, dtype=np.uint8)
         outside = np.flatnonzero(tokens >= self.vocab_size)
         if outside.size:
             first = int(outside[0])

@@ -1,5 +1,6 @@
 """The command line: user mistakes end in one line naming the problem, exit status 2, no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -125,3 +126,9 @@ def test_gpu_benchmarks_without_a_gpu_are_one_line(capsys):
         pytest.skip("a GPU is usable here: the benchmarks would run")
     for name in ("moe-layer", "gating", "alltoall"):
         one_line_error(capsys, ["bench", name], f"bench {name} times GPU kernels and needs a CUDA GPU with CuPy")
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_is_one_line(checkpoint, capsys):
+    """A command line's invalid bytes reach Python as lone surrogates (os.fsdecode)."""
+    one_line_error(capsys, ["generate", "--ckpt", str(checkpoint), "--prompt", os.fsdecode(b"The \xff king")],
+                   "the text is not valid UTF-8")
