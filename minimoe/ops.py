@@ -36,12 +36,20 @@ class Add(Function):
         return grad, grad
 
 
+def add(a: Any, b: Any) -> Tensor:
+    return Add.apply(a, b)
+
+
 class Sub(Function):
     def forward(ctx, a, b):
         return a - b
 
     def backward(ctx, grad):
         return grad, -grad
+
+
+def sub(a: Any, b: Any) -> Tensor:
+    return Sub.apply(a, b)
 
 
 class Mul(Function):
@@ -52,6 +60,10 @@ class Mul(Function):
     def backward(ctx, grad):
         a, b = ctx.saved
         return grad * b, grad * a
+
+
+def mul(a: Any, b: Any) -> Tensor:
+    return Mul.apply(a, b)
 
 
 class Div(Function):
@@ -65,12 +77,20 @@ class Div(Function):
         return grad_a, -grad_a * a / b
 
 
+def div(a: Any, b: Any) -> Tensor:
+    return Div.apply(a, b)
+
+
 class Neg(Function):
     def forward(ctx, a):
         return -a
 
     def backward(ctx, grad):
         return -grad
+
+
+def neg(a: Tensor) -> Tensor:
+    return Neg.apply(a)
 
 
 class Cast(Function):
@@ -84,6 +104,10 @@ class Cast(Function):
         return grad.astype(ctx.input_dtype)
 
 
+def cast(a: Tensor, dtype: Any) -> Tensor:
+    return a if a.dtype == dtype else Cast.apply(a, dtype=dtype)
+
+
 class Exp(Function):
     def forward(ctx, a):
         out = array_module(a).exp(a)
@@ -95,6 +119,10 @@ class Exp(Function):
         return grad * out
 
 
+def exp(a: Tensor) -> Tensor:
+    return Exp.apply(a)
+
+
 class Log(Function):
     def forward(ctx, a):
         ctx.save(a)
@@ -103,6 +131,10 @@ class Log(Function):
     def backward(ctx, grad):
         (a,) = ctx.saved
         return grad / a
+
+
+def log(a: Tensor) -> Tensor:
+    return Log.apply(a)
 
 
 # ----------------------------------------------------------------------------- matmul and shapes
@@ -132,6 +164,10 @@ class MatMul(Function):
         return gemm.matmul(grad, b, transpose_b=True), gemm.matmul(a, grad, transpose_a=True)
 
 
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    return MatMul.apply(a, b)
+
+
 class Reshape(Function):
     def forward(ctx, a, shape):
         ctx.input_shape = a.shape
@@ -139,6 +175,10 @@ class Reshape(Function):
 
     def backward(ctx, grad):
         return grad.reshape(ctx.input_shape)
+
+
+def reshape(a: Tensor, shape: tuple[int, ...]) -> Tensor:
+    return Reshape.apply(a, shape=tuple(shape))
 
 
 class Transpose(Function):
@@ -153,6 +193,10 @@ class Transpose(Function):
         for position, axis in enumerate(ctx.axes):
             inverse[axis] = position
         return grad.transpose(inverse)
+
+
+def transpose(a: Tensor, axes: tuple[int, ...] | None = None) -> Tensor:
+    return Transpose.apply(a, axes=axes)
 
 
 def _is_basic_index(index: Any) -> bool:
@@ -176,6 +220,12 @@ class GetItem(Function):
         return full
 
 
+def getitem(a: Tensor, index: Any) -> Tensor:
+    if isinstance(index, Tensor):
+        index = index.data
+    return GetItem.apply(a, index=index)
+
+
 class Concat(Function):
     def forward(ctx, *arrays, axis):
         ctx.axis = axis
@@ -184,6 +234,23 @@ class Concat(Function):
 
     def backward(ctx, grad):
         return tuple(array_module(grad).split(grad, ctx.boundaries, axis=ctx.axis))
+
+
+def concat(tensors: list[Tensor], axis: int = 0) -> Tensor:
+    return Concat.apply(*tensors, axis=axis)
+
+
+def split(a: Tensor, sizes: list[int], axis: int = -1) -> list[Tensor]:
+    """Pieces of `a` along `axis` with the given sizes (each a slice: backward writes its part back)."""
+    if builtins.sum(sizes) != a.shape[axis]:
+        raise ValueError(f"split sizes {sizes} do not add up to {a.shape[axis]} (axis {axis} of {a.shape})")
+    pieces, start = [], 0
+    for size in sizes:
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(start, start + size)
+        pieces.append(getitem(a, tuple(index)))
+        start += size
+    return pieces
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -198,6 +265,14 @@ class Sum(Function):
         if ctx.axis is not None and not ctx.keepdims:
             grad = array_module(grad).expand_dims(grad, ctx.axis)
         return array_module(grad).broadcast_to(grad, ctx.input_shape)
+
+
+def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    return Sum.apply(a, axis=axis, keepdims=keepdims) * (1.0 / _reduced_count(a.shape, axis))
 
 
 def _reduced_count(shape: tuple[int, ...], axis: Any) -> int:
@@ -221,6 +296,10 @@ class Gelu(Function):
         return gelu_kernels.gelu_backward(grad, x)
 
 
+def gelu(x: Tensor) -> Tensor:
+    return Gelu.apply(x)
+
+
 class BiasGelu(Function):
     def forward(ctx, x, bias):
         ctx.save(x, bias)
@@ -228,6 +307,11 @@ class BiasGelu(Function):
 
     def backward(ctx, grad):
         return bias_gelu_kernels.bias_gelu_backward(grad, *ctx.saved)
+
+
+def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+    """gelu(x + bias), fused (bias [features], or [groups, 1, features] for x [groups, rows, features])."""
+    return BiasGelu.apply(x, bias)
 
 
 class BiasAdd(Function):
@@ -241,6 +325,12 @@ class BiasAdd(Function):
         return bias_gelu_kernels.bias_add_backward(grad, ctx.bias)
 
 
+def bias_add(x: Tensor, bias: Tensor) -> Tensor:
+    """x + bias (bias [features], or [groups, 1, features] for x [groups, rows, features]), the bias
+    gradient summed by the same kernel family as bias_gelu's."""
+    return BiasAdd.apply(x, bias)
+
+
 class Softmax(Function):
     def forward(ctx, x):
         y = softmax_kernels.softmax_forward(x)
@@ -252,6 +342,10 @@ class Softmax(Function):
         return softmax_kernels.softmax_backward(grad, y)
 
 
+def softmax(x: Tensor) -> Tensor:
+    return Softmax.apply(x)
+
+
 class LogSoftmax(Function):
     def forward(ctx, x):
         y = softmax_kernels.log_softmax_forward(x)
@@ -261,6 +355,10 @@ class LogSoftmax(Function):
     def backward(ctx, grad):
         (y,) = ctx.saved
         return softmax_kernels.log_softmax_backward(grad, y)
+
+
+def log_softmax(x: Tensor) -> Tensor:
+    return LogSoftmax.apply(x)
 
 
 class CrossEntropy(Function):
@@ -275,6 +373,13 @@ class CrossEntropy(Function):
         return softmax_xent_kernels.cross_entropy_backward(grad, logits, targets, logsumexp, ctx.ignore_index), None
 
 
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of logits [N, V] against integer targets [N], skipping ignore_index rows."""
+    if isinstance(targets, Tensor):
+        targets = targets.data
+    return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
+
+
 class LayerNorm(Function):
     def forward(ctx, x, weight, bias, eps):
         y, mean, rstd = layernorm_kernels.layernorm_forward(x, weight, bias, eps)
@@ -284,6 +389,10 @@ class LayerNorm(Function):
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved
         return layernorm_kernels.layernorm_backward(grad, x, weight, mean, rstd)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
 class Embedding(Function):
@@ -297,6 +406,12 @@ class Embedding(Function):
         return embedding_kernels.embedding_backward(grad, indices, ctx.num_embeddings), None
 
 
+def embedding_lookup(weight: Tensor, indices: Any) -> Tensor:
+    if isinstance(indices, Tensor):
+        indices = indices.data
+    return Embedding.apply(weight, indices)
+
+
 class Dropout(Function):
     def forward(ctx, x, p):
         y, scaled_mask = dropout_kernels.dropout_forward(x, p)
@@ -308,6 +423,12 @@ class Dropout(Function):
         return dropout_kernels.dropout_backward(grad, scaled_mask)
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p == 0.0:
+        return x
+    return Dropout.apply(x, p=p)
+
+
 class CausalAttention(Function):
     def forward(ctx, q, k, v):
         out, probs = attention_kernels.causal_attention_forward(q, k, v)
@@ -317,130 +438,6 @@ class CausalAttention(Function):
 
     def backward(ctx, grad):
         return attention_kernels.causal_attention_backward(grad, *ctx.saved)
-
-
-# ----------------------------------------------------------------------------- the functions to call
-
-
-def add(a: Any, b: Any) -> Tensor:
-    return Add.apply(a, b)
-
-
-def sub(a: Any, b: Any) -> Tensor:
-    return Sub.apply(a, b)
-
-
-def mul(a: Any, b: Any) -> Tensor:
-    return Mul.apply(a, b)
-
-
-def div(a: Any, b: Any) -> Tensor:
-    return Div.apply(a, b)
-
-
-def neg(a: Tensor) -> Tensor:
-    return Neg.apply(a)
-
-
-def cast(a: Tensor, dtype: Any) -> Tensor:
-    return a if a.dtype == dtype else Cast.apply(a, dtype=dtype)
-
-
-def exp(a: Tensor) -> Tensor:
-    return Exp.apply(a)
-
-
-def log(a: Tensor) -> Tensor:
-    return Log.apply(a)
-
-
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    return MatMul.apply(a, b)
-
-
-def reshape(a: Tensor, shape: tuple[int, ...]) -> Tensor:
-    return Reshape.apply(a, shape=tuple(shape))
-
-
-def transpose(a: Tensor, axes: tuple[int, ...] | None = None) -> Tensor:
-    return Transpose.apply(a, axes=axes)
-
-
-def getitem(a: Tensor, index: Any) -> Tensor:
-    if isinstance(index, Tensor):
-        index = index.data
-    return GetItem.apply(a, index=index)
-
-
-def concat(tensors: list[Tensor], axis: int = 0) -> Tensor:
-    return Concat.apply(*tensors, axis=axis)
-
-
-def split(a: Tensor, sizes: list[int], axis: int = -1) -> list[Tensor]:
-    """Pieces of `a` along `axis` with the given sizes (each a slice: backward writes its part back)."""
-    if builtins.sum(sizes) != a.shape[axis]:
-        raise ValueError(f"split sizes {sizes} do not add up to {a.shape[axis]} (axis {axis} of {a.shape})")
-    pieces, start = [], 0
-    for size in sizes:
-        index = [slice(None)] * a.ndim
-        index[axis] = slice(start, start + size)
-        pieces.append(getitem(a, tuple(index)))
-        start += size
-    return pieces
-
-
-def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
-    return Sum.apply(a, axis=axis, keepdims=keepdims)
-
-
-def mean(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
-    return Sum.apply(a, axis=axis, keepdims=keepdims) * (1.0 / _reduced_count(a.shape, axis))
-
-
-def gelu(x: Tensor) -> Tensor:
-    return Gelu.apply(x)
-
-
-def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
-    """gelu(x + bias), fused (bias [features], or [groups, 1, features] for x [groups, rows, features])."""
-    return BiasGelu.apply(x, bias)
-
-
-def bias_add(x: Tensor, bias: Tensor) -> Tensor:
-    """x + bias (bias [features], or [groups, 1, features] for x [groups, rows, features]), the bias
-    gradient summed by the same kernel family as bias_gelu's."""
-    return BiasAdd.apply(x, bias)
-
-
-def softmax(x: Tensor) -> Tensor:
-    return Softmax.apply(x)
-
-
-def log_softmax(x: Tensor) -> Tensor:
-    return LogSoftmax.apply(x)
-
-
-def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy of logits [N, V] against integer targets [N], skipping ignore_index rows."""
-    if isinstance(targets, Tensor):
-        targets = targets.data
-    return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
-
-
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    return LayerNorm.apply(x, weight, bias, eps=eps)
-
-
-def embedding_lookup(weight: Tensor, indices: Any) -> Tensor:
-    if isinstance(indices, Tensor):
-        indices = indices.data
-    return Embedding.apply(weight, indices)
-
-
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    if not training or p == 0.0:
-        return x
-    return Dropout.apply(x, p=p)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
