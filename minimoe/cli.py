@@ -1,4 +1,4 @@
-"""The `minimoe` command: train, generate, serve, plot, bench.
+"""The `minimoe` command: train, distill, generate, serve, plot, bench.
 
 User mistakes (a bad config key or value, a path that is not what it should be, a missing or
 corrupted checkpoint, text the tokenizer cannot take, a prompt longer than the context, a run
@@ -12,6 +12,7 @@ in a collective.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -53,6 +54,12 @@ def _train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {result.checkpoint}")
     if result.sample is not None:
         print("sample:\n" + result.sample)
+
+
+def _distill(args: argparse.Namespace) -> None:
+    """`minimoe distill`: `minimoe train` with a teacher (config [distill]; --teacher sets its checkpoint)."""
+    args.set = [*args.set, f"distill.teacher={json.dumps(args.teacher)}"]
+    _train(args)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -120,19 +127,28 @@ def _bench(args: argparse.Namespace) -> None:
     bench.run(args.name, args)
 
 
+def _training_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", help="TOML file (sections [model], [data], [train], [optim], [distill])")
+    command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override one config value (repeatable), e.g. --set train.max_steps=100")
+    command.add_argument("--resume", action="store_true", help="continue from train.out_dir's checkpoint")
+    command.add_argument("--overwrite", action="store_true",
+                         help="start over in a train.out_dir that holds a run, deleting that run's files")
+    command.add_argument("--until", type=int, help="stop after this step (the schedule still spans max_steps)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimoe", description="A readable Mixture-of-Experts GPT engine.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a GPT (dense or MoE) from a TOML config")
-    train.add_argument("--config", help="TOML file (sections [model], [data], [train], [optim])")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value (repeatable), e.g. --set train.max_steps=100")
-    train.add_argument("--resume", action="store_true", help="continue from train.out_dir's checkpoint")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start over in a train.out_dir that holds a run, deleting that run's files")
-    train.add_argument("--until", type=int, help="stop after this step (the schedule still spans max_steps)")
+    _training_options(train)
     train.set_defaults(run=_train)
+
+    distill = commands.add_parser("distill", help="Mixture-of-Students: train a student on a teacher's predictions")
+    distill.add_argument("--teacher", required=True, help="the teacher's checkpoint.bin (any model, any ep_size)")
+    _training_options(distill)
+    distill.set_defaults(run=_distill)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (several --prompt: one batch)")
     generate.add_argument("--ckpt", required=True, help="a checkpoint.bin written by `minimoe train`")

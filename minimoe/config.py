@@ -1,8 +1,8 @@
 """Run configuration: TOML files in examples/, overridden by `--set section.key=value`.
 
-A config has four sections, each a dataclass whose defaults are the default run: [model] (GPTConfig),
-[data], [train], [optim]. Loading checks every key and type and says which one is wrong, so a typo in a
-config never trains silently with a default.
+A config has five sections, each a dataclass whose defaults are the default run: [model] (GPTConfig),
+[data], [train], [optim], and [distill] for a distilled student. Loading checks every key and type and
+says which one is wrong, so a typo in a config never trains silently with a default.
 """
 
 from __future__ import annotations
@@ -69,11 +69,24 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Mixture-of-Students (DeepSpeed-MoE sec. 4.2): a student trained on its own labels and on a teacher's
+    softened predictions, loss = (1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) || softmax(student / T))
+    + the student's auxiliary losses, the distillation term only for the first kd_stop of the steps."""
+
+    teacher: str = ""  # the teacher's checkpoint (`minimoe distill --teacher` sets it); empty: plain training
+    alpha: float = 0.5
+    temperature: float = 1.0
+    kd_stop: float = 1.0  # fraction of train.max_steps after which the student learns from the labels alone
+
+
+@dataclass
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _check_value(where: str, value: Any, expected: Any) -> Any:
@@ -190,6 +203,10 @@ def validate(config: Config) -> None:
         value = getattr(optim, name)
         _require(f"optim.{name}", value, 0.0 <= value < 1.0, "in [0, 1)")
     _require("optim.eps", optim.eps, 0.0 < optim.eps < math.inf, "a finite number > 0")
+    distill = config.distill
+    _require("distill.alpha", distill.alpha, 0.0 <= distill.alpha <= 1.0, "in [0, 1]")
+    _require("distill.temperature", distill.temperature, 0.0 < distill.temperature < math.inf, "a finite number > 0")
+    _require("distill.kd_stop", distill.kd_stop, 0.0 <= distill.kd_stop <= 1.0, "in [0, 1]")
 
 
 def _validate_moe(model: GPTConfig) -> None:

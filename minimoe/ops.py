@@ -15,6 +15,7 @@ from typing import Any
 
 import minimoe.cuda.attention as attention_kernels
 import minimoe.cuda.bias_gelu as bias_gelu_kernels
+import minimoe.cuda.distillation as distillation_kernels
 import minimoe.cuda.dropout as dropout_kernels
 import minimoe.cuda.embedding as embedding_kernels
 import minimoe.cuda.gelu as gelu_kernels
@@ -378,6 +379,27 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     if isinstance(targets, Tensor):
         targets = targets.data
     return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
+
+
+class Distillation(Function):
+    """The knowledge-distillation loss of the student's logits against fixed teacher logits."""
+
+    def forward(ctx, student, teacher, temperature):
+        loss, q, p = distillation_kernels.distillation_forward(student, teacher, temperature)
+        ctx.save(q, p)
+        ctx.temperature, ctx.dtype = temperature, student.dtype
+        return loss
+
+    def backward(ctx, grad):
+        q, p = ctx.saved
+        return distillation_kernels.distillation_backward(grad, q, p, ctx.temperature, ctx.dtype), None
+
+
+def distillation_loss(student: Tensor, teacher: Any, temperature: float) -> Tensor:
+    """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)) for logits [N, V]
+    (teacher: an array, no gradient)."""
+    return Distillation.apply(student, teacher.data if isinstance(teacher, Tensor) else teacher,
+                              temperature=temperature)
 
 
 class LayerNorm(Function):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from minimoe import backend
+from minimoe import backend, ops
 from minimoe.checkpoint import load_checkpoint, save_checkpoint
 from minimoe.comm.communicator import Communicator
 from minimoe.comm.groups import LayoutError
@@ -112,7 +112,7 @@ def _check_resumable(config: Config, saved: Config, meta: dict[str, Any], micro_
     """Resuming continues the same run: the model, data, optimizer, seed and global batch must not
     change (ConfigError naming the first that did). Returns what the resumed run does differently."""
     step = meta["step"]
-    for section in ("model", "data", "optim"):
+    for section in ("model", "data", "optim", "distill"):
         mine, theirs = to_dict(config)[section], to_dict(saved)[section]
         for key in mine:
             if mine[key] != theirs[key]:
@@ -210,6 +210,7 @@ class Run:
     optimizer: AdamW
     expert_names: set[str]
     layout: dict[str, Any]
+    teacher: GPT | None = None  # Mixture-of-Students: the model the student learns from (forward only)
     step: int = 0
     initial_val_loss: float = math.nan
     val_loss: float = math.nan
@@ -255,14 +256,40 @@ def _start(config: Config, run_dir: RunDir, resume: bool, overwrite: bool, until
     optimizer = AdamW(model.parameters(), lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2),
                       eps=optim_config.eps, weight_decay=optim_config.weight_decay)
     run = Run(config, world, parallel, run_dir, console, data, model, optimizer,
-              expert_array_names(model, optimizer), _layout(world.size, config, device, precision))
+              expert_array_names(model, optimizer), _layout(world.size, config, device, precision),
+              _load_teacher(config, model) if config.distill.teacher else None)
     console.line(f"minimoe: {parallel.describe_parameters(model)} on {device} ({precision}); "
                  f"{len(data.splits['train']):,} training tokens; out_dir {run_dir.path}"
                  + (f"; {world.size} ranks, ep_size {train_config.ep_size}, {parallel.describe_all_to_all()}"
                     if world.size > 1 else ""))
+    distill = config.distill
+    if run.teacher is not None:
+        console.line(f"distilling from {distill.teacher} ({run.teacher.num_parameters():,} parameters): loss = "
+                     f"{1 - distill.alpha:g} CE + {distill.alpha:g} KD at temperature {distill.temperature:g}, up to "
+                     f"step {math.ceil(distill.kd_stop * train_config.max_steps)}, then the labels alone")
     if resume:
         _restore(run, stop_at, until)
     return run, stop_at
+
+
+def _load_teacher(config: Config, student: GPT) -> GPT:
+    """The teacher of a distillation run: its whole checkpoint (all experts, whatever ep_size wrote it) on
+    every rank, in the student's working precision, in evaluation mode; it only ever runs forward."""
+    teacher, teacher_config = load_model(config.distill.teacher)
+    if teacher_config.model.vocab_size != config.model.vocab_size:
+        raise ConfigError(f"the teacher's vocabulary ({teacher_config.model.vocab_size}) differs from the student's "
+                          f"model.vocab_size={config.model.vocab_size}")
+    if teacher_config.model.block_size < config.model.block_size:
+        raise ConfigError(f"the teacher's context ({teacher_config.model.block_size}) is shorter than the student's "
+                          f"model.block_size={config.model.block_size}")
+    return teacher.to(student.wte.weight.dtype).eval()
+
+
+def _distilling(config: Config, step: int) -> bool:
+    """Whether step (0-based) adds the distillation term: a teacher, alpha > 0, and before kd_stop (the
+    paper's staged distillation: late in training the student learns from the labels alone)."""
+    distill = config.distill
+    return bool(distill.teacher) and distill.alpha > 0 and step < distill.kd_stop * config.train.max_steps
 
 
 def _restore(run: Run, stop_at: int, until: int | None) -> None:
@@ -294,17 +321,19 @@ class TrainingDiverged(Exception):
     """The loss or the gradient norm stopped being finite (a one-line error; nothing is saved)."""
 
 
-def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Routing], bool]:
-    """One optimizer step over every rank's micro-batches: (mean loss, learning rate, gradient norm,
-    the last micro-batch's MoE statistics, whether any rank asked to stop). Refuses to update the
-    weights with a non-finite loss or gradient."""
+def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Routing], bool, float | None]:
+    """One optimizer step over every rank's micro-batches: (mean loss on the labels, learning rate,
+    gradient norm, the last micro-batch's MoE statistics, whether any rank asked to stop, the mean
+    distillation loss when distilling). Refuses to update the weights with a non-finite loss or
+    gradient."""
     train_config, optim_config = run.config.train, run.config.optim
     world, model, optimizer = run.world, run.model, run.optimizer
     lr = cosine_lr(run.step, optim_config.lr, optim_config.min_lr, optim_config.warmup_steps,
                    train_config.max_steps)
     optimizer.lr = lr
     accumulation, micro_batches = train_config.grad_accum_steps, run.micro_batches
-    loss_sum = 0.0
+    loss_sum = kd_sum = 0.0
+    distilling = run.teacher is not None and _distilling(run.config, run.step)
     for accumulated in range(accumulation):
         # Micro-batch `micro` of the step is the same data and dropout on any layout; one micro-batch
         # per step keeps the seeds of a plain single-process run.
@@ -313,7 +342,16 @@ def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Ro
         backend.manual_seed(*seeds)
         inputs, targets = run.data.batch("train", train_config.batch_size, np.random.default_rng(seeds))
         output = model(backend.asarray(inputs), backend.asarray(targets))
-        (output.loss * (1.0 / micro_batches) if micro_batches > 1 else output.loss).backward()
+        loss = output.loss
+        if distilling:  # (1 - alpha) CE + alpha KD + the auxiliary losses, from loss = CE + auxiliary
+            with no_grad():
+                teacher_logits = run.teacher(backend.asarray(inputs)).logits.data
+            vocab = teacher_logits.shape[-1]
+            kd = ops.distillation_loss(output.logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
+                                       run.config.distill.temperature)
+            loss = loss + run.config.distill.alpha * (kd - output.lm_loss)
+            kd_sum += kd.item()
+        (loss * (1.0 / micro_batches) if micro_batches > 1 else loss).backward()
         loss_sum += output.lm_loss.item()
     if world.size > 1:
         run.parallel.sync_gradients(model)
@@ -330,7 +368,8 @@ def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Ro
     optimizer.step(clip_scale(grad_norm, train_config.grad_clip))
     model.zero_grad()
     run.step += 1
-    return loss, lr, norm, output.moe, stopping
+    kd_loss = run.parallel.mean_and_any(kd_sum / accumulation, False)[0] if distilling else None
+    return loss, lr, norm, output.moe, stopping, kd_loss
 
 
 def _evaluate_and_save(run: Run) -> None:
@@ -380,12 +419,13 @@ def _train_to(run: Run, stop_at: int) -> TrainResult:
     window_start, window_steps, stopping = time.perf_counter(), 0, False
     try:
         while run.step < stop_at and not stopping:
-            loss, lr, grad_norm, moe_stats, stopping = _train_step(run, stop)
+            loss, lr, grad_norm, moe_stats, stopping, kd_loss = _train_step(run, stop)
             window_steps += 1
             tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
             moe = moe_log(moe_stats)
             run.metrics.append({"step": run.step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": tokens_per_s, **({"moe": moe} if moe else {})})
+                                "tokens_per_s": tokens_per_s, **({"kd_loss": kd_loss} if kd_loss is not None else {}),
+                                **({"moe": moe} if moe else {})})
             progress = _progress(run.step, train_config.max_steps, loss, lr, tokens_per_s)
             if run.step % train_config.log_interval == 0 or run.step == stop_at:
                 console.line(progress)

@@ -1,5 +1,7 @@
 """Config loading: every key and type checked, overrides parsed as TOML."""
 
+from pathlib import Path
+
 import pytest
 
 from minimoe.config import ConfigError, from_dict, load_config, to_dict
@@ -40,3 +42,9 @@ def test_bad_file_is_reported(tmp_path):
     bad.write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize("example", sorted(str(p) for p in (Path(__file__).parent.parent / "examples").glob("*.toml")))
+def test_every_example_config_loads(example):
+    config = load_config(example)
+    assert config.train.out_dir.startswith("runs/")

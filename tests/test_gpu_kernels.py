@@ -479,3 +479,20 @@ def test_jitter_factors_on_the_gpu_take_many_values_in_float32():
     assert factors.min() >= 0.99 and factors.max() <= 1.01
     assert len(np.unique(factors)) > 50_000
     assert np.mean(factors == 1.0) < 0.01
+
+
+@given(rows=st.integers(1, 300), vocab=st.sampled_from([2, 128, 256]), temperature=st.sampled_from([0.5, 1.0, 2.0]),
+       dtype=dtypes, seed=seeds)
+def test_distillation_loss_on_the_gpu_matches_the_host(rows, vocab, temperature, dtype, seed):
+    """The distillation family has no fused kernel: its reference runs on CuPy arrays as it is."""
+    from minimoe.cuda.distillation import distillation_backward, distillation_forward
+
+    rng = np.random.default_rng(seed)
+    student, student_values = to_gpu(rng.standard_normal((rows, vocab)) * 2, dtype)
+    teacher, teacher_values = to_gpu(rng.standard_normal((rows, vocab)) * 2, dtype)
+    loss, q, p = distillation_forward(student, teacher, temperature)
+    expected_loss, expected_q, expected_p = distillation_forward(student_values, teacher_values, temperature)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=TOLERANCE[dtype])
+    grad = distillation_backward(1.0, q, p, temperature, student.dtype)
+    assert_close(to_host(grad), distillation_backward(1.0, expected_q, expected_p, temperature, np.float64),
+                 dtype, "distillation gradient", scale=np.abs(expected_q) + np.abs(expected_p))

@@ -179,3 +179,37 @@ def test_expert_parallel_generation_gives_the_one_process_text(tmp_path, ranks):
     assert single.returncode == 0 and parallel.returncode == 0, single.stderr + parallel.stderr
     assert single.stdout.count("-----") == 2
     assert parallel.stdout == single.stdout
+
+
+def test_expert_parallel_distillation_equals_one_process(tmp_path):
+    """`mpirun -n 2 minimoe distill` with the student's experts split (EP=2; each rank holds the whole
+    teacher and distils its own micro-batches) against one process accumulating the same two: the same
+    losses, distillation losses and final weights (float64)."""
+    import numpy as np
+    from helpers import generated_text
+
+    from minimoe.checkpoint import load_checkpoint
+    from minimoe.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(300))
+    assert main(train_args(corpus, tmp_path / "teacher", "train.max_steps=3")) == 0
+    teacher = ["distill", "--teacher", str(tmp_path / "teacher" / "checkpoint.bin")]
+    student = ["train.precision=float64", "distill.alpha=0.6", "distill.temperature=2.0"]
+    parallel = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "minimoe.cli", *teacher,
+                               *train_args(corpus, tmp_path / "parallel", "train.ep_size=2", *student)[1:]],
+                              capture_output=True, text=True, timeout=300)
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    assert main([*teacher, *train_args(corpus, tmp_path / "single", "train.grad_accum_steps=2", *student)[1:]]) == 0
+
+    def logged(run: Path, key: str) -> list[float]:
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r[key] for r in lines if key in r]
+
+    for key in ("train_loss", "kd_loss"):
+        assert len(logged("single", key)) == 6
+        np.testing.assert_allclose(logged("parallel", key), logged("single", key), rtol=1e-10)
+    parallel_arrays, _ = load_checkpoint(tmp_path / "parallel" / "checkpoint.bin")
+    for name, value in load_checkpoint(tmp_path / "single" / "checkpoint.bin")[0].items():
+        np.testing.assert_allclose(parallel_arrays[name], value, rtol=0, atol=1e-10 * np.abs(value).max(),
+                                   err_msg=name)
