@@ -1,6 +1,7 @@
 """Compile every CUDA C kernel file with nvcc on a machine without a GPU, to catch compile errors before
-the kernels reach a GPU machine: each file as build.py gives it to NVRTC (headers pasted), plus a function that takes the
-address of every registered template instantiation, so that the templates are compiled too.
+the kernels reach a GPU machine: each file as build.py gives it to NVRTC (headers pasted), plus a
+function that takes the address of every registered template instantiation, so that the templates are
+compiled too.
 
     python dev/compile_kernels.py [--arch sm_90] [file.cu ...]
 """
