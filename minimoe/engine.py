@@ -186,9 +186,9 @@ class Engine:
 
     def _decode_eagerly(self, rows: list[Sequence]) -> Any:
         xp = backend.xp
+        tokens = np.array([s.last_token for s in rows], dtype=np.int64)[:, None]  # [n, 1], also for n = 0
         with no_grad():
-            hidden = forward_cached(self.model, self.cache, xp.asarray([[s.last_token] for s in rows], dtype=np.int64
-                                                                       ).reshape(-1, 1),
+            hidden = forward_cached(self.model, self.cache, xp.asarray(tokens),
                                     xp.asarray([s.slot for s in rows], dtype=np.int64),
                                     xp.asarray([s.length - 1 for s in rows], dtype=np.int64),
                                     xp.ones((len(rows), 1), dtype=bool))
