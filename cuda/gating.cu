@@ -461,8 +461,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     }
     // Streaming stores (evict first): the probabilities are read again only by the backward, long after,
     // so they should not push out of L2 what is read soon (the table and the inverse table that phase 3
-    // writes and dispatch reads next). Measured in one run (queued, T=65536, E=64): k=2 25.2 -> 23.8 us,
-    // k=1 20.3 -> 19.8.
+    // writes and dispatch reads next); dev/notes.md has what they saved.
     float* row = probs + token * experts;
 #pragma unroll
     for (int j = 0; j < PER_LANE; j += 4) {
