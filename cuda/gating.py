@@ -207,49 +207,6 @@ def gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, An
             matmul(x.astype(weight.dtype, copy=False), grad_logits, transpose_a=True))
 
 
-def _gate_logits_on_gpu(x: Any, weight: Any) -> bool:
-    """After the shapes are checked (the kernels index x and the weight by each other's sizes)."""
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[0]:
-        raise ValueError(f"gate logits need x [T, d] and weight [d, E], got {x.shape} and {weight.shape}")
-    return is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in build.KERNEL_TYPES
-
-
-def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, Any]:
-    import cupy
-
-    num_tokens, width = x.shape
-    num_experts = weight.shape[1]
-    grad_logits = cupy.ascontiguousarray(grad_logits, dtype=cupy.float32)
-    x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
-    grad_x = cupy.empty(x.shape, x.dtype)
-    tiles = -(-num_tokens // GRAD_TILE)
-    partial = cupy.empty((tiles, width, num_experts), dtype=cupy.float32)
-    if num_tokens and width:
-        sizes = (np.int32(num_tokens), np.int32(width), np.int32(num_experts))
-        build.kernel("gating.cu", f"gate_logits_grad_x<{build.type_name(x)}>")(
-            (-(-num_tokens // GRAD_TOKENS),), (LOGITS_THREADS,), (grad_logits, weight, grad_x, *sizes))
-        build.kernel("gating.cu", f"gate_logits_grad_weight<{build.type_name(x)}>")(
-            (tiles, -(-width // LOGITS_THREADS)), (LOGITS_THREADS,), (x, grad_logits, partial, *sizes))
-    return grad_x, partial.sum(axis=0)
-
-
-def _gpu_gate_logits(x: Any, weight: Any) -> Any:
-    import cupy
-
-    num_tokens, width = x.shape
-    num_experts = weight.shape[1]
-    x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
-    logits = cupy.empty((num_tokens, num_experts), dtype=cupy.float32)
-    if num_tokens == 0:
-        return logits
-    tokens_per_block = LOGITS_THREADS // WARP * TOKENS_PER_WARP
-    vector = num_experts % 4 == 0 and weight.data.ptr % 16 == 0
-    build.kernel("gating.cu", f"gate_logits<{build.type_name(x)}>")(
-        (-(-num_tokens // tokens_per_block),), (LOGITS_THREADS,),
-        (x, weight, logits, np.int32(num_tokens), np.int32(width), np.int32(num_experts), np.int32(vector)))
-    return logits
-
-
 def _rank_within_expert(choice: Any, order: Any, num_experts: int) -> Any:
     """rank[i] = how many entries before i in `order` (a permutation of the entries) chose the same
     expert: DeepSpeed's `cumsum(one_hot(choice), dim=0) - 1`, taken in the given order. An entry whose
@@ -365,6 +322,127 @@ def dropless_choices(logits: Any, k: int, token_mask: Any = None) -> tuple[Any, 
     return xp.where(used[:, None], gating.expert_index, num_experts), gating.weight
 
 
+def add_gumbel_noise(logits: Any, uniform: Any) -> Any:
+    """logits - log(-log(u)) for u ~ Uniform(0, 1) (clamped away from 0): argmax of the result samples
+    from softmax(logits), DeepSpeed's gumbel_rsample."""
+    xp = array_module(logits)
+    return logits - xp.log(-xp.log(xp.maximum(uniform, philox.TINY)))
+
+
+def gumbel_scores(logits: Any) -> Any:
+    """The logits plus Gumbel noise from the device's seeded generator (add_gumbel_noise). GPU, float32:
+    cuda/philox.py's gumbel_noisy draws and adds in one launch, without an array of uniform numbers (a
+    launch and an allocation less of host time per forward)."""
+    if is_gpu(logits) and logits.dtype == np.float32:
+        return philox.gumbel_noisy(logits, *backend.philox_draw(logits.size))
+    return add_gumbel_noise(logits, backend.random_uniform(logits.shape, logits.dtype))
+
+
+def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
+    """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs.
+    GPU: gating.cu's gate_weight_backward for k <= 2; k >= 3 runs this reference on CuPy arrays."""
+    if is_gpu(grad_weight) and gating.expert_index.shape[1] <= 2:
+        return _gpu_gate_weight_backward(grad_weight, gating)
+    xp = array_module(grad_weight)
+    probs, expert_index, weight = gating.probs, gating.expert_index, gating.weight
+    kept = gating.position >= 0
+    k = expert_index.shape[1]
+    if k == 1:
+        grad_chosen = grad_weight * kept
+    else:
+        # w_j = a_j / s with a_j = p_j kept_j, s = max(sum a, eps): dL/da_j = (g_j - sum_i g_i w_i) / s.
+        chosen = xp.take_along_axis(probs, expert_index, axis=1) * kept
+        total = chosen.sum(axis=1, keepdims=True)
+        clamped = total < np.finfo(probs.dtype).eps
+        denominator = xp.where(clamped, np.finfo(probs.dtype).eps, total)
+        grad_chosen = (grad_weight - (grad_weight * weight).sum(axis=1, keepdims=True)) / denominator
+        grad_chosen = xp.where(clamped, grad_weight / denominator, grad_chosen) * kept
+    grad_probs = xp.zeros_like(probs)
+    for choice in range(k):
+        grad_probs[xp.arange(len(probs)), expert_index[:, choice]] += grad_chosen[:, choice]
+    return softmax_backward(grad_probs, probs)
+
+
+def aux_loss_backward(grad_loss: Any, gating: Gating) -> Any:
+    """d aux_loss / d logits: aux = w sum_e ce_e me_e with me_e = sum over the U used tokens of
+    p[t, e] / U (w = aux_weight), so dL/dp[t, e] = g w ce_e / U for every used token t, 0 for a masked one."""
+    probs = gating.probs
+    xp = array_module(probs)
+    num_experts = probs.shape[1]
+    scale = grad_loss * aux_weight(gating.expert_index.shape[1], num_experts) / xp.maximum(gating.used_tokens, 1)
+    grad_probs = xp.broadcast_to(scale * gating.choice_fraction, probs.shape)
+    if gating.token_mask is not None:
+        grad_probs = grad_probs * xp.asarray(gating.token_mask, dtype=probs.dtype)[:, None]
+    return softmax_backward(grad_probs, probs)
+
+
+def z_loss_forward(logits: Any, token_mask: Any = None) -> tuple[Any, Any]:
+    """Router z-loss (ST-MoE, Zoph et al., 2022, sec. 3.3): the mean over the U used tokens of
+    logsumexp(z_t)^2; returns (loss, lse [T])."""
+    row_logsumexp = logsumexp(logits)
+    used = _used(logits, token_mask)
+    return (row_logsumexp**2 * used).sum() / used.sum().clip(1), row_logsumexp
+
+
+def z_loss_backward(grad_loss: Any, logits: Any, row_logsumexp: Any, token_mask: Any = None) -> Any:
+    """d/dz_te of the mean over U used tokens of lse_t^2 = 2 lse_t softmax(z_t)_e / U (0 for a masked token)."""
+    probs = array_module(logits).exp(logits - row_logsumexp[:, None])
+    used = _used(logits, token_mask)
+    return probs * (grad_loss * 2.0 / used.sum().clip(1) * row_logsumexp * used)[:, None]
+
+
+def _used(logits: Any, token_mask: Any) -> Any:
+    """[T] of 1 for a used token, 0 for a masked one, in the logits' dtype."""
+    xp = array_module(logits)
+    return xp.ones(len(logits), logits.dtype) if token_mask is None else xp.asarray(token_mask, dtype=logits.dtype)
+
+
+# ----------------------------------------------------------------------------- GPU paths
+
+
+def _gate_logits_on_gpu(x: Any, weight: Any) -> bool:
+    """After the shapes are checked (the kernels index x and the weight by each other's sizes)."""
+    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[0]:
+        raise ValueError(f"gate logits need x [T, d] and weight [d, E], got {x.shape} and {weight.shape}")
+    return is_gpu(x) and weight.dtype == np.float32 and x.dtype.name in build.KERNEL_TYPES
+
+
+def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[Any, Any]:
+    import cupy
+
+    num_tokens, width = x.shape
+    num_experts = weight.shape[1]
+    grad_logits = cupy.ascontiguousarray(grad_logits, dtype=cupy.float32)
+    x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+    grad_x = cupy.empty(x.shape, x.dtype)
+    tiles = -(-num_tokens // GRAD_TILE)
+    partial = cupy.empty((tiles, width, num_experts), dtype=cupy.float32)
+    if num_tokens and width:
+        sizes = (np.int32(num_tokens), np.int32(width), np.int32(num_experts))
+        build.kernel("gating.cu", f"gate_logits_grad_x<{build.type_name(x)}>")(
+            (-(-num_tokens // GRAD_TOKENS),), (LOGITS_THREADS,), (grad_logits, weight, grad_x, *sizes))
+        build.kernel("gating.cu", f"gate_logits_grad_weight<{build.type_name(x)}>")(
+            (tiles, -(-width // LOGITS_THREADS)), (LOGITS_THREADS,), (x, grad_logits, partial, *sizes))
+    return grad_x, partial.sum(axis=0)
+
+
+def _gpu_gate_logits(x: Any, weight: Any) -> Any:
+    import cupy
+
+    num_tokens, width = x.shape
+    num_experts = weight.shape[1]
+    x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
+    logits = cupy.empty((num_tokens, num_experts), dtype=cupy.float32)
+    if num_tokens == 0:
+        return logits
+    tokens_per_block = LOGITS_THREADS // WARP * TOKENS_PER_WARP
+    vector = num_experts % 4 == 0 and weight.data.ptr % 16 == 0
+    build.kernel("gating.cu", f"gate_logits<{build.type_name(x)}>")(
+        (-(-num_tokens // tokens_per_block),), (LOGITS_THREADS,),
+        (x, weight, logits, np.int32(num_tokens), np.int32(width), np.int32(num_experts), np.int32(vector)))
+    return logits
+
+
 def _gpu_dropless_choices(logits: Any, k: int, token_mask: Any) -> tuple[Any, Any]:
     import cupy
 
@@ -455,47 +533,6 @@ def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
         runtime.cudaDevAttrMultiProcessorCount, device)
 
 
-def add_gumbel_noise(logits: Any, uniform: Any) -> Any:
-    """logits - log(-log(u)) for u ~ Uniform(0, 1) (clamped away from 0): argmax of the result samples
-    from softmax(logits), DeepSpeed's gumbel_rsample."""
-    xp = array_module(logits)
-    return logits - xp.log(-xp.log(xp.maximum(uniform, philox.TINY)))
-
-
-def gumbel_scores(logits: Any) -> Any:
-    """The logits plus Gumbel noise from the device's seeded generator (add_gumbel_noise). GPU, float32:
-    cuda/philox.py's gumbel_noisy draws and adds in one launch, without an array of uniform numbers (a
-    launch and an allocation less of host time per forward)."""
-    if is_gpu(logits) and logits.dtype == np.float32:
-        return philox.gumbel_noisy(logits, *backend.philox_draw(logits.size))
-    return add_gumbel_noise(logits, backend.random_uniform(logits.shape, logits.dtype))
-
-
-def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
-    """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs.
-    GPU: gating.cu's gate_weight_backward for k <= 2; k >= 3 runs this reference on CuPy arrays."""
-    if is_gpu(grad_weight) and gating.expert_index.shape[1] <= 2:
-        return _gpu_gate_weight_backward(grad_weight, gating)
-    xp = array_module(grad_weight)
-    probs, expert_index, weight = gating.probs, gating.expert_index, gating.weight
-    kept = gating.position >= 0
-    k = expert_index.shape[1]
-    if k == 1:
-        grad_chosen = grad_weight * kept
-    else:
-        # w_j = a_j / s with a_j = p_j kept_j, s = max(sum a, eps): dL/da_j = (g_j - sum_i g_i w_i) / s.
-        chosen = xp.take_along_axis(probs, expert_index, axis=1) * kept
-        total = chosen.sum(axis=1, keepdims=True)
-        clamped = total < np.finfo(probs.dtype).eps
-        denominator = xp.where(clamped, np.finfo(probs.dtype).eps, total)
-        grad_chosen = (grad_weight - (grad_weight * weight).sum(axis=1, keepdims=True)) / denominator
-        grad_chosen = xp.where(clamped, grad_weight / denominator, grad_chosen) * kept
-    grad_probs = xp.zeros_like(probs)
-    for choice in range(k):
-        grad_probs[xp.arange(len(probs)), expert_index[:, choice]] += grad_chosen[:, choice]
-    return softmax_backward(grad_probs, probs)
-
-
 def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
     import cupy
 
@@ -508,37 +545,3 @@ def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
         (cupy.ascontiguousarray(grad_weight, dtype=cupy.float32), gating.probs, gating.expert_index, gating.position,
          gating.weight, grad_logits, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
     return grad_logits
-
-
-def aux_loss_backward(grad_loss: Any, gating: Gating) -> Any:
-    """d aux_loss / d logits: aux = w sum_e ce_e me_e with me_e = sum over the U used tokens of
-    p[t, e] / U (w = aux_weight), so dL/dp[t, e] = g w ce_e / U for every used token t, 0 for a masked one."""
-    probs = gating.probs
-    xp = array_module(probs)
-    num_experts = probs.shape[1]
-    scale = grad_loss * aux_weight(gating.expert_index.shape[1], num_experts) / xp.maximum(gating.used_tokens, 1)
-    grad_probs = xp.broadcast_to(scale * gating.choice_fraction, probs.shape)
-    if gating.token_mask is not None:
-        grad_probs = grad_probs * xp.asarray(gating.token_mask, dtype=probs.dtype)[:, None]
-    return softmax_backward(grad_probs, probs)
-
-
-def z_loss_forward(logits: Any, token_mask: Any = None) -> tuple[Any, Any]:
-    """Router z-loss (ST-MoE, Zoph et al., 2022, sec. 3.3): the mean over the U used tokens of
-    logsumexp(z_t)^2; returns (loss, lse [T])."""
-    row_logsumexp = logsumexp(logits)
-    used = _used(logits, token_mask)
-    return (row_logsumexp**2 * used).sum() / used.sum().clip(1), row_logsumexp
-
-
-def z_loss_backward(grad_loss: Any, logits: Any, row_logsumexp: Any, token_mask: Any = None) -> Any:
-    """d/dz_te of the mean over U used tokens of lse_t^2 = 2 lse_t softmax(z_t)_e / U (0 for a masked token)."""
-    probs = array_module(logits).exp(logits - row_logsumexp[:, None])
-    used = _used(logits, token_mask)
-    return probs * (grad_loss * 2.0 / used.sum().clip(1) * row_logsumexp * used)[:, None]
-
-
-def _used(logits: Any, token_mask: Any) -> Any:
-    """[T] of 1 for a used token, 0 for a masked one, in the logits' dtype."""
-    xp = array_module(logits)
-    return xp.ones(len(logits), logits.dtype) if token_mask is None else xp.asarray(token_mask, dtype=logits.dtype)
