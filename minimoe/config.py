@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minimoe.cuda.gating import DROP_POLICIES
-from minimoe.data import read_user_file
+from minimoe.data import CORPORA, read_user_file
 from minimoe.model import GPTConfig
 from minimoe.moe.gate import NOISY_GATE_POLICIES
 
@@ -31,7 +31,8 @@ class ConfigError(Exception):
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a UTF-8 text file; empty: the bundled-on-demand Shakespeare corpus
+    path: str = ""  # a UTF-8 text file; empty: the built-in corpus below
+    corpus: str = "shakespeare"  # "shakespeare" (5 MB) or "dictionaries" (78 MB); both fetched once (minimoe/data.py)
     val_fraction: float = 0.1
 
 
@@ -180,6 +181,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.n_embd={model.n_embd} must be divisible by model.n_head={model.n_head}")
     _require("model.dropout", model.dropout, 0.0 <= model.dropout < 1.0, "in [0, 1)")
     _validate_moe(model)
+    _require("data.corpus", data.corpus, data.corpus in CORPORA, " or ".join(repr(name) for name in CORPORA))
     _require("data.val_fraction", data.val_fraction, 0.0 < data.val_fraction < 1.0, "strictly between 0 and 1")
     _require("train.device", train.device, train.device in ("cpu", "cuda", "auto"), "'cpu', 'cuda' or 'auto'")
     _require("train.precision", train.precision, train.precision in ("auto", "float32", "bfloat16", "float64"),

@@ -25,7 +25,7 @@ from minimoe.checkpoint import load_checkpoint, save_checkpoint
 from minimoe.comm.communicator import Communicator
 from minimoe.comm.groups import LayoutError
 from minimoe.config import Config, ConfigError, from_dict, to_dict
-from minimoe.data import ByteTokenizer, DataError, TokenData, load_text
+from minimoe.data import ByteTokenizer, DataError, TokenData, load_documents
 from minimoe.engine import SamplingParams
 from minimoe.generate import generate
 from minimoe.model import GPT
@@ -50,12 +50,12 @@ class TrainResult:
 
 def load_data(config: Config) -> TokenData:
     tokenizer = ByteTokenizer(config.model.vocab_size)
-    text = load_text(config.data.path)
+    texts = load_documents(config.data.path, config.data.corpus)
     try:
-        tokens = tokenizer.encode(text)
+        documents = [tokenizer.encode(text) for text in texts]
     except DataError as error:
         raise DataError(f"the corpus does not fit model.vocab_size={config.model.vocab_size}: {error}") from None
-    return TokenData(tokens, config.data.val_fraction, config.model.block_size)
+    return TokenData(documents, config.data.val_fraction, config.model.block_size)
 
 
 def evaluate(model: GPT, data: TokenData, config: Config) -> float:
@@ -69,6 +69,37 @@ def evaluate(model: GPT, data: TokenData, config: Config) -> float:
             losses.append(model(backend.asarray(inputs), backend.asarray(targets)).lm_loss.item())
     model.train()
     return float(np.mean(losses))
+
+
+@dataclass
+class SplitLoss:
+    loss: float  # mean next-token loss over every scored token (nats)
+    standard_error: float  # of that mean, from the spread of the batches' means
+    tokens: int
+    batches: int
+
+
+def evaluate_split(model: GPT, data: TokenData, split: str, batch_size: int) -> SplitLoss:
+    """The loss on a whole split rather than on a few random windows (whose error can be as large as
+    the differences being measured): the split cut into consecutive windows of block_size, each scoring
+    its block_size next tokens, so every token but the last window's remainder is scored once. An MoE
+    routes each batch in evaluation mode (eval_capacity_factor), so its loss can move with batch_size."""
+    tokens = data.splits[split]
+    block = data.block_size
+    windows = (len(tokens) - 1) // block
+    batch_means, weights = [], []
+    model.eval()
+    with no_grad():
+        for first in range(0, windows, batch_size):
+            starts = np.arange(first, min(first + batch_size, windows)) * block
+            chunk = tokens[starts[:, None] + np.arange(block + 1)]
+            batch_means.append(model(backend.asarray(chunk[:, :-1]), backend.asarray(chunk[:, 1:])).lm_loss.item())
+            weights.append(len(starts))
+    model.train()
+    batch_means, weights, count = np.array(batch_means), np.array(weights) / windows, len(batch_means)
+    mean = float(np.sum(weights * batch_means))
+    variance = np.sum(weights * (batch_means - mean) ** 2) * count / max(count - 1, 1)  # of one batch's mean
+    return SplitLoss(mean, float(np.sqrt(variance / count)), windows * block, count)
 
 
 def checkpoint_arrays(model: GPT, optimizer: AdamW) -> dict[str, np.ndarray]:

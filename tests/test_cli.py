@@ -1,6 +1,7 @@
 """The command line: user mistakes end in one line naming the problem, exit status 2, no traceback."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -34,6 +35,13 @@ def one_line_error(capsys, argv, expected):
 def test_generate_from_checkpoint(checkpoint, capsys):
     assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "The", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.startswith("The")
+
+
+def test_eval_reports_the_whole_validation_split(checkpoint, capsys):
+    assert main(["eval", str(checkpoint), "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"val loss \d\.\d{4} \+- 0\.\d{4} \(standard error over \d+ batches\) on all [\d,]+ val "
+                        r"tokens of .*corpus\.txt", line), line
 
 
 @pytest.mark.parametrize("argv, expected", [

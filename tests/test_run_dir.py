@@ -14,7 +14,7 @@ import minimoe.data
 import minimoe.train
 from minimoe.checkpoint import load_checkpoint
 from minimoe.config import ConfigError, load_config
-from minimoe.data import DataError, load_shakespeare
+from minimoe.data import DataError, load_documents
 from minimoe.plot import plot_run
 from minimoe.run_dir import RunDir, read_metrics
 from minimoe.train import Console, TrainingDiverged, train
@@ -92,6 +92,7 @@ def test_stale_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tm
     ("train.temperature=-1", "train.temperature must be a finite number >= 0"),
     ("train.top_k=-3", "train.top_k must be at least 0, got -3"),
     ("train.sample_prompt=''", "train.sample_prompt must be 1 to model.block_size=64 bytes long"),
+    ("data.corpus='wiki'", "data.corpus must be 'shakespeare' or 'dictionaries', got 'wiki'"),
     ("data.val_fraction=1", "data.val_fraction must be strictly between 0 and 1, got 1.0"),
     ("train.out_dir=''", "train.out_dir must be a directory path, got ''"),
 ])
@@ -227,10 +228,10 @@ def test_a_truncated_cached_corpus_is_fetched_again(tmp_path, monkeypatch):
         return cached
 
     monkeypatch.setattr(minimoe.data, "fetch_shakespeare_archive", fetch)
-    assert load_shakespeare() == "ROMEO. Good night.\n"
+    assert load_documents() == ["ROMEO. Good night.\n"]
     assert len(fetches) == 2
     cached.write_bytes(b"not an archive at all")
     monkeypatch.setattr(minimoe.data, "fetch_shakespeare_archive", lambda: cached.write_bytes(b"junk") and cached)
     with pytest.raises(DataError, match="cannot be read .*delete it to fetch it again"):
-        load_shakespeare()
+        load_documents()
 

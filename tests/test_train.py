@@ -1,4 +1,5 @@
-"""Training end to end on generated text: the loss falls, and resume is exact, loss for loss."""
+"""Training end to end on generated text: the loss falls, resume is exact, loss for loss, and the whole-split
+evaluation scores every window once."""
 
 import json
 
@@ -8,7 +9,8 @@ from helpers import generated_text
 
 from minimoe.checkpoint import load_checkpoint
 from minimoe.config import ConfigError, load_config
-from minimoe.train import train
+from minimoe.tensor import no_grad
+from minimoe.train import evaluate_split, load_data, load_model, train
 
 TINY = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "model.dropout=0.1",
         "train.batch_size=8", "train.eval_interval=5", "train.eval_batches=2", "train.log_interval=5",
@@ -32,6 +34,30 @@ def test_training_lowers_the_validation_loss_and_samples(tmp_path):
     result = train(tiny_config(tmp_path, "run", "train.max_steps=40"))
     assert result.final_val_loss < 0.75 * result.initial_val_loss
     assert result.checkpoint.exists() and len(result.sample) >= 1
+
+
+def test_whole_split_evaluation_scores_every_window_once(tmp_path):
+    """Against the model run on one window at a time: the mean over the windows, and with equal batches
+    the textbook standard error of the batches' means."""
+    result = train(tiny_config(tmp_path, "run", "train.max_steps=3"))
+    model, config = load_model(result.checkpoint)
+    data = load_data(config)
+    tokens, block = data.splits["val"], config.model.block_size
+    windows = (len(tokens) - 1) // block
+    model.eval()
+    with no_grad():
+        per_window = np.array([model(tokens[None, w * block:(w + 1) * block],
+                                     tokens[None, w * block + 1:(w + 1) * block + 1]).lm_loss.item()
+                               for w in range(windows)])
+    batch_size = next(size for size in range(7, windows) if windows % size == 0)
+    equal = evaluate_split(model, data, "val", batch_size)
+    batch_means = per_window.reshape(-1, batch_size).mean(axis=1)
+    assert (equal.tokens, equal.batches) == (windows * block, windows // batch_size)
+    np.testing.assert_allclose(equal.loss, per_window.mean(), rtol=1e-5)
+    np.testing.assert_allclose(equal.standard_error, batch_means.std(ddof=1) / np.sqrt(len(batch_means)), rtol=1e-4)
+    uneven = evaluate_split(model, data, "val", windows // 2 + 1)  # a full batch and a shorter one
+    np.testing.assert_allclose(uneven.loss, per_window.mean(), rtol=1e-5)
+    assert uneven.batches == 2
 
 
 def test_resumed_run_equals_uninterrupted_run_loss_for_loss(tmp_path):
