@@ -13,8 +13,9 @@ directory (`MINIMOE_CACHE`, default ~/.cache/minimoe) and read straight out of t
   database's glosses and usage examples (WordNet), computing (FOLDOC) and hacker slang (Jargon File).
 
 Any other UTF-8 text file works too (`data.path`). The validation split is the last `val_fraction` of
-every document: the Shakespeare text is one document (its plays in name order), each dictionary
-database is one, so every dictionary is seen in both splits.
+every document: the Shakespeare text is one document (its plays in name order); each dictionary
+database, sorted by headword, is cut into documents of about 1 MB, so that validation samples every
+dictionary across the whole alphabet rather than its last letters.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ DICTIONARIES = (
     DebianText("dict-jargon", "4.4.7-3.1", "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1",
                "./usr/share/dictd/jargon.dict.dz", "public domain"),
 )
+
+
+DICTIONARY_PIECE = 1_000_000  # characters per document of the dictionaries corpus
 
 
 def cache_dir() -> Path:
@@ -152,8 +156,20 @@ def fetch_debian_package(text: DebianText, directory: Path | None = None) -> Pat
                       f"put {text.package} {text.version} (the Debian 12 package) at {directory / text.package}.deb")
 
 
+def pieces(text: str, length: int) -> list[str]:
+    """`text` cut into consecutive pieces of at least `length` characters that end at a line end (the last
+    piece may be shorter)."""
+    cut, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + length - 1)
+        end = len(text) if end < 0 else end + 1
+        cut.append(text[start:end])
+        start = end
+    return cut
+
+
 def read_debian_text(deb: Path, text: DebianText) -> list[str]:
-    """The one document `text` names inside the package file `deb`.
+    """The database `text` names inside the package file `deb`, in documents of DICTIONARY_PIECE characters.
 
     A .deb is an `ar` archive: the 8-byte magic, then per member a 60-byte header (name in bytes 0-16,
     decimal size in bytes 48-58) and the member's bytes padded to an even length. The files are in the
@@ -172,7 +188,7 @@ def read_debian_text(deb: Path, text: DebianText) -> list[str]:
         with tarfile.open(fileobj=io.BytesIO(package[offset + 60:offset + 60 + size])) as tar:
             compressed = tar.extractfile(text.member).read()
         # GCIDE holds a few cp1252 bytes among its UTF-8: replaced, as in the Shakespeare texts.
-        return [gzip.decompress(compressed).decode("utf-8", errors="replace")]
+        return pieces(gzip.decompress(compressed).decode("utf-8", errors="replace"), DICTIONARY_PIECE)
     except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError, KeyError) as error:
         raise DamagedArchive(f"{deb} cannot be read ({type(error).__name__}: {error}); delete it to fetch it "
                              f"again") from None
