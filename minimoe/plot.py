@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from minimoe.run_dir import METRICS_NAME, read_metrics
+from minimoe.run_dir import EXPERT_LOAD_PLOT_NAME, LOSS_PLOT_NAME, METRICS_NAME, read_metrics
 
 
 class PlotError(Exception):
@@ -80,7 +80,7 @@ def _plot_loss(plt: Any, run_dir: Path, records: list[dict[str, Any]]) -> Path:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = run_dir / "loss.png"
+    path = run_dir / LOSS_PLOT_NAME
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
@@ -114,7 +114,7 @@ def _plot_expert_load(plt: Any, run_dir: Path, moe: list[tuple[int, list[dict[st
     dropped.grid(alpha=0.3)
     dropped.legend(fontsize=8, ncol=min(layers, 4))
     heatmaps[0].set_title(f"{run_dir.name}: expert load per MoE layer, and dropped choices")
-    path = run_dir / "expert_load.png"
+    path = run_dir / EXPERT_LOAD_PLOT_NAME
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path

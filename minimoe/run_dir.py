@@ -30,6 +30,7 @@ from minimoe.config import ConfigError
 
 CHECKPOINT_NAME = "checkpoint.bin"
 METRICS_NAME = "metrics.jsonl"
+LOSS_PLOT_NAME, EXPERT_LOAD_PLOT_NAME = "loss.png", "expert_load.png"  # written by `minimoe plot` (plot.py)
 LOCK_NAME = ".lock"
 
 
@@ -48,7 +49,7 @@ class RunDir:
 
     def run_files(self) -> list[Path]:
         """The files of a run in this directory: checkpoint, its expert parts, metrics and plots."""
-        names = [CHECKPOINT_NAME, METRICS_NAME, "loss.png", "expert_load.png"]
+        names = [CHECKPOINT_NAME, METRICS_NAME, LOSS_PLOT_NAME, EXPERT_LOAD_PLOT_NAME]
         return [self.path / name for name in names if (self.path / name).exists()] + sorted(
             self.path.glob(f"{CHECKPOINT_NAME}.step*.part*"))
 
