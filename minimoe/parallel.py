@@ -146,16 +146,19 @@ class Parallel:
         dense = {name: value for name, value in arrays.items() if name not in expert_names}
         return dense, [part_path(path, step, part, ep).name for part in range(ep)]
 
-    def local_experts(self, arrays: dict[str, np.ndarray], expert_names: set[str]) -> dict[str, np.ndarray]:
-        """Of a loaded checkpoint's arrays (every expert), this rank's slice of each expert array."""
-        if self.groups.ep_size == 1:
-            return arrays
-        rank, ep = self.groups.expert_parallel.rank, self.groups.ep_size
-        local = dict(arrays)
-        for name in expert_names:
-            count = arrays[name].shape[0] // ep
-            local[name] = arrays[name][rank * count:(rank + 1) * count]
-        return local
+
+def local_experts(arrays: dict[str, np.ndarray], expert_names: set[str],
+                  expert_parallel: Communicator | None) -> dict[str, np.ndarray]:
+    """Of a loaded checkpoint's arrays (every expert), this rank's slice of each expert array named in
+    `expert_names`, the experts being split over `expert_parallel` (None: all of them stay here)."""
+    if expert_parallel is None or expert_parallel.size == 1:
+        return arrays
+    rank, ep = expert_parallel.rank, expert_parallel.size
+    local = dict(arrays)
+    for name in expert_names:
+        count = arrays[name].shape[0] // ep
+        local[name] = arrays[name][rank * count:(rank + 1) * count]
+    return local
 
 
 def expert_array_names(model: Module, optimizer: AdamW) -> set[str]:

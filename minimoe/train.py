@@ -31,7 +31,7 @@ from minimoe.generate import generate
 from minimoe.model import GPT
 from minimoe.moe.gate import Routing
 from minimoe.optim import AdamW, clip_scale, cosine_lr, global_grad_norm
-from minimoe.parallel import Parallel, expert_array_names, start_world
+from minimoe.parallel import Parallel, expert_array_names, local_experts, start_world
 from minimoe.run_dir import METRICS_NAME, RunDir, read_metrics, write_metrics
 from minimoe.tensor import no_grad
 
@@ -122,14 +122,9 @@ def load_model(path: str | Path, expert_parallel: Communicator | None = None) ->
     arrays, meta = load_checkpoint(path)
     config = from_dict(meta["config"])
     model = GPT(config.model, expert_parallel)
-    state = _section(arrays, "model.")
-    if expert_parallel is not None and expert_parallel.size > 1:
-        experts = Parallel.expert_parameters(model)
-        for name, parameter in model.named_parameters():
-            if id(parameter) in experts:
-                count = len(parameter.data)
-                state[name] = state[name][expert_parallel.rank * count:(expert_parallel.rank + 1) * count]
-    model.load_state_dict(state)
+    experts = Parallel.expert_parameters(model)
+    expert_names = {name for name, parameter in model.named_parameters() if id(parameter) in experts}
+    model.load_state_dict(local_experts(_section(arrays, "model."), expert_names, expert_parallel))
     return model, config
 
 
@@ -328,7 +323,7 @@ def _restore(run: Run, stop_at: int, until: int | None) -> None:
     continues exactly and what does not."""
     arrays, meta = load_checkpoint(run.run_dir.checkpoint)
     differences = _check_resumable(run.config, from_dict(meta["config"]), meta, run.micro_batches, stop_at, until)
-    arrays = run.parallel.local_experts(arrays, run.expert_names)  # checkpoints hold every expert
+    arrays = local_experts(arrays, run.expert_names, run.parallel.groups.expert_parallel)  # checkpoints hold all
     run.model.load_state_dict(_section(arrays, "model."))
     run.optimizer.load_state_dict(_section(arrays, "optim."))
     run.step, run.initial_val_loss = meta["step"], meta["initial_val_loss"]
