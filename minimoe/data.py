@@ -272,8 +272,10 @@ class TokenData:
 
     def batch(self, split: str, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and next-token targets [batch_size, block_size] from random windows of a split."""
-        tokens = self.splits[split]
-        starts = rng.integers(0, len(tokens) - self.block_size, size=batch_size)
-        window = starts[:, None] + np.arange(self.block_size + 1)
-        chunk = tokens[window]
+        starts = rng.integers(0, len(self.splits[split]) - self.block_size, size=batch_size)
+        return self.windows(split, starts)
+
+    def windows(self, split: str, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and next-token targets [len(starts), block_size] of the windows starting at `starts`."""
+        chunk = self.splits[split][starts[:, None] + np.arange(self.block_size + 1)]
         return chunk[:, :-1], chunk[:, 1:]

@@ -84,16 +84,15 @@ def evaluate_split(model: GPT, data: TokenData, split: str, batch_size: int) -> 
     the differences being measured): the split cut into consecutive windows of block_size, each scoring
     its block_size next tokens, so every token but the last window's remainder is scored once. An MoE
     routes each batch in evaluation mode (eval_capacity_factor), so its loss can move with batch_size."""
-    tokens = data.splits[split]
     block = data.block_size
-    windows = (len(tokens) - 1) // block
+    windows = (len(data.splits[split]) - 1) // block
     batch_means, weights = [], []
     model.eval()
     with no_grad():
         for first in range(0, windows, batch_size):
             starts = np.arange(first, min(first + batch_size, windows)) * block
-            chunk = tokens[starts[:, None] + np.arange(block + 1)]
-            batch_means.append(model(backend.asarray(chunk[:, :-1]), backend.asarray(chunk[:, 1:])).lm_loss.item())
+            inputs, targets = data.windows(split, starts)
+            batch_means.append(model(backend.asarray(inputs), backend.asarray(targets)).lm_loss.item())
             weights.append(len(starts))
     model.train()
     batch_means, weights, count = np.array(batch_means), np.array(weights) / windows, len(batch_means)
