@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend
-from minimoe.engine import FINISH_LENGTH, FINISH_STOP, Engine, GenerationError, SamplingParams, Sequence
+from minimoe.engine import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Engine,
+    GenerationError,
+    SamplingParams,
+    Sequence,
+    completion_text,
+)
 from minimoe.model import GPT
 
 
@@ -51,23 +59,19 @@ def generate(model: GPT, prompts: list[np.ndarray], params: SamplingParams | lis
 
 def _gather(sequences: dict[int, Sequence], prompts: list[np.ndarray], params: list[SamplingParams],
             comm: Any) -> list[Sequence]:
-    """Every rank's finished sequences on every rank: tokens, counts and finish reasons summed over the
-    ranks (each prompt's row is non-zero on the one rank that generated it)."""
+    """Every rank's finished sequences on every rank: tokens and counts summed over the ranks (each
+    prompt's row is non-zero on the one rank that generated it); text and finish reason follow from them."""
     longest = max(p.max_new_tokens for p in params)
     tokens = np.zeros((len(prompts), longest), dtype=np.int64)
     counts = np.zeros(len(prompts), dtype=np.int64)
-    stopped = np.zeros(len(prompts), dtype=np.int64)
     for index, sequence in sequences.items():
         tokens[index, :len(sequence.generated)] = sequence.generated
         counts[index] = len(sequence.generated)
-        stopped[index] = sequence.finish_reason == FINISH_STOP
-    tokens, counts, stopped = (comm.all_reduce(array) for array in (tokens, counts, stopped))
+    tokens, counts = comm.all_reduce(tokens), comm.all_reduce(counts)
     gathered = []
     for index, prompt in enumerate(prompts):
         sequence = Sequence(np.asarray(prompt), params[index], generated=tokens[index, :counts[index]].tolist())
-        text = bytes(sequence.generated).decode("utf-8", errors="replace")
-        stops = [text.find(stop) for stop in sequence.params.stop if stop in text]
-        sequence.text = text[:min(stops)] if stopped[index] and stops else text
-        sequence.finish_reason = FINISH_STOP if stopped[index] else FINISH_LENGTH
+        sequence.text, stopped = completion_text(sequence.generated, sequence.params.stop)
+        sequence.finish_reason = FINISH_STOP if stopped else FINISH_LENGTH
         gathered.append(sequence)
     return gathered

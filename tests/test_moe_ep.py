@@ -162,7 +162,7 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 def test_expert_parallel_generation_gives_the_one_process_text(tmp_path, ranks):
     """`mpirun -n P minimoe generate` splits the experts of a checkpoint over P ranks and the prompts
     between them (some ranks get none: they still take part in every step's exchanges): the same greedy
-    and seeded texts as one process."""
+    and seeded texts as one process, cut at the same stop strings."""
     from helpers import generated_text
 
     from minimoe.cli import main
@@ -172,7 +172,7 @@ def test_expert_parallel_generation_gives_the_one_process_text(tmp_path, ranks):
     assert main(train_args(corpus, tmp_path / "run", "train.max_steps=3", "model.k=3")) == 0
     args = ["generate", "--ckpt", str(tmp_path / "run" / "checkpoint.bin"), "--max-new-tokens", "12",
             "--prompt", "The king", "--prompt", "A", "--prompt", "Good night and", "--temperature", "0.9",
-            "--top-k", "5", "--seed", "3"]
+            "--top-k", "5", "--seed", "3", "--stop", " ", "--stop", "e"]
     single = subprocess.run([sys.executable, "-m", "minimoe.cli", *args], capture_output=True, text=True, timeout=120)
     parallel = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "minimoe.cli", *args],
                               capture_output=True, text=True, timeout=300)
