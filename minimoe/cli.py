@@ -68,12 +68,15 @@ def _eval(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.every < 1:
+        raise UsageError(f"--every must be at least 1, got {args.every}")
     backend.set_device(args.device)
     model, config = load_model(args.ckpt)
-    result = evaluate_split(model, load_data(config), args.split, args.batch_size)
+    result = evaluate_split(model, load_data(config), args.split, args.batch_size, args.every)
     corpus = config.data.path or config.data.corpus
+    scored = f"all {result.tokens:,}" if args.every == 1 else f"{result.tokens:,} (every {args.every}th window) of the"
     print(f"{args.split} loss {result.loss:.4f} +- {result.standard_error:.4f} (standard error over "
-          f"{result.batches} batches) on all {result.tokens:,} {args.split} tokens of {corpus}")
+          f"{result.batches} batches) on {scored} {args.split} tokens of {corpus}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -126,10 +129,13 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from minimoe.plot import PlotError, plot_run
+    from minimoe.plot import PlotError, plot_compare, plot_run
 
     try:
-        written = plot_run(args.run_dir)
+        if args.compare:
+            written = [plot_compare(args.run_dirs, args.compare)]
+        else:
+            written = [path for run_dir in args.run_dirs for path in plot_run(run_dir)]
     except PlotError as error:
         raise UsageError(str(error)) from None
     print("wrote " + ", ".join(str(path) for path in written))
@@ -168,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("ckpt", help="a checkpoint.bin written by `minimoe train` or `minimoe distill`")
     evaluate.add_argument("--split", default="val", choices=["val", "train"])
     evaluate.add_argument("--batch-size", type=int, default=32, help="windows of block_size per forward pass")
+    evaluate.add_argument("--every", type=int, default=1, help="score every N-th window only (an even sample "
+                          "of a large split; default 1: all of it)")
     evaluate.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     evaluate.set_defaults(run=_eval)
 
@@ -194,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     plot = commands.add_parser("plot", help="PNGs of a run: loss curves, expert load per MoE layer")
-    plot.add_argument("run_dir", help="a train.out_dir (it holds metrics.jsonl)")
+    plot.add_argument("run_dirs", nargs="+", metavar="run_dir", help="a train.out_dir (it holds metrics.jsonl)")
+    plot.add_argument("--compare", metavar="PNG", help="instead: one plot of every run's validation loss "
+                      "against training FLOPs, written to PNG (runs named NAME-s<seed> share a colour)")
     plot.set_defaults(run=_plot)
 
     bench = commands.add_parser("bench", help="benchmarks with side-by-side peers")

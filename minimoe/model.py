@@ -70,6 +70,26 @@ class GPTConfig:
     def moe_settings(self) -> MoESettings:
         return MoESettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoESettings)})
 
+    def forward_flops_per_token(self) -> int:
+        """Multiply-add FLOPs (2 per multiply-accumulate) of one token's forward pass at full context: the
+        weights it passes through, attention over block_size keys (the kernels compute every score, the
+        causal mask only hides half of them), the tied LM head. Training costs 3x this (the backward is
+        two products per forward product); an MoE layer counts its gate, k experts and any residual MLP,
+        which is the "active compute" the DeepSpeed-MoE paper holds equal between dense and MoE models."""
+        width, hidden, context = self.n_embd, self.mlp_ratio * self.n_embd, self.block_size
+        mlp = 2 * 2 * width * hidden
+        attention = 2 * width * 3 * width + 2 * width * width + 2 * 2 * context * width
+        flops = 2 * width * self.vocab_size
+        for experts in self.experts_in_block():
+            flops += attention
+            if experts == 0:
+                flops += mlp
+            else:
+                flops += 2 * width * experts + self.k * mlp
+                if self.residual:
+                    flops += mlp + 2 * width * 2
+        return flops
+
 
 @dataclass
 class ModelOutput:

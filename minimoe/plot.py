@@ -6,10 +6,14 @@ expert_load.png (MoE runs): one heatmap per MoE layer, step on x, expert on y, c
 share of that layer's routed choices at that step (before capacity drops) times E, on one colour scale
 for every layer: 1 (white) is the balanced share 1/E, blue an expert that gets less, red one that gets
 more; a collapsing router shows red rows. Below them, the fraction of choices each layer dropped.
+`minimoe plot --compare OUT.png RUN_DIR...`: the validation loss of several runs against their training
+FLOPs, one colour per config: runs whose directory names differ only in a trailing "-s<seed>" are seeds of
+one config and share it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +122,35 @@ def _plot_expert_load(plt: Any, run_dir: Path, moe: list[tuple[int, list[dict[st
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def config_name(run_dir: Path) -> str:
+    """The config a run belongs to: its directory name without a trailing "-s<seed>"."""
+    return re.sub(r"-s\d+$", "", run_dir.name)
+
+
+def plot_compare(run_dirs: list[str | Path], path: str | Path) -> Path:
+    """Validation loss against training FLOPs for every run (from the "train_flops" that `minimoe train`
+    logs with each validation loss), one colour per config; written to `path`."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 5))
+    colours: dict[str, str] = {}
+    for run_dir in map(Path, run_dirs):
+        points = [(r["train_flops"], r["val_loss"]) for r in run_records(run_dir) if "train_flops" in r]
+        if not points:
+            raise PlotError(f"{run_dir / METRICS_NAME} logs no training FLOPs (written by an older minimoe)")
+        name = config_name(run_dir)
+        first = name not in colours
+        colours.setdefault(name, f"C{len(colours) % 10}")
+        flops, losses = np.array(points[1:] or points).T  # step 0 (no compute yet) does not fit a log axis
+        axes.plot(flops, losses, color=colours[name], alpha=0.8, linewidth=1, marker=".",
+                  label=name if first else None)
+    axes.set_xscale("log")
+    axes.set_xlabel("training FLOPs")
+    axes.set_ylabel("validation cross-entropy (nats per byte)")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)

@@ -79,21 +79,23 @@ class SplitLoss:
     batches: int
 
 
-def evaluate_split(model: GPT, data: TokenData, split: str, batch_size: int) -> SplitLoss:
+def evaluate_split(model: GPT, data: TokenData, split: str, batch_size: int, every: int = 1) -> SplitLoss:
     """The loss on a whole split rather than on a few random windows (whose error can be as large as
     the differences being measured): the split cut into consecutive windows of block_size, each scoring
-    its block_size next tokens, so every token but the last window's remainder is scored once. An MoE
-    routes each batch in evaluation mode (eval_capacity_factor), so its loss can move with batch_size."""
+    its block_size next tokens, so every token but the last window's remainder is scored once. every > 1
+    scores every every-th window only: a sample spread evenly over the split (every document's tail), for
+    splits too large to score whole often. An MoE routes each batch in evaluation mode
+    (eval_capacity_factor), so its loss can move with batch_size."""
     block = data.block_size
-    windows = (len(data.splits[split]) - 1) // block
+    starts = np.arange(0, (len(data.splits[split]) - 1) // block, every) * block
+    windows = len(starts)
     batch_means, weights = [], []
     model.eval()
     with no_grad():
         for first in range(0, windows, batch_size):
-            starts = np.arange(first, min(first + batch_size, windows)) * block
-            inputs, targets = data.windows(split, starts)
+            inputs, targets = data.windows(split, starts[first:first + batch_size])
             batch_means.append(model(backend.asarray(inputs), backend.asarray(targets)).lm_loss.item())
-            weights.append(len(starts))
+            weights.append(len(inputs))
     model.train()
     batch_means, weights, count = np.array(batch_means), np.array(weights) / windows, len(batch_means)
     mean = float(np.sum(weights * batch_means))
@@ -317,6 +319,18 @@ def _distilling(config: Config, step: int) -> bool:
     return bool(distill.teacher) and distill.alpha > 0 and step < distill.kd_stop * config.train.max_steps
 
 
+def training_cost(run: Run) -> dict[str, int]:
+    """What the run's steps so far cost: the tokens trained on and the training FLOPs (3x the student's
+    forward, plus the teacher's forward on the steps that distil), for plots of loss against compute."""
+    config = run.config
+    tokens_per_step = run.micro_batches * config.train.batch_size * config.model.block_size
+    flops = 3 * config.model.forward_flops_per_token() * run.step * tokens_per_step
+    if run.teacher is not None:
+        distilled_steps = sum(_distilling(config, step) for step in range(run.step))
+        flops += run.teacher.config.forward_flops_per_token() * distilled_steps * tokens_per_step
+    return {"tokens": run.step * tokens_per_step, "train_flops": flops}
+
+
 def _restore(run: Run, stop_at: int, until: int | None) -> None:
     """Load the run's checkpoint into `run` after checking that it continues the same run, and say what
     continues exactly and what does not."""
@@ -401,7 +415,7 @@ def _evaluate_and_save(run: Run) -> None:
     """Validation loss logged, then the metrics and the checkpoint written (every rank takes part: the
     expert slices are written by the ranks that hold them). Never saves non-finite numbers."""
     run.val_loss = evaluate(run.model, run.data, run.config)
-    run.metrics.append({"step": run.step, "val_loss": run.val_loss})
+    run.metrics.append({"step": run.step, "val_loss": run.val_loss, **training_cost(run)})
     run.console.line(f"step {run.step:>5} | validation loss {run.val_loss:.4f}")
     arrays = checkpoint_arrays(run.model, run.optimizer)
     if not (math.isfinite(run.val_loss) and all(np.isfinite(value).all() for value in arrays.values())):
@@ -436,7 +450,7 @@ def _train_to(run: Run, stop_at: int) -> TrainResult:
     console = run.console
     if run.step == 0:
         run.initial_val_loss = evaluate(run.model, run.data, run.config)
-        run.metrics.append({"step": 0, "val_loss": run.initial_val_loss})
+        run.metrics.append({"step": 0, "val_loss": run.initial_val_loss, **training_cost(run)})
         console.line(f"step     0 | validation loss {run.initial_val_loss:.4f}")
     tokens_per_step = run.micro_batches * train_config.batch_size * run.config.model.block_size
     stop = _StopFlag()
