@@ -74,7 +74,7 @@ def _eval(args: argparse.Namespace) -> None:
     model, config = load_model(args.ckpt)
     result = evaluate_split(model, load_data(config), args.split, args.batch_size, args.every)
     corpus = config.data.path or config.data.corpus
-    scored = f"all {result.tokens:,}" if args.every == 1 else f"{result.tokens:,} (every {args.every}th window) of the"
+    scored = f"all {result.tokens:,}" if args.every == 1 else f"{result.tokens:,} (one window in {args.every}) of the"
     print(f"{args.split} loss {result.loss:.4f} +- {result.standard_error:.4f} (standard error over "
           f"{result.batches} batches) on {scored} {args.split} tokens of {corpus}")
 

@@ -9,6 +9,7 @@ import pytest
 from helpers import generated_text
 
 from minimoe.cli import main
+from minimoe.plot import config_name
 
 TINY = ["--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2",
         "--set", "model.block_size=8", "--set", "train.batch_size=4", "--set", "train.eval_batches=1",
@@ -44,6 +45,17 @@ def test_eval_reports_the_whole_validation_split(checkpoint, capsys):
                         r"tokens of .*corpus\.txt", line), line
 
 
+def test_eval_every_scores_an_even_sample_of_the_split(checkpoint, capsys):
+    assert main(["eval", str(checkpoint), "--device", "cpu", "--batch-size", "3"]) == 0
+    whole = int(re.search(r"on all ([\d,]+) val", capsys.readouterr().out).group(1).replace(",", ""))
+    assert main(["eval", str(checkpoint), "--device", "cpu", "--batch-size", "3", "--every", "3"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    sampled = int(re.search(r"on ([\d,]+) \(one window in 3\) of the val tokens", line).group(1).replace(",", ""))
+    windows = whole // 8  # block_size 8
+    assert sampled == -(-windows // 3) * 8
+    one_line_error(capsys, ["eval", str(checkpoint), "--every", "0"], "--every must be at least 1, got 0")
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["train", "--set", "model.n_layers=3"], "unknown key model.n_layers"),
     (["train", "--set", "train.max_steps=ten"], "train.max_steps must be int, got 'ten'"),
@@ -76,6 +88,22 @@ def test_plot_writes_loss_curve_and_refuses_a_non_run(checkpoint, tmp_path, caps
     assert main(["plot", str(checkpoint.parent)]) == 0
     assert (checkpoint.parent / "loss.png").read_bytes().startswith(b"\x89PNG")
     one_line_error(capsys, ["plot", str(tmp_path)], "metrics.jsonl does not exist")
+
+
+def test_plot_compare_draws_runs_against_training_flops(checkpoint, tmp_path, capsys):
+    corpus = checkpoint.parent.parent / "corpus.txt"
+    for name in ["wide-s0", "wide-s1"]:
+        assert main(["train", *TINY, "--set", f"data.path={corpus}", "--set", "model.vocab_size=128", "--set",
+                     "model.n_embd=32", "--set", "train.max_steps=2", "--set", f"train.out_dir={tmp_path / name}"]) == 0
+    png = tmp_path / "compare.png"
+    assert main(["plot", "--compare", str(png), str(checkpoint.parent), str(tmp_path / "wide-s0"),
+                 str(tmp_path / "wide-s1")]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert config_name(tmp_path / "wide-s1") == "wide" and config_name(tmp_path / "dense-768") == "dense-768"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"step": 0, "val_loss": 5.5}\n')
+    one_line_error(capsys, ["plot", "--compare", str(png), str(old)], "logs no training FLOPs")
 
 
 def test_console_script_prints_no_traceback(tmp_path):

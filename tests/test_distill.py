@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from minimoe.checkpoint import load_checkpoint
 from minimoe.cli import main
+from minimoe.config import from_dict
 from minimoe.cuda.distillation import distillation_forward
 from minimoe.ops import distillation_loss
 
@@ -99,6 +100,21 @@ def test_alpha_zero_is_plain_training_bit_for_bit(teacher, tmp_path):
 def test_staged_distillation_stops_the_teacher_at_kd_stop(teacher, tmp_path):
     assert main(student_args(teacher, tmp_path / "staged", "distill.kd_stop=0.5")) == 0
     assert [r["step"] for r in records(tmp_path / "staged") if "kd_loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_logged_training_flops_count_the_teacher_while_it_teaches(teacher, tmp_path):
+    """Tokens and training FLOPs beside each validation loss: 3x the student's forward on every step, the
+    teacher's forward on the distilled ones (kd_stop 0.5: steps 1-4 of 8; 8 x 16 tokens a step)."""
+    assert main(student_args(teacher, tmp_path / "staged", "distill.kd_stop=0.5")) == 0
+    student = from_dict(load_checkpoint(tmp_path / "staged" / "checkpoint.bin")[1]["config"]).model
+    teacher_model = from_dict(load_checkpoint(teacher)[1]["config"]).model
+    per_step = 8 * 16
+    expected = {0: (0, 0), 4: (4 * per_step, (3 * student.forward_flops_per_token() +
+                                              teacher_model.forward_flops_per_token()) * 4 * per_step),
+                8: (8 * per_step, 3 * student.forward_flops_per_token() * 8 * per_step +
+                    teacher_model.forward_flops_per_token() * 4 * per_step)}
+    logged = {r["step"]: (r["tokens"], r["train_flops"]) for r in records(tmp_path / "staged") if "val_loss" in r}
+    assert logged == expected
 
 
 def test_a_resumed_distillation_equals_the_uninterrupted_one(teacher, tmp_path):

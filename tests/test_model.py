@@ -88,3 +88,20 @@ def test_initial_loss_is_near_uniform_guess():
     with no_grad():
         loss = model(tokens, np.roll(tokens, -1, axis=1)).loss
     assert abs(loss.item() - np.log(256)) < 0.1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"moe_every": 2, "experts_per_layer": [4], "k": 1},
+                                       {"moe_every": 1, "experts_per_layer": [4, 2], "k": 2, "residual": True}])
+def test_forward_flops_count_every_weight_a_token_passes_through(overrides):
+    """An independent count from the parameters themselves: 2 FLOPs per weight a token multiplies by (an
+    expert's weights k / E times: k of the E experts), the tied head, and attention's two products over
+    block_size keys."""
+    model = tiny_model(**overrides)
+    config = model.config
+    per_weight = 0.0
+    for name, parameter in model.named_parameters():
+        if name.startswith("blocks.") and name.endswith("weight") and parameter.ndim >= 2:
+            per_weight += parameter.size * (config.k / parameter.shape[0] if ".experts." in name else 1)
+    attention = config.n_layer * 2 * 2 * config.block_size * config.n_embd
+    expected = 2 * per_weight + 2 * config.n_embd * config.vocab_size + attention
+    assert config.forward_flops_per_token() == pytest.approx(expected, rel=1e-12)
