@@ -385,14 +385,13 @@ class Distillation(Function):
     """The knowledge-distillation loss of the student's logits against fixed teacher logits."""
 
     def forward(ctx, student, teacher, temperature):
-        loss, q, p = distillation_kernels.distillation_forward(student, teacher, temperature)
-        ctx.save(q, p)
-        ctx.temperature, ctx.dtype = temperature, student.dtype
+        loss, student_lse, teacher_lse = distillation_kernels.distillation_forward(student, teacher, temperature)
+        ctx.save(student, teacher, student_lse, teacher_lse)
+        ctx.temperature = temperature
         return loss
 
     def backward(ctx, grad):
-        q, p = ctx.saved
-        return distillation_kernels.distillation_backward(grad, q, p, ctx.temperature, ctx.dtype), None
+        return distillation_kernels.distillation_backward(grad, *ctx.saved, ctx.temperature), None
 
 
 def distillation_loss(student: Tensor, teacher: Any, temperature: float) -> Tensor:

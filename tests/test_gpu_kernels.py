@@ -481,18 +481,28 @@ def test_jitter_factors_on_the_gpu_take_many_values_in_float32():
     assert np.mean(factors == 1.0) < 0.01
 
 
-@given(rows=st.integers(1, 300), vocab=st.sampled_from([2, 128, 256]), temperature=st.sampled_from([0.5, 1.0, 2.0]),
-       dtype=dtypes, seed=seeds)
-def test_distillation_loss_on_the_gpu_matches_the_host(rows, vocab, temperature, dtype, seed):
-    """The distillation family has no fused kernel: its reference runs on CuPy arrays as it is."""
+@given(rows=st.integers(1, 300), vocab=st.sampled_from([1, 2, 97, 256, 1000]),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]), dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_distillation_kernels_match_reference(rows, vocab, temperature, dtype, seed, poison):
     from minimoe.cuda.distillation import distillation_backward, distillation_forward
 
+    cupy = cupy_module()
     rng = np.random.default_rng(seed)
     student, student_values = to_gpu(rng.standard_normal((rows, vocab)) * 2, dtype)
     teacher, teacher_values = to_gpu(rng.standard_normal((rows, vocab)) * 2, dtype)
-    loss, q, p = distillation_forward(student, teacher, temperature)
-    expected_loss, expected_q, expected_p = distillation_forward(student_values, teacher_values, temperature)
-    np.testing.assert_allclose(float(loss), expected_loss, rtol=TOLERANCE[dtype])
-    grad = distillation_backward(1.0, q, p, temperature, student.dtype)
-    assert_close(to_host(grad), distillation_backward(1.0, expected_q, expected_p, temperature, np.float64),
-                 dtype, "distillation gradient", scale=np.abs(expected_q) + np.abs(expected_p))
+    poison_pool(poison)
+    loss, student_lse, teacher_lse = distillation_forward(student, teacher, temperature)
+    grad = distillation_backward(cupy.asarray(np.float32(0.7)), student, teacher, student_lse, teacher_lse,
+                                 temperature)
+    expected_loss, expected_student_lse, expected_teacher_lse = distillation_forward(student_values, teacher_values,
+                                                                                     temperature)
+    expected_grad = distillation_backward(0.7, student_values, teacher_values, expected_student_lse,
+                                          expected_teacher_lse, temperature)
+    # The loss is stored in the logits' dtype (bf16: 8 significant bits); a sum of rows' KL, each >= 0.
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=TOLERANCE[dtype], atol=1e-6)
+    np.testing.assert_allclose(to_host(student_lse), expected_student_lse, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_host(teacher_lse), expected_teacher_lse, rtol=1e-5, atol=1e-6)
+    q = np.exp(student_values / temperature - expected_student_lse[:, None])
+    p = np.exp(teacher_values / temperature - expected_teacher_lse[:, None])
+    assert_close(to_host(grad), expected_grad, dtype, "distillation gradient",
+                 scale=0.7 * temperature / rows * (q + p))
