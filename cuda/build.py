@@ -7,7 +7,9 @@ headers of this folder (philox.cuh: the Philox generator). A header is pasted in
 rather than included by NVRTC: CuPy's disk cache is keyed on the source text, so an edit of a header
 must change that text, or a stale binary would be loaded. `#line`
 directives keep compiler messages pointing at the right file and line, and a compile error is raised
-as a KernelBuildError that names them, not NVRTC's temporary file.
+as a KernelBuildError that names them, not NVRTC's temporary file. Constants that a kernel and its
+Python launcher share are registered with the file (register's `constants`) and reach the compiler as
+-D defines; CuPy's cache key holds the options too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 KERNEL_DIR = Path(__file__).resolve().parent
 # Template instantiations each file provides, so that one compile makes all of them available.
 _NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {}
+_CONSTANTS: dict[str, dict[str, int]] = {}  # compile-time constants of each file, see register()
 
 
 class KernelBuildError(RuntimeError):
@@ -40,9 +43,17 @@ def row_vectors(array: Any) -> str:
     return "true" if (array.shape[-1] * array.dtype.itemsize) % 16 == 0 else "false"
 
 
-def register(filename: str, *name_expressions: str) -> None:
-    """Declare the (templated) kernel names a .cu file must export."""
+def register(filename: str, *name_expressions: str, constants: dict[str, int] | None = None) -> None:
+    """Declare the (templated) kernel names a .cu file must export, and the compile-time constants its
+    Python side also uses (tile sizes, threads per block): defined once, in the .py file, and given to the
+    compiler as -D defines, so that the two sides cannot disagree."""
     _NAME_EXPRESSIONS[filename] = tuple(name_expressions)
+    _CONSTANTS[filename] = dict(constants or {})
+
+
+def compile_options(filename: str) -> tuple[str, ...]:
+    """NVRTC's (and nvcc's) options for a .cu file: C++17 and its registered constants."""
+    return ("-std=c++17", *(f"-D{name}={value}" for name, value in _CONSTANTS.get(filename, {}).items()))
 
 
 INCLUDE = re.compile(r'^#include "(\w+\.cuh)"$', flags=re.MULTILINE)  # a header of this folder
@@ -75,7 +86,7 @@ def _readable_log(log: str) -> str:
 def load_module(filename: str) -> Any:
     import cupy
 
-    module = cupy.RawModule(code=_source(filename), options=("-std=c++17",),
+    module = cupy.RawModule(code=_source(filename), options=compile_options(filename),
                             name_expressions=_NAME_EXPRESSIONS.get(filename, ()))
     try:
         module.compile()

@@ -10,25 +10,37 @@
 // cooperative launch keeps every block of the grid resident at once (cuda/gating.py sizes the grid from
 // the occupancy), and the driver provides its memory, so nothing needs zeroing before the launch.
 //
-// Phases (B = a grid barrier):
-//   1. per tile: softmax and the k choices of each token (a group of lanes per token), the tile's
-//      probability sums for me; each warp takes consecutive tokens and ranks each choice column among
-//      its own earlier choices as it goes; the warps' offsets in the tile (a scan over their counts)  B
-//      (random token selection: rank the first choices in priority order instead, after the barrier  B)
+// Phases (B = a grid barrier), each a __device__ function named in brackets, called in this order by
+// gate_route at the end of the file:
+//   1. per tile: softmax and the k choices of each token (a group of lanes per token); each warp takes
+//      consecutive tokens and ranks each choice column among its own earlier choices as it goes
+//      [choose_and_rank]; the tile's probability sums for me, the warps' offsets in the tile (a scan
+//      over their counts) [tile_sums]                                                                 B
+//      (random token selection: rank the first choices in priority order instead [rank_tile]          B)
 //   2. tile offsets, a scan transposed: one warp per (choice column, expert) runs over the tiles' counts
 //      in order and writes each tile's exclusive prefix and the column's total (more warps add up the
-//      probability sums for me)                                                                     B
+//      probability sums for me) [tile_offsets]                                                        B
 //      every block then reads its own tile's prefixes and the totals (each expert's load: the dropless
-//      capacity, the second choices' queue offset)
-//      (random token selection: mark the first C of each expert in priority order as kept            B
-//      and rank the kept ones again in token order                                                  B
-//      and scan their counts the same way                                                           B)
+//      capacity [route_capacity], the second choices' queue offset)
+//      (random token selection: mark the first C of each expert in priority order as kept
+//      [keep_by_priority]                                                                             B
+//      and rank the kept ones again in token order [rank_tile]                                        B
+//      and scan their counts the same way [tile_offsets]                                              B)
 //   3. per tile: position = rank in warp + the warp's offset in the tile + counts of earlier tiles (+ all
-//      first choices, for second choices), -1 at or past the capacity; the weights; block 0 writes the
-//      statistics.
+//      first choices, for second choices), -1 at or past the capacity; the weights
+//      [clear_empty_slots, positions_and_weights]; the last tile's block writes the statistics
+//      [write_statistics].
 #include <cooperative_groups.h>
 
 #include "common.cuh"
+
+// The constants this file shares with its launcher are defined once, in cuda/gating.py, and arrive as
+// -D defines (build.py's compile_options): TOKENS_PER_WARP, EXPERTS_PER_PASS, GRAD_TOKENS, GRAD_TILE,
+// PER_LANE, STAGE_ENTRIES, ROUTE_THREADS, CHUNKS. Each is explained where it is used.
+#if !defined(TOKENS_PER_WARP) || !defined(EXPERTS_PER_PASS) || !defined(GRAD_TOKENS) || !defined(GRAD_TILE) || \
+    !defined(PER_LANE) || !defined(STAGE_ENTRIES) || !defined(ROUTE_THREADS) || !defined(CHUNKS)
+#error "gating.cu's constants come from cuda/gating.py: compile it through minimoe.cuda.build"
+#endif
 
 constexpr int WARP = 32;
 
@@ -39,8 +51,6 @@ constexpr int WARP = 32;
 // time: lane l reads elements l, l + 32, ... of each row (every warp load of x coalesced) and the same
 // weight rows serve the warp's tokens; the lanes' partial sums then meet in warp_sum. `vector`: E is a
 // multiple of 4 and the weight 16-byte aligned, so a weight row's experts load as float4.
-constexpr int TOKENS_PER_WARP = 4, EXPERTS_PER_PASS = 8;
-
 template <typename T>
 __global__ void gate_logits(const T* __restrict__ x, const float* __restrict__ weight, float* __restrict__ logits,
                             int tokens, int width, int experts, int vector) {
@@ -85,8 +95,6 @@ __global__ void gate_logits(const T* __restrict__ x, const float* __restrict__ w
 // (the cast done in registers, not by a float32 [T, d] copy), and the weight's gradient x^T @ grad_logits.
 // gate_logits_grad_x: block b takes GRAD_TOKENS tokens and its threads stride over the d columns; each
 // weight row (E floats, cached) serves all of the block's tokens.
-constexpr int GRAD_TOKENS = 8;
-
 template <typename T>
 __global__ void gate_logits_grad_x(const float* __restrict__ grad_logits, const float* __restrict__ weight,
                                    T* __restrict__ grad_x, int tokens, int width, int experts) {
@@ -110,8 +118,6 @@ __global__ void gate_logits_grad_x(const float* __restrict__ grad_logits, const 
 // GRAD_TILE tokens for its columns i (one per thread) and EXPERTS_PER_PASS experts at a time, and writes
 // partial[tile][i][e]; the caller adds the tiles up in a fixed order (no float atomics: the result
 // does not depend on scheduling). The token loop is unrolled so that several loads of x are in flight.
-constexpr int GRAD_TILE = 64;
-
 template <typename T>
 __global__ void gate_logits_grad_weight(const T* __restrict__ x, const float* __restrict__ grad_logits,
                                         float* __restrict__ partial, int tokens, int width, int experts) {
@@ -144,17 +150,14 @@ __global__ void gate_logits_grad_weight(const T* __restrict__ x, const float* __
 // once. Each lane loads its PER_LANE values at once (16-byte vectors where rows allow): that many loads in
 // flight per lane is what keeps the memory busy. Reductions over a group are common.cuh's warp_sum /
 // warp_max over `lanes` lanes, and group_argmax below.
-constexpr int PER_LANE = 16;
 
 // Phase 1 parks each choice's expert, rank and probability in shared memory for phase 3 when the tile has
 // at most STAGE_ENTRIES choices (tokens * k): phase 3 then reads them there rather than from L2, and the
 // outputs are written once.
-constexpr int STAGE_ENTRIES = 1024;
 
-// Threads of a gate_route block (cuda/gating.py's constant of the same name). The launch bound caps the
-// registers at 65536 / 512 = 128 per thread, so that a block always fits on an SM: the cooperative
-// launch needs every block resident, and the kernel sits near that cap.
-constexpr int ROUTE_THREADS = 512;
+// ROUTE_THREADS: the threads of a gate_route block. The launch bound caps the registers at 65536 / 512 =
+// 128 per thread, so that a block always fits on an SM: the cooperative launch needs every block
+// resident, and the kernel sits near that cap.
 
 // The expert whose score lane `member` of a group holds in its slot j.
 __device__ __forceinline__ int expert_of(int member, int j, int lanes) { return (j / 4 * lanes + member) * 4 + j % 4; }
@@ -300,7 +303,6 @@ __device__ void rank_tile(const long long* expert_index, const long long* order,
 // the tiles' counts of used tokens) into prob_totals[e] in a fixed order (lane by lane over the chunks, then the butterfly), so the sum does not
 // depend on scheduling. After the grid barrier each block copies its tile's prefixes to before
 // [columns][E] and the totals to total [columns][E] (shared memory).
-constexpr int CHUNKS = 8;
 
 __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* counts, int* totals, int columns,
                              const float* prob_sums, float* prob_totals, int tiles, int tile, int experts,
@@ -339,6 +341,8 @@ __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* co
   __syncthreads();
 }
 
+// What gate_route reads and writes: its arguments as one value, so that each phase below takes them
+// whole (the phases are inlined: this costs nothing at run time). Layouts:
 // source_token [E * C] (null when dropless): the token in each buffer slot, -1 where none (dispatch.py's
 // source_tokens).
 // workspace (int, needs no initial values): [0] the capacity used, then per-tile counts per expert
@@ -348,91 +352,109 @@ __device__ void tile_offsets(const cooperative_groups::grid_group& grid, int* co
 // used tokens of p[t, e], then the number of used tokens), then prob_sums [E + 1][tiles], each tile's.
 // token_mask [T] (null: every token used): a token whose entry is 0 (padding) takes no rank, position or
 // weight and no part in the statistics, whose means run over the used tokens.
-// Shared memory: the stage (below), then warp_offsets [warps][2][E] (each warp's counts, then their
-// exclusive prefixes in the tile), scan [warps][E] (rank_tile's, and the per-warp probability sums),
-// running [E], before [2][E], total [2][E], warp_used [warps] (each warp's count of used tokens).
-extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
-    gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
-               const float* __restrict__ second_scores, const long long* __restrict__ order,
-               const unsigned char* __restrict__ token_mask, int tokens, int experts,
-               int lanes, int vector, int k, long long capacity, float* __restrict__ probs,
-               long long* __restrict__ expert_index, long long* __restrict__ position, float* __restrict__ weight,
-               unsigned char* __restrict__ keep, int* __restrict__ workspace, long long* __restrict__ tokens_per_expert,
-               float* __restrict__ statistics, long long* __restrict__ source_token) {
-  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  extern __shared__ long long shared[];
-  const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-  long long* stage_expert = shared;  // [STAGE_ENTRIES]
-  long long* stage_rank = stage_expert + STAGE_ENTRIES;  // [STAGE_ENTRIES]
-  float* stage_prob = (float*)(stage_rank + STAGE_ENTRIES);  // [STAGE_ENTRIES]
-  int* warp_offsets = (int*)(stage_prob + STAGE_ENTRIES);
-  int* scan = warp_offsets + warps * 2 * experts;
-  int* running = scan + warps * experts;
-  int* before = running + experts;  // [2][E]
-  int* total = before + 2 * experts;  // [2][E]
-  int* warp_used = total + 2 * experts;  // [warps]
-  __shared__ long long used_capacity;
-  const int tiles = gridDim.x, tile = blockIdx.x;
-  int* counts = workspace + 1;
-  int* kept_counts = counts + k * tiles * experts;
-  int* totals = counts + (k + 1) * tiles * experts;
-  float* first_fraction = statistics;  // [E], then aux_loss, dropped, used, prob_totals [E + 1], prob_sums
-  float* prob_totals = statistics + experts + 3;
-  float* prob_sums = prob_totals + experts + 1;
-  const long long tile_size = ((long long)tokens + tiles - 1) / tiles;
-  const long long begin = min((long long)tokens, tile * tile_size), end = min((long long)tokens, begin + tile_size);
-  // What phase 1 learns of each choice (the expert, its rank in the warp, its probability) waits for phase
-  // 3 in shared memory when the tile's choices fit in the stage, else in the outputs that phase 3 then
-  // overwrites; indexed from the tile's first token either way. (Random token selection ranks the first
-  // choices in priority order, across the tiles: its ranks are in `position`, so it takes the outputs.)
-  const bool staged = !order && (end - begin) * k <= STAGE_ENTRIES;
-  long long* parked_expert = staged ? stage_expert : expert_index + begin * k;
-  long long* parked_rank = staged ? stage_rank : position + begin * k;
-  float* parked_prob = staged ? stage_prob : weight + begin * k;
+// (cuda/gating.py sizes and reads the two packed buffers by the same layouts: route_buffer_sizes and
+// RouteStatistics.)
+struct RouteArgs {
+  const float* logits;
+  const float* first_scores;   // null: choose on the logits
+  const float* second_scores;  // null: choose on the logits
+  const long long* order;      // random token selection's priority order; null: none
+  const unsigned char* token_mask;
+  int tokens, experts, lanes, vector, k;
+  long long capacity;  // < 0: dropless
+  float* probs;
+  long long* expert_index;
+  long long* position;
+  float* weight;
+  unsigned char* keep;
+  int* workspace;
+  long long* tokens_per_expert;
+  float* statistics;
+  long long* source_token;
+};
 
-  // Phase 1: choices and softmax, a group of lanes per token. The choices are made on the logits, or on
-  // the noisy scores when given (loaded only then). Each warp takes consecutive tokens of the tile, so
-  // that it ranks its choices in token order as it goes (random token selection ranks after the barrier).
+// The block's shared memory: the stage (phase 1's choices for phase 3), then warp_offsets [warps][2][E]
+// (each warp's counts, then their exclusive prefixes in the tile), scan [warps][E] (rank_tile's, and the
+// per-warp probability sums), running [E], before [2][E], total [2][E], warp_used [warps] (each warp's
+// count of used tokens). cuda/gating.py's route_shared_bytes adds up the same sizes.
+struct RouteShared {
+  long long* stage_expert;  // [STAGE_ENTRIES]
+  long long* stage_rank;    // [STAGE_ENTRIES]
+  float* stage_prob;        // [STAGE_ENTRIES]
+  int *warp_offsets, *scan, *running, *before, *total, *warp_used;
+};
+
+__device__ __forceinline__ RouteShared carve_shared(long long* shared, int warps, int experts) {
+  RouteShared s;
+  s.stage_expert = shared;
+  s.stage_rank = s.stage_expert + STAGE_ENTRIES;
+  s.stage_prob = (float*)(s.stage_rank + STAGE_ENTRIES);
+  s.warp_offsets = (int*)(s.stage_prob + STAGE_ENTRIES);
+  s.scan = s.warp_offsets + warps * 2 * experts;
+  s.running = s.scan + warps * experts;
+  s.before = s.running + experts;
+  s.total = s.before + 2 * experts;
+  s.warp_used = s.total + 2 * experts;
+  return s;
+}
+
+// The block's tile: tokens [begin, end), tile `index` of `count` (the grid), tiles of equal size but the
+// last (the size rounds up).
+struct Tile {
+  int index, count;
+  long long begin, end;
+};
+
+// Where phase 1 leaves each choice's expert, its rank in the warp and its probability for phase 3: the
+// stage when the tile's choices fit, else the outputs that phase 3 then overwrites; indexed from the
+// tile's first token either way.
+struct Parked {
+  long long* expert;
+  long long* rank;
+  float* prob;
+};
+
+// Phase 1 for one warp's tokens [warp_begin, warp_end) of the tile, a group of lanes per token: the
+// choices (on the logits, or on the noisy scores when given, loaded only then), their ranks among the
+// warp's earlier choices of the same expert (warp_counts [2][E]; random token selection ranks after the
+// barrier instead), the softmax row written to probs, the chosen probabilities parked for phase 3.
+// Adds this lane's share of the used tokens' probabilities to prob_sum; returns the warp's used tokens.
+__device__ __forceinline__ int choose_and_rank(const RouteArgs& a, const Tile& tile, const Parked& parked, bool staged,
+                                               long long warp_begin, long long warp_end, int* warp_counts,
+                                               float (&prob_sum)[PER_LANE]) {
+  const int lane = threadIdx.x % WARP, lanes = a.lanes, experts = a.experts, k = a.k;
   const int groups = WARP / lanes, group = lane / lanes, member = lane % lanes;
-  const long long warp_tokens = (end - begin + warps - 1) / warps;
-  const long long warp_begin = min(end, begin + warp * warp_tokens), warp_end = min(end, warp_begin + warp_tokens);
-  int* warp_counts = warp_offsets + warp * 2 * experts;  // [2][E]
-  for (int j = lane; j < 2 * experts; j += WARP) warp_counts[j] = 0;
-  __syncwarp();
-  float prob_sum[PER_LANE];
-#pragma unroll
-  for (int j = 0; j < PER_LANE; ++j) prob_sum[j] = 0.0f;
   int used_in_warp = 0;
   for (long long batch = warp_begin; batch < warp_end; batch += groups) {
     const long long token = batch + group;  // the loop is warp-uniform: every lane takes part in the shuffles
     const bool valid = token < warp_end, writer = valid && member == 0;
     // A masked token is routed (its choices are written) but ranked nowhere: its rank stays -1.
-    const bool used = valid && (!token_mask || token_mask[token]), leader = used && member == 0;
+    const bool used = valid && (!a.token_mask || a.token_mask[token]), leader = used && member == 0;
     used_in_warp += __popc(__ballot_sync(0xffffffffu, leader));
     float values[PER_LANE], scores[PER_LANE];
-    load_part(values, logits, token, valid, experts, member, lanes, vector);
-    if (first_scores) load_part(scores, first_scores, token, valid, experts, member, lanes, vector);
+    load_part(values, a.logits, token, valid, experts, member, lanes, a.vector);
+    if (a.first_scores) load_part(scores, a.first_scores, token, valid, experts, member, lanes, a.vector);
     float first_logit, second_logit = 0.0f;
-    const int first = first_scores ? group_choice(scores, values, experts, member, lanes, -1, first_logit)
-                                   : group_choice(values, values, experts, member, lanes, -1, first_logit);
-    if (writer) {  // (unstaged, parked_expert is expert_index itself)
-      expert_index[token * k] = first;
-      if (staged) parked_expert[(token - begin) * k] = first;
+    const int first = a.first_scores ? group_choice(scores, values, experts, member, lanes, -1, first_logit)
+                                     : group_choice(values, values, experts, member, lanes, -1, first_logit);
+    const long long entry = (token - tile.begin) * k;
+    if (writer) {  // (unstaged, parked.expert is expert_index itself)
+      a.expert_index[token * k] = first;
+      if (staged) parked.expert[entry] = first;
     }
-    if (!order) {
+    if (!a.order) {
       const int rank = rank_in_warp(first, leader, warp_counts);
-      if (writer) parked_rank[(token - begin) * k] = rank;
+      if (writer) parked.rank[entry] = rank;
     }
-    int second = -1;
     if (k == 2) {
-      if (second_scores) load_part(scores, second_scores, token, valid, experts, member, lanes, vector);
-      second = second_scores ? group_choice(scores, values, experts, member, lanes, first, second_logit)
-                             : group_choice(values, values, experts, member, lanes, first, second_logit);
+      if (a.second_scores) load_part(scores, a.second_scores, token, valid, experts, member, lanes, a.vector);
+      const int second = a.second_scores ? group_choice(scores, values, experts, member, lanes, first, second_logit)
+                                         : group_choice(values, values, experts, member, lanes, first, second_logit);
       const int rank = rank_in_warp(second, leader, warp_counts + experts);
       if (writer) {
-        expert_index[token * k + 1] = second;
-        if (staged) parked_expert[(token - begin) * k + 1] = second;
-        parked_rank[(token - begin) * k + 1] = rank;
+        a.expert_index[token * k + 1] = second;
+        if (staged) parked.expert[entry + 1] = second;
+        parked.rank[entry + 1] = rank;
       }
     }
     float row_max = -infinity();
@@ -456,17 +478,17 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     // The chosen experts' probabilities: the same operations as their entries of the row above, so the
     // same numbers.
     if (writer) {
-      parked_prob[(token - begin) * k] = __expf(first_logit - row_max) * inverse;
-      if (k == 2) parked_prob[(token - begin) * k + 1] = __expf(second_logit - row_max) * inverse;
+      parked.prob[entry] = __expf(first_logit - row_max) * inverse;
+      if (k == 2) parked.prob[entry + 1] = __expf(second_logit - row_max) * inverse;
     }
     // Streaming stores (evict first): the probabilities are read again only by the backward, long after,
     // so they should not push out of L2 what is read soon (the table and the inverse table that phase 3
     // writes and dispatch reads next); dev/notes.md has what they saved.
-    float* row = probs + token * experts;
+    float* row = a.probs + token * experts;
 #pragma unroll
     for (int j = 0; j < PER_LANE; j += 4) {
       const int first_expert = expert_of(member, j, lanes);
-      if (vector && first_expert + 4 <= experts) {
+      if (a.vector && first_expert + 4 <= experts) {
         __stcs(reinterpret_cast<float4*>(row + first_expert),
                make_float4(values[j], values[j + 1], values[j + 2], values[j + 3]));
       } else {
@@ -476,103 +498,107 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
       }
     }
   }
-  // The tile's probability sums: over the groups of a warp (butterflies across groups), per warp in shared
-  // memory, then over the warps in a fixed order.
+  return used_in_warp;
+}
+
+// The end of phase 1, over the block: the tile's probability sums (over the groups of a warp by
+// butterflies, per warp in shared memory, then over the warps in a fixed order) into prob_sums [E + 1]
+// [tiles] (row E: the tile's used tokens), and the warps' counts per column and expert turned into the
+// warps' offsets within the tile (an exclusive scan; all 0 with random token selection, which ranked
+// nothing yet), whose sums are the tile's counts [k][E][tiles].
+__device__ __forceinline__ void tile_sums(const RouteArgs& a, const Tile& tile, const RouteShared& shared,
+                                          float (&prob_sum)[PER_LANE], int used_in_warp, int* counts,
+                                          float* prob_sums) {
+  const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+  const int lanes = a.lanes, experts = a.experts, group = lane / lanes, member = lane % lanes;
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j)
     for (int offset = lanes; offset < WARP; offset *= 2)
       prob_sum[j] += __shfl_xor_sync(0xffffffffu, prob_sum[j], offset);
-  float* warp_prob_sums = (float*)scan;
+  float* warp_prob_sums = (float*)shared.scan;
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j)
     if (group == 0 && expert_of(member, j, lanes) < experts)
       warp_prob_sums[warp * experts + expert_of(member, j, lanes)] = prob_sum[j];
-  if (lane == 0) warp_used[warp] = used_in_warp;
+  if (lane == 0) shared.warp_used[warp] = used_in_warp;
   __syncthreads();
-  // Over the warps in a fixed order, side by side: threads [0, E) add up the tile's probability sums;
-  // threads [E, (k + 1) E) turn the warps' counts per column and expert into the warps' offsets within the
-  // tile (an exclusive scan; all 0 with random token selection, which ranked nothing yet), whose sums are
-  // the tile's counts; one more thread adds up the tile's used tokens (row E of prob_sums).
-  for (int j = threadIdx.x; j <= (k + 1) * experts; j += blockDim.x) {
-    if (j == (k + 1) * experts) {
+  // Side by side: threads [0, E) the probability sums, threads [E, (k + 1) E) the warps' offsets, one more
+  // thread the used tokens.
+  for (int j = threadIdx.x; j <= (a.k + 1) * experts; j += blockDim.x) {
+    if (j == (a.k + 1) * experts) {
       int sum = 0;
-      for (int w = 0; w < warps; ++w) sum += warp_used[w];
-      prob_sums[(long long)experts * tiles + tile] = (float)sum;
+      for (int w = 0; w < warps; ++w) sum += shared.warp_used[w];
+      prob_sums[(long long)experts * tile.count + tile.index] = (float)sum;
       continue;
     }
     if (j < experts) {
       float sum = 0.0f;
       for (int w = 0; w < warps; ++w) sum += warp_prob_sums[w * experts + j];
-      prob_sums[(long long)j * tiles + tile] = sum;
+      prob_sums[(long long)j * tile.count + tile.index] = sum;
       continue;
     }
     const int item = j - experts;  // column * E + expert
     int sum = 0;
     for (int w = 0; w < warps; ++w) {
-      const int count = warp_offsets[w * 2 * experts + item];
-      warp_offsets[w * 2 * experts + item] = sum;
+      const int count = shared.warp_offsets[w * 2 * experts + item];
+      shared.warp_offsets[w * 2 * experts + item] = sum;
       sum += count;
     }
-    if (!order) counts[(long long)item * tiles + tile] = sum;
+    if (!a.order) counts[(long long)item * tile.count + tile.index] = sum;
   }
-  grid.sync();
-  // Random token selection (top-1): rank the first choices in priority order (entries [begin, end) of
-  // the order, whose tokens lie anywhere, hence after the barrier).
-  if (order) {
-    rank_tile(expert_index, order, token_mask, begin, end, experts, position, counts + tile, tiles, scan, running);
-    grid.sync();
+}
+
+// The capacity this launch uses: the given one, or (dropless) the fullest expert's load, first and
+// second choices together (total [2][E]: the columns' totals).
+__device__ __forceinline__ long long route_capacity(const RouteArgs& a, const int* total) {
+  if (a.capacity >= 0) return a.capacity;
+  long long fullest = 1;
+  for (int e = 0; e < a.experts; ++e) fullest = max(fullest, (long long)total[e] + (a.k == 2 ? total[a.experts + e] : 0));
+  return fullest;
+}
+
+// Random token selection: the first C first choices of each expert in priority order are kept (their
+// rank in priority order, plus the earlier tiles' counts, below C); keep[token] says which.
+__device__ __forceinline__ void keep_by_priority(const RouteArgs& a, const Tile& tile, const int* before,
+                                                 long long capacity) {
+  for (long long i = tile.begin + threadIdx.x; i < tile.end; i += blockDim.x) {
+    const long long token = a.order[i];
+    const long long rank = a.position[token * a.k];
+    a.keep[token] = rank >= 0 && rank + before[a.expert_index[token * a.k]] < capacity;
   }
+}
 
-  // Every block needs the totals: the second choices' queue offset, and the dropless capacity.
-  int* first_total = total;
-  tile_offsets(grid, counts, totals, k, prob_sums, prob_totals, tiles, tile, experts, before, total);
-  if (threadIdx.x == 0) {
-    used_capacity = capacity;
-    if (capacity < 0) {  // dropless: the fullest expert's load
-      used_capacity = 1;
-      for (int e = 0; e < experts; ++e)
-        used_capacity = max(used_capacity, (long long)total[e] + (k == 2 ? total[experts + e] : 0));
-    }
-    if (tile == 0) workspace[0] = (int)used_capacity;
+// Dispatch's inverse table (fixed capacity only): expert e keeps its first min(load, C) slots, which
+// phase 3 fills with their tokens; the rest stay empty (-1). Experts go to the blocks in turn, so that
+// every slot is written once.
+__device__ __forceinline__ void clear_empty_slots(const RouteArgs& a, const Tile& tile, const int* first_total,
+                                                  const int* total, long long capacity) {
+  for (int e = tile.index; e < a.experts; e += tile.count) {
+    const long long load = (long long)first_total[e] + (a.k == 2 ? total[a.experts + e] : 0);
+    for (long long slot = min(load, capacity) + threadIdx.x; slot < capacity; slot += blockDim.x)
+      a.source_token[e * capacity + slot] = -1;
   }
-  __syncthreads();
+}
 
-  // Phase 2 (random token selection): the first C of each expert in priority order are kept, then
-  // numbered in token order, as DeepSpeed's top1gating numbers them.
-  if (order) {
-    for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const long long token = order[i];
-      keep[token] = position[token * k] >= 0 && position[token * k] + before[expert_index[token * k]] < used_capacity;
-    }
-    grid.sync();
-    rank_tile(expert_index, nullptr, keep, begin, end, experts, position, kept_counts + tile, tiles, scan, running);
-    grid.sync();
-    tile_offsets(grid, kept_counts, totals + k * experts, 1, nullptr, nullptr, tiles, tile, experts, before, scan);
-  }
-
-  // Dispatch's inverse table (fixed capacity only): expert e keeps its first min(load, C) slots, which
-  // phase 3 fills with their tokens; the rest stay empty (-1). Experts go to the blocks in turn, so that
-  // every slot is written once.
-  if (source_token)
-    for (int e = tile; e < experts; e += tiles) {
-      const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);
-      for (long long slot = min(load, used_capacity) + threadIdx.x; slot < used_capacity; slot += blockDim.x)
-        source_token[e * used_capacity + slot] = -1;
-    }
-
-  // Phase 3: positions and weights of the tile's tokens from what phase 1 parked. Both choices' loads are
-  // issued before anything is stored, so that they are in flight together.
-  for (long long token = begin + threadIdx.x; token < end; token += blockDim.x) {
-    const int* warp_offset = warp_offsets + (token - begin) / warp_tokens * 2 * experts;  // of phase 1's warp
+// Phase 3: positions and weights of the tile's tokens from what phase 1 parked: position = rank in warp
+// + the warp's offset in the tile + counts of earlier tiles (+ all first choices, for second choices),
+// -1 at or past the capacity. Both choices' loads are issued before anything is stored, so that they
+// are in flight together.
+__device__ __forceinline__ void positions_and_weights(const RouteArgs& a, const Tile& tile, const Parked& parked,
+                                                      const int* warp_offsets, long long warp_tokens,
+                                                      const int* before, const int* first_total, long long capacity) {
+  const int experts = a.experts, k = a.k;
+  for (long long token = tile.begin + threadIdx.x; token < tile.end; token += blockDim.x) {
+    const int* warp_offset = warp_offsets + (token - tile.begin) / warp_tokens * 2 * experts;  // phase 1's warp
     long long expert[2] = {0, 0}, rank[2] = {-1, -1};
     float chosen[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int c = 0; c < 2; ++c)
       if (c < k) {
-        const long long entry = (token - begin) * k + c;
-        expert[c] = parked_expert[entry];
-        rank[c] = parked_rank[entry];
-        chosen[c] = parked_prob[entry];
+        const long long entry = (token - tile.begin) * k + c;
+        expert[c] = parked.expert[entry];
+        rank[c] = parked.rank[entry];
+        chosen[c] = parked.prob[entry];
       }
     float chosen_sum = 0.0f;
 #pragma unroll
@@ -582,41 +608,125 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
       const long long queued = rank[c] < 0 ? -1
                                : rank[c] + warp_offset[c * experts + e] + before[c * experts + e] +
                                      (c == 1 ? first_total[e] : 0);
-      const bool kept = queued >= 0 && queued < used_capacity;
-      position[token * k + c] = kept ? queued : -1;
-      if (kept && source_token) source_token[e * used_capacity + queued] = token;
+      const bool kept = queued >= 0 && queued < capacity;
+      a.position[token * k + c] = kept ? queued : -1;
+      if (kept && a.source_token) a.source_token[e * capacity + queued] = token;
       chosen[c] = kept ? chosen[c] : 0.0f;
       chosen_sum += chosen[c];
     }
     // top-1: w = p[first]; top-2: the kept probabilities over their sum, clamped below by float32 epsilon.
     const float denominator = k == 1 ? 1.0f : fmaxf(chosen_sum, 1.1920928955078125e-07f);
-    for (int c = 0; c < k; ++c) weight[token * k + c] = chosen[c] / denominator;
+    for (int c = 0; c < k; ++c) a.weight[token * k + c] = chosen[c] / denominator;
+  }
+}
+
+// Statistics (GShard Algorithm 1): ce from the first choices before drops, me from phase 2's
+// probability totals; and the fraction of the T * k choices dropped: expert e keeps min(C, its load),
+// since second choices queue behind first choices and random token selection keeps C of the first choices.
+__device__ __forceinline__ void write_statistics(const RouteArgs& a, const int* first_total, const int* total,
+                                                 const float* prob_totals, long long capacity) {
+  const int experts = a.experts;
+  const float used_tokens = prob_totals[experts], denominator = fmaxf(used_tokens, 1.0f);
+  float aux = 0.0f, kept = 0.0f;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    const long long load = (long long)first_total[e] + (a.k == 2 ? total[experts + e] : 0);
+    a.tokens_per_expert[e] = load;
+    kept += (float)min(load, capacity);
+    const float fraction = (float)first_total[e] / denominator;
+    a.statistics[e] = fraction;  // first_fraction
+    aux += prob_totals[e] / denominator * fraction;
+  }
+  aux = block_reduce<false>(aux);
+  kept = block_reduce<false>(kept);
+  if (threadIdx.x == 0) {
+    a.statistics[experts] = experts * aux;
+    a.statistics[experts + 1] = 1.0f - kept / (denominator * a.k);
+    a.statistics[experts + 2] = used_tokens;
+  }
+}
+
+// The kernel: the phases of the header comment, in order, each a function above.
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    gate_route(const float* __restrict__ logits, const float* __restrict__ first_scores,
+               const float* __restrict__ second_scores, const long long* __restrict__ order,
+               const unsigned char* __restrict__ token_mask, int tokens, int experts,
+               int lanes, int vector, int k, long long capacity, float* __restrict__ probs,
+               long long* __restrict__ expert_index, long long* __restrict__ position, float* __restrict__ weight,
+               unsigned char* __restrict__ keep, int* __restrict__ workspace, long long* __restrict__ tokens_per_expert,
+               float* __restrict__ statistics, long long* __restrict__ source_token) {
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const RouteArgs a{logits, first_scores, second_scores, order, token_mask, tokens, experts, lanes, vector, k,
+                    capacity, probs, expert_index, position, weight, keep, workspace, tokens_per_expert,
+                    statistics, source_token};
+  extern __shared__ long long shared_memory[];
+  const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP;
+  const RouteShared shared = carve_shared(shared_memory, warps, experts);
+  __shared__ long long used_capacity;
+  const long long tile_size = ((long long)tokens + gridDim.x - 1) / gridDim.x;
+  Tile tile;
+  tile.index = blockIdx.x, tile.count = gridDim.x;
+  tile.begin = min((long long)tokens, tile.index * tile_size), tile.end = min((long long)tokens, tile.begin + tile_size);
+  int* counts = workspace + 1;
+  int* kept_counts = counts + k * tile.count * experts;
+  int* totals = counts + (k + 1) * tile.count * experts;
+  float* prob_totals = statistics + experts + 3;
+  float* prob_sums = prob_totals + experts + 1;
+  // (Random token selection ranks the first choices in priority order, across the tiles: its ranks are
+  // in `position`, so it parks in the outputs.)
+  const bool staged = !order && (tile.end - tile.begin) * k <= STAGE_ENTRIES;
+  const Parked parked{staged ? shared.stage_expert : expert_index + tile.begin * k,
+                      staged ? shared.stage_rank : position + tile.begin * k,
+                      staged ? shared.stage_prob : weight + tile.begin * k};
+
+  // Phase 1: each warp takes consecutive tokens of the tile, so that it ranks its choices in token order
+  // as it goes.
+  const long long warp_tokens = (tile.end - tile.begin + warps - 1) / warps;
+  const long long warp_begin = min(tile.end, tile.begin + warp * warp_tokens);
+  const long long warp_end = min(tile.end, warp_begin + warp_tokens);
+  int* warp_counts = shared.warp_offsets + warp * 2 * experts;  // [2][E]
+  for (int j = threadIdx.x % WARP; j < 2 * experts; j += WARP) warp_counts[j] = 0;
+  __syncwarp();
+  float prob_sum[PER_LANE];
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) prob_sum[j] = 0.0f;
+  const int used_in_warp = choose_and_rank(a, tile, parked, staged, warp_begin, warp_end, warp_counts, prob_sum);
+  tile_sums(a, tile, shared, prob_sum, used_in_warp, counts, prob_sums);
+  grid.sync();
+  // Random token selection (top-1): rank the first choices in priority order (entries [begin, end) of
+  // the order, whose tokens lie anywhere, hence after the barrier).
+  if (order) {
+    rank_tile(expert_index, order, token_mask, tile.begin, tile.end, experts, position, counts + tile.index,
+              tile.count, shared.scan, shared.running);
+    grid.sync();
   }
 
-  // Statistics (GShard Algorithm 1): ce from the first choices before drops, me from phase 2's
-  // probability totals; and the fraction of the T * k choices dropped: expert e keeps min(C, its load),
-  // since second choices queue behind first choices and random token selection keeps C of the first choices.
-  // The last tile's block does it: its tile is the shortest (the tile size rounds up), so it finishes
-  // phase 3 first.
-  if (tile == tiles - 1) {
-    const float used_tokens = prob_totals[experts], denominator = fmaxf(used_tokens, 1.0f);
-    float aux = 0.0f, kept = 0.0f;
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-      const long long load = (long long)first_total[e] + (k == 2 ? total[experts + e] : 0);
-      tokens_per_expert[e] = load;
-      kept += (float)min(load, used_capacity);
-      const float fraction = (float)first_total[e] / denominator;
-      first_fraction[e] = fraction;
-      aux += prob_totals[e] / denominator * fraction;
-    }
-    aux = block_reduce<false>(aux);
-    kept = block_reduce<false>(kept);
-    if (threadIdx.x == 0) {
-      statistics[experts] = experts * aux;
-      statistics[experts + 1] = 1.0f - kept / (denominator * k);
-      statistics[experts + 2] = used_tokens;
-    }
+  // Phase 2: the tiles' offsets and the totals, which every block needs (the second choices' queue
+  // offset, and the dropless capacity).
+  const int* first_total = shared.total;
+  tile_offsets(grid, counts, totals, k, prob_sums, prob_totals, tile.count, tile.index, experts, shared.before,
+               shared.total);
+  if (threadIdx.x == 0) {
+    used_capacity = route_capacity(a, shared.total);
+    if (tile.index == 0) workspace[0] = (int)used_capacity;
   }
+  __syncthreads();
+  // Random token selection: keep the first C of each expert in priority order, then number the kept ones
+  // in token order, as DeepSpeed's top1gating numbers them.
+  if (order) {
+    keep_by_priority(a, tile, shared.before, used_capacity);
+    grid.sync();
+    rank_tile(expert_index, nullptr, keep, tile.begin, tile.end, experts, position, kept_counts + tile.index,
+              tile.count, shared.scan, shared.running);
+    grid.sync();
+    tile_offsets(grid, kept_counts, totals + k * experts, 1, nullptr, nullptr, tile.count, tile.index, experts,
+                 shared.before, shared.scan);
+  }
+  if (source_token) clear_empty_slots(a, tile, first_total, shared.total, used_capacity);
+
+  // Phase 3, then the statistics, by the last tile's block: its tile is the shortest (the tile size
+  // rounds up), so it finishes phase 3 first.
+  positions_and_weights(a, tile, parked, shared.warp_offsets, warp_tokens, shared.before, first_total, used_capacity);
+  if (tile.index == tile.count - 1) write_statistics(a, first_total, shared.total, prob_totals, used_capacity);
 }
 
 // Backward of the combine weights to the logits, one warp per token (cuda/gating.py's

@@ -63,17 +63,23 @@ from minimoe.cuda import build, philox
 from minimoe.cuda.gemm import matmul
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
-build.register("gating.cu", *(f"{name}<{t}>" for t in ("float", "bf16")
-                               for name in ("gate_logits", "gate_logits_grad_x", "gate_logits_grad_weight")))
 WARP = 32
 LOGITS_THREADS = 256  # threads of one gate_logits block
-TOKENS_PER_WARP = 4  # gate_logits' constant of the same name
-GRAD_TOKENS, GRAD_TILE = 8, 64  # tokens per block of gate_logits_grad_x and gate_logits_grad_weight
-ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps (its launch bound, a constant there too)
-PER_LANE = 16  # experts per lane in gate_route (its constant of the same name): E up to 16 * 32
-STAGE_ENTRIES = 1024  # gate_route's constant of the same name: choices per tile parked in shared memory
 MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
-MAX_TILES = 32 * 8  # blocks at most: gate_route's tile_offsets holds 32 * CHUNKS tiles per warp
+# Constants that gating.cu shares with the launchers below: defined here once, given to the compiler as
+# -D defines (build.register); gating.cu explains each where it uses it.
+TOKENS_PER_WARP, EXPERTS_PER_PASS = 4, 8  # gate_logits: tokens per warp, experts per pass over x
+GRAD_TOKENS, GRAD_TILE = 8, 64  # tokens per block of gate_logits_grad_x and gate_logits_grad_weight
+ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps (its launch bound)
+PER_LANE = 16  # experts per lane in gate_route: E up to 16 * 32
+STAGE_ENTRIES = 1024  # choices per tile that gate_route parks in shared memory
+CHUNKS = 8  # chunks of 32 tiles that one warp of gate_route's tile_offsets scans
+MAX_TILES = WARP * CHUNKS  # gate_route's blocks at most
+build.register("gating.cu", *(f"{name}<{t}>" for t in ("float", "bf16")
+                               for name in ("gate_logits", "gate_logits_grad_x", "gate_logits_grad_weight")),
+               constants=dict(TOKENS_PER_WARP=TOKENS_PER_WARP, EXPERTS_PER_PASS=EXPERTS_PER_PASS,
+                              GRAD_TOKENS=GRAD_TOKENS, GRAD_TILE=GRAD_TILE, ROUTE_THREADS=ROUTE_THREADS,
+                              PER_LANE=PER_LANE, STAGE_ENTRIES=STAGE_ENTRIES, CHUNKS=CHUNKS))
 DROP_POLICIES = ("probs", "position")  # k >= 3: which choices an over-full expert keeps
 
 
@@ -472,11 +478,11 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     def as_float(array: Any) -> Any:
         return null if array is None else cupy.ascontiguousarray(array, dtype=cupy.float32)
 
-    kernel, lanes, shared_mem, most_blocks = _route_launch(num_experts, cupy.cuda.runtime.getDevice())
-    if most_blocks == 0:
+    launch = _route_launch(num_experts, cupy.cuda.runtime.getDevice())
+    if launch.most_blocks == 0:
         raise RuntimeError(f"the GPU gating kernel does not fit on this GPU for {num_experts} experts "
-                           f"({shared_mem} bytes of shared memory per block)")
-    tiles = min(most_blocks, MAX_TILES, -(-num_tokens // MIN_TILE))
+                           f"({launch.shared_bytes} bytes of shared memory per block)")
+    tiles = min(launch.most_blocks, MAX_TILES, -(-num_tokens // MIN_TILE))
     logits, first_scores, second_scores = (as_float(a) for a in (logits, first_scores, second_scores))
     # 16-byte loads need rows that start 16-byte aligned: E a multiple of 4 and aligned arrays.
     vector = num_experts % 4 == 0 and all(a is null or a.data.ptr % 16 == 0 for a in (logits, first_scores,
@@ -485,10 +491,10 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     expert_index = cupy.empty((num_tokens, k), dtype=cupy.int64)
     position = cupy.empty((num_tokens, k), dtype=cupy.int64)
     weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
-    workspace = cupy.empty(1 + (k + 1) * (tiles + 1) * num_experts, dtype=cupy.int32)  # see gate_route's comment
+    workspace_size, statistics_size = route_buffer_sizes(k, num_experts, tiles)
+    workspace = cupy.empty(workspace_size, dtype=cupy.int32)
     tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
-    # first_fraction [E], aux loss, dropped, used tokens, prob_totals [E + 1], prob_sums [E + 1][tiles]
-    statistics = cupy.empty(2 * num_experts + 4 + (num_experts + 1) * tiles, dtype=cupy.float32)
+    statistics = cupy.empty(statistics_size, dtype=cupy.float32)
     mask = null if token_mask is None else cupy.ascontiguousarray(token_mask, dtype=cupy.uint8)
     # Fixed capacity: the kernel also writes dispatch's inverse table (dropless: C is known only after it).
     source_token = null if capacity is None else cupy.empty(num_experts * capacity, dtype=cupy.int64)
@@ -497,40 +503,73 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
         order = cupy.argsort(priority).astype(cupy.int64)
         keep = cupy.empty(num_tokens, dtype=cupy.uint8)
     # A cooperative launch: all `tiles` blocks resident at once, as the kernel's grid barrier needs.
-    kernel.kernel((tiles,), (ROUTE_THREADS,), (
-        logits, first_scores, second_scores, order, mask, np.int32(num_tokens), np.int32(num_experts), np.int32(lanes),
-        np.int32(vector), np.int32(k), np.int64(-1 if capacity is None else capacity), probs,
+    launch.kernel.kernel((tiles,), (ROUTE_THREADS,), (
+        logits, first_scores, second_scores, order, mask, np.int32(num_tokens), np.int32(num_experts),
+        np.int32(launch.lanes), np.int32(vector), np.int32(k), np.int64(-1 if capacity is None else capacity), probs,
         expert_index, position, weight, keep, workspace, tokens_per_expert, statistics, source_token),
-        shared_mem=shared_mem, enable_cooperative_groups=True)
+        shared_mem=launch.shared_bytes, enable_cooperative_groups=True)
     if capacity is None:
         capacity = int(workspace[0])  # the kernel's dropless capacity: one read of the device
         source_token = None
-    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, statistics[:num_experts],
-                  statistics[num_experts], statistics[num_experts + 1], statistics[num_experts + 2], token_mask,
-                  source_token)
+    read = RouteStatistics.of(statistics, num_experts)
+    return Gating(probs, expert_index, position, weight, capacity, tokens_per_expert, read.first_fraction,
+                  read.aux_loss, read.dropped, read.used_tokens, token_mask, source_token)
+
+
+def route_buffer_sizes(k: int, num_experts: int, tiles: int) -> tuple[int, int]:
+    """Elements of gate_route's two packed buffers (gating.cu's RouteArgs comment lays them out):
+    workspace (int32): the capacity used, counts [k + 1][E][tiles], totals [k + 1][E];
+    statistics (float32): first_fraction [E], aux_loss, dropped, used_tokens, prob_totals [E + 1],
+    prob_sums [E + 1][tiles]."""
+    return 1 + (k + 1) * (tiles + 1) * num_experts, 2 * num_experts + 4 + (num_experts + 1) * tiles
+
+
+class RouteStatistics(NamedTuple):
+    """The named fields at the front of gate_route's statistics buffer (views, no copies)."""
+
+    first_fraction: Any  # [E]
+    aux_loss: Any  # 0-d
+    dropped: Any  # 0-d
+    used_tokens: Any  # 0-d
+
+    @staticmethod
+    def of(statistics: Any, num_experts: int) -> RouteStatistics:
+        return RouteStatistics(statistics[:num_experts], statistics[num_experts], statistics[num_experts + 1],
+                               statistics[num_experts + 2])
+
+
+class RouteLaunch(NamedTuple):
+    kernel: Any  # gate_route
+    lanes: int  # lanes per token in phase 1
+    shared_bytes: int  # dynamic shared memory per block
+    most_blocks: int  # blocks resident at once on the GPU: the cooperative launch's limit
+
+
+def route_shared_bytes(num_experts: int) -> int:
+    """gate_route's dynamic shared memory (gating.cu's RouteShared): the stage (int64 experts and ranks,
+    float32 probabilities, STAGE_ENTRIES each), then warp_offsets [warps][2][E], scan [warps][E], running
+    [E], before [2][E], total [2][E] and warp_used [warps], int32."""
+    warps = ROUTE_THREADS // WARP
+    return (8 + 8 + 4) * STAGE_ENTRIES + 4 * ((2 * warps + warps + 1 + 2 + 2) * num_experts + warps)
 
 
 @functools.cache
-def _route_launch(num_experts: int, device: int) -> tuple[Any, int, int, int]:
-    """(kernel, lanes per token, shared memory bytes, the most blocks resident at once on GPU `device`:
-    the cooperative launch limit) for E experts; worked out once per E and device."""
+def _route_launch(num_experts: int, device: int) -> RouteLaunch:
+    """How to launch gate_route for E experts on GPU `device`; worked out once per E and device."""
     import cupy
 
     # A token's scores spread over `lanes` lanes, PER_LANE each: the fewest lanes, so that a warp routes
     # as many tokens at once as it can (E = 64: 4 lanes, 8 tokens; E <= 16: 1 lane, 32 tokens).
     lanes = 1 << (-(-num_experts // PER_LANE) - 1).bit_length()
     kernel = build.kernel("gating.cu", "gate_route")
-    # The stage (int64 experts and ranks, float32 probabilities), then warp_offsets [warps][2][E], scan
-    # [warps][E], running [E], before [2][E], total [2][E], warp_used [warps]: gate_route's comment.
-    warps = ROUTE_THREADS // WARP
-    shared_mem = (8 + 8 + 4) * STAGE_ENTRIES + 4 * ((3 * warps + 5) * num_experts + warps)
-    if shared_mem > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 135) a launch must opt in
-        kernel.max_dynamic_shared_size_bytes = shared_mem
+    shared_bytes = route_shared_bytes(num_experts)
+    if shared_bytes > kernel.max_dynamic_shared_size_bytes:  # above 48 KiB (E > 135) a launch must opt in
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
     runtime = cupy.cuda.runtime
     per_multiprocessor = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-        kernel.kernel.ptr, ROUTE_THREADS, shared_mem)
-    return kernel, lanes, shared_mem, per_multiprocessor * runtime.deviceGetAttribute(
-        runtime.cudaDevAttrMultiProcessorCount, device)
+        kernel.kernel.ptr, ROUTE_THREADS, shared_bytes)
+    return RouteLaunch(kernel, lanes, shared_bytes, per_multiprocessor * runtime.deviceGetAttribute(
+        runtime.cudaDevAttrMultiProcessorCount, device))
 
 
 def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:

@@ -35,7 +35,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / name
             path.write_text(source)
-            result = subprocess.run(["nvcc", "-std=c++17", f"-arch={args.arch}", "-c", str(path), "-o",
+            result = subprocess.run(["nvcc", *build.compile_options(name), f"-arch={args.arch}", "-c", str(path), "-o",
                                      str(path.with_suffix(".o")), "-Xptxas", "-v"], capture_output=True, text=True)
         print(f"{name}: {'ok' if result.returncode == 0 else 'FAILED'}")
         if result.returncode:

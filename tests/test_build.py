@@ -38,3 +38,16 @@ def test_compiler_messages_name_the_kernel_file_and_line():
     readable = build._readable_log(log)
     assert f"{build.KERNEL_DIR / 'layernorm.cu'}:12: error" in readable
     assert f"{build.KERNEL_DIR / 'common.cuh'}:3: note" in readable
+
+
+@pytest.mark.parametrize("filename", sorted(path.name for path in build.KERNEL_DIR.glob("*.cu")))
+def test_every_constant_a_kernel_file_expects_is_registered_by_its_python_side(filename):
+    """A .cu file names the -D constants it needs in an `#if !defined(...)` guard; its family module
+    registers each of them with build.register, so NVRTC and nvcc get them all (and nothing undeclared)."""
+    import importlib
+
+    importlib.import_module(f"minimoe.cuda.{filename.removesuffix('.cu')}")
+    expected = set(re.findall(r"!defined\((\w+)\)", (build.KERNEL_DIR / filename).read_text()))
+    given = {option.removeprefix("-D").split("=")[0] for option in build.compile_options(filename)
+             if option.startswith("-D")}
+    assert given == expected

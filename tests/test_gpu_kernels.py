@@ -197,7 +197,7 @@ def test_gating_with_tiles_longer_than_a_block(k, capacity_factor, rts):
     from minimoe.cuda.gating import ROUTE_THREADS, _route_launch
 
     num_experts = 64
-    blocks = _route_launch(num_experts, cupy_module().cuda.runtime.getDevice())[3]
+    blocks = _route_launch(num_experts, cupy_module().cuda.runtime.getDevice()).most_blocks
     num_tokens = 2 * ROUTE_THREADS * blocks + 123
     rng = np.random.default_rng(num_tokens)
     logits = rng.standard_normal((num_tokens, num_experts)).astype(np.float32)
