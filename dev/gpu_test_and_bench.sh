@@ -7,6 +7,10 @@
 #   bash dev/gpu_test_and_bench.sh MODE...
 # Modes (several run in order):
 #   tests        the gpu-marked tests (kernels, inference engine, training), and the Numba dispatch test
+#   kernels      the gpu-marked kernel tests alone (tests/test_gpu_kernels.py)
+#   engine       the gpu-marked inference and training tests alone
+#   serve        bench serve (the server's wheels, which the device lacks, from .whl/serve: fastapi,
+#                starlette, uvicorn, pydantic and its two helpers, downloaded here with pip download)
 #   decode       bench decode (the engine against transformers' Mixtral)
 #   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py)
 #   gating       bench gating alone
@@ -35,6 +39,15 @@ for what in "$@"; do
       timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_inference.py \
         tests/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_dispatch.py 2>&1 | tail -3 ;;
+    kernels)
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 |
+        tee "$out/gpu_kernel_tests.log" | tail -30 ;;
+    engine)
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_inference.py tests/test_gpu_training.py \
+        2>&1 | tee "$out/gpu_engine_tests.log" | tail -30 ;;
+    serve)
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/serve/*.whl || exit 1
+      timeout 240 python3 -m minimoe.cli bench serve 2>&1 | grep -v Warning | tee "$out/bench_serve.log" ;;
     decode)
       timeout 500 python3 -m minimoe.cli bench decode 2>&1 | grep -v Warning | tee "$out/bench_decode.log" ;;
     profile)
