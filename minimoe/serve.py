@@ -82,9 +82,9 @@ class Request:
     decoded: str = ""  # the text of the complete characters among them
     streamed: str = ""  # the text handed out so far
 
-    def advance(self) -> int:
-        """Take the sequence's new bytes and hand out the text they settle (from the scheduler thread);
-        returns how many new bytes there were."""
+    def advance(self) -> tuple[int, tuple[str, str | None] | None]:
+        """Take the sequence's new bytes (from the scheduler thread): how many there were, and the event
+        to hand out, (the text they settle, the finish reason), or None when they settle nothing yet."""
         sequence = self.sequence
         finished = sequence.finish_reason is not None
         new = bytes(sequence.generated[self.consumed:])
@@ -93,15 +93,19 @@ class Request:
         visible = sequence.text if finished else self.decoded[:len(self.decoded) - _open_stop(self.decoded,
                                                                                                sequence.params.stop)]
         delta, self.streamed = visible[len(self.streamed):], visible
-        if delta or finished:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (delta, sequence.finish_reason))
-        return len(new)
+        return len(new), (delta, sequence.finish_reason) if delta or finished else None
 
     def end(self) -> None:
         """Shutdown: finish with the text settled so far."""
         if self.sequence is not None and self.sequence.finish_reason is None:
             self.sequence.finish_reason, self.sequence.text = FINISH_LENGTH, self.decoded
         self.loop.call_soon_threadsafe(self.events.put_nowait, (self.decoded[len(self.streamed):], FINISH_LENGTH))
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    """On the event loop: put each event on its request's queue."""
+    for events, event in batch:
+        events.put_nowait(event)
 
 
 def _open_stop(text: str, stops: tuple[str, ...]) -> int:
@@ -150,11 +154,19 @@ class Scheduler:
             engine.admit()
             engine.step()
             self.running = len(engine.running)
+            events: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
             for key, request in list(self.requests.items()):
                 if len(request.sequence.generated) > request.consumed or request.sequence.finish_reason:
-                    self.counters["generated_tokens"] += request.advance()
+                    generated, event = request.advance()
+                    self.counters["generated_tokens"] += generated
+                    if event is not None:
+                        events.setdefault(request.loop, []).append((request.events, event))
                 if request.sequence.finish_reason is not None:
                     del self.requests[key]
+            # One wake-up of each event loop per step, with all of its requests' events: every
+            # call_soon_threadsafe writes to the loop's wake-up pipe, a system call per request otherwise.
+            for loop, batch in events.items():
+                loop.call_soon_threadsafe(_deliver, batch)
             if time.perf_counter() - snapshot_at > 0.5:  # the metrics' copy of the experts' counts
                 self.expert_tokens = [backend.to_numpy(counts) for counts in engine.cache.expert_tokens]
                 snapshot_at = time.perf_counter()
