@@ -15,6 +15,7 @@
 #   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py)
 #   gating       bench gating alone
 #   bench        bench moe-layer, gating, dispatch, train-step
+#   train-step   bench train-step alone (minimoe against the PyTorch peers, torch.compile included)
 #   before-after bench moe-layer --no-peers twice, interleaved, at the commit in .whl/before (a git archive
 #                of it: git archive COMMIT | tar -x -C .whl/before) and at this tree
 #   train        the README's MoE example on the GPU
@@ -62,6 +63,8 @@ for what in "$@"; do
       for name in moe-layer gating dispatch train-step; do
         timeout 300 python3 -m minimoe.cli bench "$name" 2>&1 | grep -v Warning | tee "$out/bench_$name.log"
       done ;;
+    train-step)
+      timeout 420 python3 -m minimoe.cli bench train-step 2>&1 | grep -v Warning | tee "$out/bench_train-step.log" ;;
     before-after)  # the package as build.py expects it: minimoe/ with cuda/ and comm/ inside
       rm -rf /tmp/before && mkdir -p /tmp/before && cp -r .whl/before/minimoe /tmp/before/ &&
         cp -r .whl/before/cuda /tmp/before/minimoe/cuda && cp -r .whl/before/comm /tmp/before/minimoe/comm

@@ -6,11 +6,14 @@ Every table gives minimoe's time, the floor and the peers present on the machine
   read plus bytes written);
 - times are medians of CUDA-event-timed repetitions after warm-up.
 
-train-step: a 12-layer GPT-MoE training step against the same model in PyTorch eager (see STEP_MODEL).
+train-step: a 12-layer GPT-MoE training step against the same model in PyTorch (see STEP_MODEL): with
+torchtitan's grouped_mm MoE, eager and under torch.compile (the strongest peers), and as a naive loop
+over experts.
 moe-layer: T=8192 tokens, d=1024, f=4096, E=8, bf16, training mode; k=2 and k=1 with token dropping
-(capacity factor 1.0) and k=2 dropless. Peers: DeepSpeed's own deepspeed.moe.layer.MoE (the seed
-system), a PyTorch eager loop over experts, transformers' MixtralSparseMoeBlock (SwiGLU experts: 1.5x
-the FLOPs). Correctness first: the bf16 layer's output against the same layer in float32.
+(capacity factor 1.0) and k=2 dropless. Peers: torchtitan's grouped_mm MoE (dropless, no expert biases;
+under torch.compile and eager), DeepSpeed's own deepspeed.moe.layer.MoE (the seed system), a naive
+PyTorch eager loop over experts, transformers' MixtralSparseMoeBlock (SwiGLU experts: 1.5x the FLOPs).
+Correctness first: the bf16 layer's output against the same layer in float32.
 """
 
 from __future__ import annotations
@@ -178,8 +181,10 @@ def _torch_peers(k: int, dropless: bool) -> dict[str, tuple[float, float] | str]
 
         return torch_ms(lambda: module(x)), torch_ms(forward_backward)
 
-    for name, build in (("DeepSpeed 0.19 MoE", _deepspeed_layer), ("PyTorch eager loop", _eager_layer),
-                        ("Mixtral block (SwiGLU, 1.5x FLOPs)", _mixtral_layer)):
+    peers = (("PyTorch grouped_mm (torchtitan), compiled", lambda k, dropless: _grouped_layer(k, dropless, True)),
+             ("PyTorch grouped_mm (torchtitan), eager", _grouped_layer), ("DeepSpeed 0.19 MoE", _deepspeed_layer),
+             ("PyTorch eager loop (naive)", _eager_layer), ("Mixtral block (SwiGLU, 1.5x FLOPs)", _mixtral_layer))
+    for name, build in peers:
         if name.startswith("Mixtral") and (dropless or k != 2):
             continue  # Mixtral's block is top-2 and dropless by construction: timed once, with k=2 drop
         try:
@@ -246,6 +251,68 @@ def _eager_moe(tokens: Any, gate: Any, experts: Any, k: int) -> Any:
         token, slot = (chosen == e).nonzero(as_tuple=True)
         out.index_add_(0, token, (expert(tokens[token]) * weights[token, slot, None]).to(out.dtype))
     return out
+
+
+GROUP_ALIGN = 16  # rows: each expert's group in the grouped GEMM starts on a multiple of this (torchtitan's padding)
+
+
+def _grouped_moe(tokens: Any, gate: Any, w1: Any, w2: Any, k: int) -> Any:
+    """The PyTorch MoE that a user who cares about speed runs (torchtitan's): a float32 softmax gate, top-k
+    (renormalised for k = 2), the k copies of every token sorted by expert into groups padded to
+    GROUP_ALIGN rows, then both expert matrices as one grouped GEMM each (torch._grouped_mm over
+    w1 [E, d, f] and w2 [E, f, d]; no expert biases, as torchtitan's experts have none), and the weighted
+    copies added back. Dropless, and no shape depends on the data, so torch.compile takes it whole."""
+    import torch
+    import torch.nn.functional as F
+
+    num_experts = w1.shape[0]
+    with torch.autocast("cuda", enabled=False):
+        probs = F.softmax(gate(tokens.float()), dim=-1)
+    weights, chosen = probs.topk(k, dim=-1)
+    if k == 2:
+        weights = weights / weights.sum(-1, keepdim=True)
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # copy i of the sorted list is flat copy order[i]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=tokens.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    ends = torch.cumsum(padded, 0)
+    # Row of sorted copy i: its group's padded start + its rank in the group.
+    sorted_expert = flat[order]
+    rank = torch.arange(len(flat), device=tokens.device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
+    rows = (ends - padded)[sorted_expert] + rank
+    capacity = len(flat) + num_experts * (GROUP_ALIGN - 1)  # every group padded: a bound known in advance
+    copies = tokens[order // k].to(w1.dtype)  # (under autocast a LayerNorm's output is float32)
+    grouped = copies.new_zeros(capacity, tokens.shape[1]).index_copy(0, rows, copies)
+    offsets = ends.to(torch.int32)
+    hidden = F.gelu(torch._grouped_mm(grouped, w1, offs=offsets), approximate="tanh")
+    out_rows = torch._grouped_mm(hidden, w2, offs=offsets)[rows]
+    weighted = (out_rows * weights.reshape(-1)[order, None].to(out_rows.dtype)).to(tokens.dtype)
+    return torch.zeros_like(tokens).index_add(0, order // k, weighted)
+
+
+def _grouped_module(width: int, hidden: int, experts: int, k: int) -> Any:
+    """A torch module around _grouped_moe: the gate (float32) and the stacked expert matrices (bf16)."""
+    import torch
+
+    class GroupedMoE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Linear(width, experts, bias=False).float()
+            self.w1 = torch.nn.Parameter(torch.randn(experts, width, hidden, dtype=torch.bfloat16) * 0.02)
+            self.w2 = torch.nn.Parameter(torch.randn(experts, hidden, width, dtype=torch.bfloat16) * 0.02)
+
+        def forward(self, x: Any) -> Any:
+            return _grouped_moe(x.reshape(-1, width), self.gate, self.w1, self.w2, k).reshape(x.shape)
+
+    return GroupedMoE()
+
+
+def _grouped_layer(k: int, dropless: bool, compiled: bool = False) -> tuple[Any, Callable[[Any], Any]]:
+    import torch
+
+    module = _grouped_module(WIDTH, HIDDEN, EXPERTS, k).cuda().train()
+    return (torch.compile(module) if compiled else module), lambda out: out
 
 
 def _mixtral_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
@@ -441,10 +508,12 @@ def _minimoe_train_step(tokens: Any, targets: Any) -> tuple[Callable[[], float],
     return step, model.num_parameters()
 
 
-def _torch_train_step(tokens: Any, targets: Any) -> Callable[[], Any]:
-    """The same GPT-MoE in PyTorch eager: pre-LayerNorm blocks, fused SDPA attention, tanh-GELU MLPs,
-    top-2 softmax MoE in every other block as a loop over experts, tied embeddings; bf16 autocast with
-    float32 weights and AdamW (PyTorch's default multi-tensor implementation)."""
+def _torch_train_step(tokens: Any, targets: Any, grouped: bool, compiled: bool) -> Callable[[], Any]:
+    """The same GPT-MoE in PyTorch: pre-LayerNorm blocks, fused SDPA attention, tanh-GELU MLPs, top-2
+    softmax MoE in every other block, tied embeddings; bf16 autocast with float32 weights. grouped: the
+    MoE as _grouped_moe (torchtitan's) with the fused AdamW, the peer a PyTorch user who cares about speed
+    runs; else the naive loop over experts (_eager_moe) with the default multi-tensor AdamW. compiled:
+    the model under torch.compile."""
     import torch
     import torch.nn.functional as F
 
@@ -455,7 +524,7 @@ def _torch_train_step(tokens: Any, targets: Any) -> Callable[[], Any]:
         return torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(approximate="tanh"),
                                    torch.nn.Linear(4 * width, width))
 
-    class MoE(torch.nn.Module):
+    class LoopMoE(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.gate = torch.nn.Linear(width, experts, bias=False)
@@ -464,12 +533,15 @@ def _torch_train_step(tokens: Any, targets: Any) -> Callable[[], Any]:
         def forward(self, x: Any) -> Any:
             return _eager_moe(x.reshape(-1, width), self.gate, self.experts, 2).reshape(x.shape)
 
+    def moe() -> Any:
+        return _grouped_module(width, 4 * width, experts, 2) if grouped else LoopMoE()
+
     class Block(torch.nn.Module):
-        def __init__(self, moe: bool) -> None:
+        def __init__(self, is_moe: bool) -> None:
             super().__init__()
             self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
             self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
-            self.mlp = MoE() if moe else mlp()
+            self.mlp = moe() if is_moe else mlp()
 
         def forward(self, x: Any) -> Any:
             batch, steps, _ = x.shape
@@ -496,12 +568,13 @@ def _torch_train_step(tokens: Any, targets: Any) -> Callable[[], Any]:
     for parameter in model.parameters():
         if parameter.dim() > 1:  # GPT-2's init for every matrix, as minimoe's model uses
             torch.nn.init.normal_(parameter, std=0.02)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=grouped or None)
     idx, tgt = torch.as_tensor(tokens, device="cuda"), torch.as_tensor(targets, device="cuda")
+    forward = torch.compile(model) if compiled else model
 
     def step() -> Any:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(idx, tgt)
+            loss = forward(idx, tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -527,22 +600,35 @@ def bench_train_step(args: argparse.Namespace) -> None:
     print(f"minimoe first-step loss {first:.3f} (a random model should give about ln V = {expected:.3f})")
     tokens_per_step = STEP_BATCH * STEP_MODEL["block_size"]
     minimoe_ms = event_ms(step, warmup=2, repeats=10)
-    print(f"{'implementation':<44}{'ms/step':>10}{'tokens/s':>12}")
-    print(f"{'minimoe (bf16, float32 master weights)':<44}{minimoe_ms:>10.1f}"
-          f"{tokens_per_step / minimoe_ms * 1e3:>12,.0f}")
+    pool = cupy.get_default_memory_pool()
+    print(f"{'implementation':<52}{'ms/step':>10}{'tokens/s':>12}{'peak GiB':>10}")
+    print(f"{'minimoe (bf16, float32 master weights)':<52}{minimoe_ms:>10.1f}"
+          f"{tokens_per_step / minimoe_ms * 1e3:>12,.0f}{pool.total_bytes() / 2**30:>10.1f}")
     del step
-    cupy.get_default_memory_pool().free_all_blocks()
-    try:
-        import torch
+    pool.free_all_blocks()
+    peers = {}
+    for name, grouped, compiled in (("PyTorch eager, grouped_mm MoE, fused AdamW", True, False),
+                                    ("PyTorch compiled, grouped_mm MoE, fused AdamW", True, True),
+                                    ("PyTorch eager, loop over experts (naive)", False, False)):
+        try:
+            import torch
 
-        torch_step = _torch_train_step(inputs, targets)
-        print(f"PyTorch first-step loss {float(torch_step()):.3f}")
-        torch_step_ms = torch_ms(torch_step, warmup=2, repeats=10)
-        print(f"{f'PyTorch {torch.__version__} eager (bf16 autocast)':<44}{torch_step_ms:>10.1f}"
-              f"{tokens_per_step / torch_step_ms * 1e3:>12,.0f}")
-        print(f"minimoe's throughput is {torch_step_ms / minimoe_ms:.2f}x PyTorch eager's")
-    except Exception as error:  # the peer is reported, not fatal
-        print(f"PyTorch eager could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            torch.cuda.reset_peak_memory_stats()
+            torch_step = _torch_train_step(inputs, targets, grouped, compiled)
+            first_loss = float(torch_step())  # (compiles, when compiled)
+            peers[name] = torch_ms(torch_step, warmup=2, repeats=10)
+            print(f"{name:<52}{peers[name]:>10.1f}{tokens_per_step / peers[name] * 1e3:>12,.0f}"
+                  f"{torch.cuda.max_memory_allocated() / 2**30:>10.1f}   (first-step loss {first_loss:.3f})")
+            del torch_step
+            torch.cuda.empty_cache()
+        except Exception as error:  # a peer that cannot run here is reported, not fatal
+            print(f"{name:<52}  could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+    print("peak GiB: minimoe's CuPy memory pool after the timed steps; PyTorch's largest allocation "
+          "(torch.cuda.max_memory_allocated)")
+    strongest = [name for name in peers if "grouped_mm" in name]
+    if strongest:
+        best = min(strongest, key=peers.get)
+        print(f"minimoe's throughput is {peers[best] / minimoe_ms:.2f}x the strongest peer's ({best})")
 
 
 BENCHMARKS = {"moe-layer": bench_moe_layer, "gating": bench_gating, "dispatch": bench_dispatch,
