@@ -83,7 +83,7 @@ def evaluate_split(model: GPT, data: TokenData, split: str, batch_size: int, eve
     """The loss on a whole split rather than on a few random windows (whose error can be as large as
     the differences being measured): the split cut into consecutive windows of block_size, each scoring
     its block_size next tokens, so every token but the last window's remainder is scored once. every > 1
-    scores every every-th window only: a sample spread evenly over the split (every document's tail), for
+    scores one window in `every`: a sample spread evenly over the split (every document's tail), for
     splits too large to score whole often. An MoE routes each batch in evaluation mode
     (eval_capacity_factor), so its loss can move with batch_size."""
     block = data.block_size
@@ -248,6 +248,10 @@ class Run:
         """Micro-batches in one step, over all ranks: the global batch is this x train.batch_size."""
         return self.world.size * self.config.train.grad_accum_steps
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batches * self.config.train.batch_size * self.config.model.block_size
+
 
 def _start(config: Config, run_dir: RunDir, resume: bool, overwrite: bool, until: int | None) -> tuple[Run, int]:
     """Everything a run needs before its first step, and the step it stops after: the world and
@@ -322,8 +326,7 @@ def _distilling(config: Config, step: int) -> bool:
 def training_cost(run: Run) -> dict[str, int]:
     """What the run's steps so far cost: the tokens trained on and the training FLOPs (3x the student's
     forward, plus the teacher's forward on the steps that distil), for plots of loss against compute."""
-    config = run.config
-    tokens_per_step = run.micro_batches * config.train.batch_size * config.model.block_size
+    config, tokens_per_step = run.config, run.tokens_per_step
     flops = 3 * config.model.forward_flops_per_token() * run.step * tokens_per_step
     if run.teacher is not None:
         distilled_steps = sum(_distilling(config, step) for step in range(run.step))
@@ -452,7 +455,6 @@ def _train_to(run: Run, stop_at: int) -> TrainResult:
         run.initial_val_loss = evaluate(run.model, run.data, run.config)
         run.metrics.append({"step": 0, "val_loss": run.initial_val_loss, **training_cost(run)})
         console.line(f"step     0 | validation loss {run.initial_val_loss:.4f}")
-    tokens_per_step = run.micro_batches * train_config.batch_size * run.config.model.block_size
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGINT, stop)
     window_start, window_steps, stopping = time.perf_counter(), 0, False
@@ -460,7 +462,7 @@ def _train_to(run: Run, stop_at: int) -> TrainResult:
         while run.step < stop_at and not stopping:
             loss, lr, grad_norm, moe_stats, stopping, kd_loss = _train_step(run, stop)
             window_steps += 1
-            tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+            tokens_per_s = window_steps * run.tokens_per_step / (time.perf_counter() - window_start)
             moe = moe_log(moe_stats)
             run.metrics.append({"step": run.step, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
                                 "tokens_per_s": tokens_per_s, **({"kd_loss": kd_loss} if kd_loss is not None else {}),
