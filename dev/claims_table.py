@@ -36,16 +36,17 @@ def crossing_step(curve: list[tuple[int, float]], target: float) -> float:
 
 def main(runs_dir: str) -> None:
     runs = {name: [run_summary(path) for path in sorted(Path(runs_dir).glob(f"{name}-s[0-9]"))] for name in CONFIGS}
-    print("| config | parameters | train GFLOPs per token | tokens | " +
+    print("| config | parameters | train GFLOPs per token | tokens | training PFLOPs | " +
           " | ".join(f"seed {seed}" for seed in range(3)) + " | mean +- std |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, seeds in runs.items():
         if not seeds:
             continue
         losses = np.array([run["loss"] for run in seeds])
         first = seeds[0]
         print(f"| {name} | {first['parameters']:,} | {first['flops'] / first['tokens'] / 1e9:.3f} | "
-              f"{first['tokens'] / 1e6:.1f} M | " + " | ".join(f"{loss:.4f}" for loss in losses) +
+              f"{first['tokens'] / 1e6:.1f} M | {first['flops'] / 1e15:.2f} | " +
+              " | ".join(f"{loss:.4f}" for loss in losses) +
               f" | **{losses.mean():.4f} +- {losses.std(ddof=1):.4f}** |")
     for a, b in [("moe", "dense"), ("dense-768", "dense"), ("prmoe", "moe"), ("mos7-kd", "mos7-labels"),
                  ("mos6-kd", "mos6-labels"), ("mos7-kd", "prmoe"), ("mos7-labels", "prmoe"), ("mos6-labels", "prmoe")]:
