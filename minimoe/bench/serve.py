@@ -90,7 +90,12 @@ def bench_serve(args: argparse.Namespace) -> None:
     url = f"http://127.0.0.1:{port}"
     requests = _requests(args.requests)
     clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    clients.submit(_run, url, requests[:2], 2).result()  # warm-up: compiles, captures the first graphs
+    # Warm-up: 1, 2, 4, ... short requests at once, up to the clients, so that the kernels are compiled
+    # and the decode step's CUDA graph is captured for every batch bucket the timed run reaches (a capture
+    # on first use stalls every stream; a server that has run a while has them all).
+    for size in sorted({min(1 << i, args.clients) for i in range(args.clients.bit_length() + 1)}):
+        warm_up = [dict(body, max_tokens=8) for body in _requests(size, seed=1)]
+        clients.submit(_run, url, warm_up, size).result()
     where = backend.gpu_name() if device == "cuda" else f"CPU ({__import__('os').cpu_count()} threads)"
     print(f"bench serve on {where}: {model.num_parameters():,} parameters, {args.requests} streamed greedy requests "
           f"(prompts 16-64 bytes, 16-128 new tokens, seed 0) over loopback HTTP")
