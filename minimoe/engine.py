@@ -100,6 +100,7 @@ class Engine:
         self.head = backend.xp.ascontiguousarray(model.wte.weight.data.T)  # tied output layer [d, V]
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.slots = slots
         self.free_slots = list(range(slots))
         self.graphs: dict[int, DecodeGraph] = {}
         self.lockstep = lockstep
@@ -169,13 +170,27 @@ class Engine:
             return []
         bucket = 1 << max(len(rows) - 1, 0).bit_length()
         if self.use_graphs and bucket <= GEMM_ROWS:
-            graph = self.graphs.get(bucket)
-            if graph is None:
-                graph = self.graphs[bucket] = DecodeGraph(self, bucket)
-            next_tokens = graph.run(rows)
+            next_tokens = self._graph(bucket).run(rows)
         else:
             next_tokens = backend.to_numpy(self._decode_eagerly(rows))
         return self._append(rows, next_tokens)
+
+    def capture_graphs(self) -> None:
+        """Capture the decode step of every batch bucket a step can take (1, 2, 4, ... up to the slots) now,
+        rather than on first use, when the capture stalls every running sequence: what a server does at
+        start-up. Each is captured on padding rows, as on first use."""
+        if not self.use_graphs:
+            return
+        bucket = 1
+        while bucket <= min(1 << (self.slots - 1).bit_length(), GEMM_ROWS):
+            self._graph(bucket)
+            bucket *= 2
+
+    def _graph(self, bucket: int) -> DecodeGraph:
+        graph = self.graphs.get(bucket)
+        if graph is None:
+            graph = self.graphs[bucket] = DecodeGraph(self, bucket)
+        return graph
 
     def run_to_completion(self) -> None:
         while self.busy:

@@ -118,6 +118,7 @@ class Scheduler:
 
     def __init__(self, model: GPT, max_batch: int, max_queue: int):
         self.engine = Engine(model, slots=max_batch)
+        self.engine.capture_graphs()  # before the first request: a capture mid-stream stalls every stream
         self.max_queue = max_queue
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.requests: dict[int, Request] = {}  # id(sequence) -> its request, while it runs or waits

@@ -131,6 +131,7 @@ def small_moe_model(dtype, **extra):
 
 
 def test_engine_graph_steps_equal_eager_steps_and_batches_equal_alone():
+    """Graphs captured on first use, or all up front (capture_graphs), give the eager steps' tokens."""
     from minimoe import backend
     from minimoe.engine import SamplingParams
     from minimoe.generate import generate
@@ -149,6 +150,12 @@ def test_engine_graph_steps_equal_eager_steps_and_batches_equal_alone():
         eager = [engine.submit(p, s) for p, s in zip(prompts, params)]
         engine.run_to_completion()
         assert [s.generated for s in graphs] == [s.generated for s in eager]
+        captured = Engine(model, slots=len(prompts))
+        captured.capture_graphs()  # every bucket up front, as the server does
+        assert sorted(captured.graphs) == [1, 2, 4, 8]
+        in_advance = [captured.submit(p, s) for p, s in zip(prompts, params)]
+        captured.run_to_completion()
+        assert [s.generated for s in in_advance] == [s.generated for s in eager]
         for prompt, setting, sequence in zip(prompts, params, graphs):
             [alone] = generate(model, [prompt], setting)
             assert alone.generated == sequence.generated
