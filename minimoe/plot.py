@@ -132,6 +132,9 @@ def config_name(run_dir: Path) -> str:
 def plot_compare(run_dirs: list[str | Path], path: str | Path) -> Path:
     """Validation loss against training FLOPs for every run (from the "train_flops" that `minimoe train`
     logs with each validation loss), one colour per config; written to `path`."""
+    path = Path(path)
+    if path.suffix.lower() != ".png" or not path.parent.is_dir():
+        raise PlotError(f"--compare takes the path of a .png file in an existing directory, got {str(path)!r}")
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
     colours: dict[str, str] = {}
@@ -153,4 +156,4 @@ def plot_compare(run_dirs: list[str | Path], path: str | Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return Path(path)
+    return path

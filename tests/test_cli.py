@@ -104,6 +104,9 @@ def test_plot_compare_draws_runs_against_training_flops(checkpoint, tmp_path, ca
     old.mkdir()
     (old / "metrics.jsonl").write_text('{"step": 0, "val_loss": 5.5}\n')
     one_line_error(capsys, ["plot", "--compare", str(png), str(old)], "logs no training FLOPs")
+    for bad in [tmp_path / "no" / "such.png", tmp_path / "compare.pdf"]:
+        one_line_error(capsys, ["plot", "--compare", str(bad), str(tmp_path / "wide-s0")],
+                       f"--compare takes the path of a .png file in an existing directory, got '{bad}'")
 
 
 def test_console_script_prints_no_traceback(tmp_path):
