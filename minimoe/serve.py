@@ -118,7 +118,6 @@ class Scheduler:
 
     def __init__(self, model: GPT, max_batch: int, max_queue: int):
         self.engine = Engine(model, slots=max_batch)
-        self.engine.capture_graphs()  # before the first request: a capture mid-stream stalls every stream
         self.max_queue = max_queue
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.requests: dict[int, Request] = {}  # id(sequence) -> its request, while it runs or waits
@@ -143,6 +142,9 @@ class Scheduler:
 
     def _loop(self) -> None:
         engine = self.engine
+        # Every decode graph before the first step, on the thread that will run them: a capture in the
+        # middle of traffic stalls every running stream. (Requests that arrive meanwhile wait in the inbox.)
+        engine.capture_graphs()
         snapshot_at = 0.0
         while not self.stopping.is_set():
             self._take_arrivals(block=not engine.busy)
