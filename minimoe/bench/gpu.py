@@ -218,21 +218,28 @@ def _deepspeed_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]
 
 
 def _eager_layer(k: int, dropless: bool) -> tuple[Any, Callable[[Any], Any]]:
-    """The usual PyTorch eager MoE layer (see _eager_moe)."""
+    """The usual PyTorch eager MoE layer (see _eager_moe), bf16 experts."""
     import torch
 
-    class EagerMoE(torch.nn.Module):
+    return _loop_module(WIDTH, HIDDEN, EXPERTS, k, torch.bfloat16).cuda().train(), lambda out: out
+
+
+def _loop_module(width: int, hidden: int, experts: int, k: int, dtype: Any) -> Any:
+    """A torch module around _eager_moe: the gate (float32) and the experts (tanh-GELU MLPs) in `dtype`."""
+    import torch
+
+    class LoopMoE(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.gate = torch.nn.Linear(WIDTH, EXPERTS, bias=False).float()
+            self.gate = torch.nn.Linear(width, experts, bias=False).float()
             self.experts = torch.nn.ModuleList(
-                torch.nn.Sequential(torch.nn.Linear(WIDTH, HIDDEN), torch.nn.GELU(approximate="tanh"),
-                                    torch.nn.Linear(HIDDEN, WIDTH)).to(torch.bfloat16) for _ in range(EXPERTS))
+                torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(approximate="tanh"),
+                                    torch.nn.Linear(hidden, width)).to(dtype) for _ in range(experts))
 
         def forward(self, x: Any) -> Any:
-            return _eager_moe(x.reshape(-1, WIDTH), self.gate, self.experts, k).reshape(x.shape)
+            return _eager_moe(x.reshape(-1, width), self.gate, self.experts, k).reshape(x.shape)
 
-    return EagerMoE().cuda().train(), lambda out: out
+    return LoopMoE()
 
 
 def _eager_moe(tokens: Any, gate: Any, experts: Any, k: int) -> Any:
@@ -259,9 +266,10 @@ GROUP_ALIGN = 16  # rows: each expert's group in the grouped GEMM starts on a mu
 def _grouped_moe(tokens: Any, gate: Any, w1: Any, w2: Any, k: int) -> Any:
     """The PyTorch MoE that a user who cares about speed runs (torchtitan's): a float32 softmax gate, top-k
     (renormalised for k = 2), the k copies of every token sorted by expert into groups padded to
-    GROUP_ALIGN rows, then both expert matrices as one grouped GEMM each (torch._grouped_mm over
-    w1 [E, d, f] and w2 [E, f, d]; no expert biases, as torchtitan's experts have none), and the weighted
-    copies added back. Dropless, and no shape depends on the data, so torch.compile takes it whole."""
+    GROUP_ALIGN rows, then both expert matrices as one grouped GEMM each in bf16 (torch._grouped_mm over
+    w1 [E, d, f] and w2 [E, f, d], cast to bf16 as torchtitan casts them: the grouped GEMM takes no part in
+    autocast; no expert biases, as torchtitan's experts have none), and the weighted copies added back.
+    Dropless, and no shape depends on the data, so torch.compile takes it whole."""
     import torch
     import torch.nn.functional as F
 
@@ -282,25 +290,26 @@ def _grouped_moe(tokens: Any, gate: Any, w1: Any, w2: Any, k: int) -> Any:
     rank = torch.arange(len(flat), device=tokens.device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
     rows = (ends - padded)[sorted_expert] + rank
     capacity = len(flat) + num_experts * (GROUP_ALIGN - 1)  # every group padded: a bound known in advance
-    copies = tokens[order // k].to(w1.dtype)  # (under autocast a LayerNorm's output is float32)
+    copies = tokens[order // k].bfloat16()  # (under autocast a LayerNorm's output is float32)
     grouped = copies.new_zeros(capacity, tokens.shape[1]).index_copy(0, rows, copies)
     offsets = ends.to(torch.int32)
-    hidden = F.gelu(torch._grouped_mm(grouped, w1, offs=offsets), approximate="tanh")
-    out_rows = torch._grouped_mm(hidden, w2, offs=offsets)[rows]
+    hidden = F.gelu(torch._grouped_mm(grouped, w1.bfloat16(), offs=offsets), approximate="tanh")
+    out_rows = torch._grouped_mm(hidden, w2.bfloat16(), offs=offsets)[rows]
     weighted = (out_rows * weights.reshape(-1)[order, None].to(out_rows.dtype)).to(tokens.dtype)
     return torch.zeros_like(tokens).index_add(0, order // k, weighted)
 
 
-def _grouped_module(width: int, hidden: int, experts: int, k: int) -> Any:
-    """A torch module around _grouped_moe: the gate (float32) and the stacked expert matrices (bf16)."""
+def _grouped_module(width: int, hidden: int, experts: int, k: int, dtype: Any) -> Any:
+    """A torch module around _grouped_moe: the gate (float32) and the stacked expert matrices in `dtype`
+    (float32 in a training step, the master weights AdamW updates, as every other weight there)."""
     import torch
 
     class GroupedMoE(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.gate = torch.nn.Linear(width, experts, bias=False).float()
-            self.w1 = torch.nn.Parameter(torch.randn(experts, width, hidden, dtype=torch.bfloat16) * 0.02)
-            self.w2 = torch.nn.Parameter(torch.randn(experts, hidden, width, dtype=torch.bfloat16) * 0.02)
+            self.w1 = torch.nn.Parameter((torch.randn(experts, width, hidden) * 0.02).to(dtype))
+            self.w2 = torch.nn.Parameter((torch.randn(experts, hidden, width) * 0.02).to(dtype))
 
         def forward(self, x: Any) -> Any:
             return _grouped_moe(x.reshape(-1, width), self.gate, self.w1, self.w2, k).reshape(x.shape)
@@ -311,7 +320,7 @@ def _grouped_module(width: int, hidden: int, experts: int, k: int) -> Any:
 def _grouped_layer(k: int, dropless: bool, compiled: bool = False) -> tuple[Any, Callable[[Any], Any]]:
     import torch
 
-    module = _grouped_module(WIDTH, HIDDEN, EXPERTS, k).cuda().train()
+    module = _grouped_module(WIDTH, HIDDEN, EXPERTS, k, torch.bfloat16).cuda().train()
     return (torch.compile(module) if compiled else module), lambda out: out
 
 
@@ -524,17 +533,9 @@ def _torch_train_step(tokens: Any, targets: Any, grouped: bool, compiled: bool) 
         return torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(approximate="tanh"),
                                    torch.nn.Linear(4 * width, width))
 
-    class LoopMoE(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate = torch.nn.Linear(width, experts, bias=False)
-            self.experts = torch.nn.ModuleList(mlp() for _ in range(experts))
-
-        def forward(self, x: Any) -> Any:
-            return _eager_moe(x.reshape(-1, width), self.gate, self.experts, 2).reshape(x.shape)
-
     def moe() -> Any:
-        return _grouped_module(width, 4 * width, experts, 2) if grouped else LoopMoE()
+        build = _grouped_module if grouped else _loop_module
+        return build(width, 4 * width, experts, 2, torch.float32)
 
     class Block(torch.nn.Module):
         def __init__(self, is_moe: bool) -> None:
