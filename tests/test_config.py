@@ -29,6 +29,28 @@ def test_defaults_and_overrides(tmp_path):
     ("model.n_embd=30", "n_embd=30 must be divisible by model.n_head=4"),
     ("train.device=tpu", "train.device must be"),
     ("max_steps=3", "--set takes section.key=value"),
+    # values that would train wrongly, or lose a run's work, refused before anything starts
+    ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1.0"),
+    ("optim.lr=0", "optim.lr must be a finite number > 0, got 0.0"),
+    ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.min_lr=-1", r"optim.min_lr must be in \[0, optim.lr=0.003\], got -1.0"),
+    ("optim.min_lr=1", r"optim.min_lr must be in \[0, optim.lr=0.003\], got 1.0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be at least 0, got -5"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be a finite number >= 0, got -1.0"),
+    ("optim.beta1=2", r"optim.beta1 must be in \[0, 1\), got 2.0"),
+    ("optim.beta2=1", r"optim.beta2 must be in \[0, 1\), got 1.0"),
+    ("optim.eps=0", "optim.eps must be a finite number > 0, got 0.0"),
+    ("train.grad_clip=-1", "train.grad_clip must be a finite number >= 0 .0 turns clipping off., got -1.0"),
+    ("model.mlp_ratio=0", "model.mlp_ratio must be at least 1, got 0"),
+    ("train.seed=-1", "train.seed must be at least 0, got -1"),
+    ("model.init_seed=-3", "model.init_seed must be at least 0, got -3"),
+    ("train.temperature=-1", "train.temperature must be a finite number >= 0"),
+    ("train.top_k=-3", "train.top_k must be at least 0, got -3"),
+    ("train.sample_prompt=''", "train.sample_prompt must be 1 to model.block_size=64 bytes long"),
+    ("data.corpus='wiki'", "data.corpus must be 'shakespeare' or 'dictionaries', got 'wiki'"),
+    ("data.val_fraction=1", "data.val_fraction must be strictly between 0 and 1, got 1.0"),
+    ("train.out_dir=''", "train.out_dir must be a directory path, got ''"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
