@@ -100,7 +100,6 @@ class Engine:
         self.head = backend.xp.ascontiguousarray(model.wte.weight.data.T)  # tied output layer [d, V]
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.slots = slots
         self.free_slots = list(range(slots))
         self.graphs: dict[int, DecodeGraph] = {}
         self.lockstep = lockstep
@@ -182,7 +181,7 @@ class Engine:
         if not self.use_graphs:
             return
         bucket = 1
-        while bucket <= min(1 << (self.slots - 1).bit_length(), GEMM_ROWS):
+        while bucket <= min(1 << (self.cache.slots - 1).bit_length(), GEMM_ROWS):
             self._graph(bucket)
             bucket *= 2
 
