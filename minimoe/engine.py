@@ -167,7 +167,7 @@ class Engine:
         rows = self.running
         if not rows and not self.lockstep:
             return []
-        bucket = 1 << max(len(rows) - 1, 0).bit_length()
+        bucket = batch_bucket(len(rows))
         if self.use_graphs and bucket <= GEMM_ROWS:
             next_tokens = self._graph(bucket).run(rows)
         else:
@@ -181,7 +181,7 @@ class Engine:
         if not self.use_graphs:
             return
         bucket = 1
-        while bucket <= min(1 << (self.cache.slots - 1).bit_length(), GEMM_ROWS):
+        while bucket <= min(batch_bucket(self.cache.slots), GEMM_ROWS):
             self._graph(bucket)
             bucket *= 2
 
@@ -233,6 +233,12 @@ class Engine:
     def _invalidate_rows(self) -> None:
         for graph in self.graphs.values():
             graph.rows = None
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch size a decode step of `rows` sequences runs at: the next power of two (the graphs'
+    buckets), the rows past `rows` padding."""
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 def completion_text(generated: list[int], stop: tuple[str, ...]) -> tuple[str, bool]:
