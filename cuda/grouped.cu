@@ -1,6 +1,14 @@
 // Rows grouped by expert (cuda/grouped.py is the reference and states the layout): the grouping, a linear
-// layer per expert over its rows only, and the weighted combine of each row's choices.
+// layer per expert over its rows only (on CUDA cores, and for bf16 on the tensor cores), and the weighted
+// combine of each row's choices.
 #include "common.cuh"
+#include "tensor_cores.cuh"
+
+// -D defines (build.py's compile_options) from cuda/grouped.py, which sizes the launches with them:
+// COLUMNS and WARPS of grouped_linear, MMA_COLUMNS, MMA_WARPS and MMA_CHUNK of grouped_linear_mma.
+#if !defined(COLUMNS) || !defined(WARPS) || !defined(MMA_COLUMNS) || !defined(MMA_WARPS) || !defined(MMA_CHUNK)
+#error "grouped.cu's constants come from cuda/grouped.py: compile it through minimoe.cuda.build"
+#endif
 
 // One block: a counting sort of the P pairs by expert (values 0..E, E = no expert). counts [E + 1] in
 // shared memory by atomics, an exclusive scan of them (offsets; each expert's count also added to
@@ -34,6 +42,21 @@ extern "C" __global__ void group_rows(const long long* __restrict__ experts, int
   }
 }
 
+// A block's float32 sum for y[row, column]: with K split over blocks (gridDim.z > 1) its slice's partial
+// sum, for grouped_linear_finish; else the finished value, (+ bias[e]) (GELU).
+template <typename T>
+__device__ __forceinline__ void store_sum(float value, long long row, int column, int expert, const T* bias, T* y,
+                                          float* partial, long long rows_total, int features, int gelu) {
+  const long long out_index = row * features + column;
+  if (gridDim.z > 1) {
+    partial[blockIdx.z * rows_total * features + out_index] = value;
+    return;
+  }
+  if (bias) value += to_float(bias[(long long)expert * features + column]);
+  if (gelu) value = gelu_tanh(value);
+  y[out_index] = from_float<T>(value);
+}
+
 // y[r] = x[source(r)] @ weight[e] (+ bias[e]) (GELU) for the rows r of expert e, source(r) = order[r] /
 // choices when `order` is given (the pairs' rows, gathered on the way), else r.
 //
@@ -49,7 +72,7 @@ extern "C" __global__ void group_rows(const long long* __restrict__ experts, int
 // 8l + 7 of the tile for every row (ROWS x 8 float32 sums in registers). The four warps' sums meet in
 // shared memory in a fixed order; with one slice the block applies the bias and GELU and stores y, else
 // it stores its float32 sums in partial [slices, R, N] for grouped_linear_finish.
-constexpr int COLUMNS = 256, PER_LANE = 8, ROWS = 8, CHUNK = 256, WARPS = 4;
+constexpr int PER_LANE = 8, ROWS = 8, CHUNK = 256;
 
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(WARPS * 32)
@@ -113,14 +136,101 @@ __global__ void __launch_bounds__(WARPS * 32)
       if (out_column >= features) continue;
       float value = 0.0f;
       for (int v = 0; v < WARPS; ++v) value += sums_of[v][r][c];
-      const long long out_index = (row0 + r) * features + out_column;
-      if (gridDim.z > 1) {
-        partial[blockIdx.z * rows_total * features + out_index] = value;
-        continue;
+      store_sum(value, row0 + r, out_column, expert, bias, y, partial, rows_total, features, gelu);
+    }
+  }
+}
+
+// The same product on the tensor cores, for bf16 (the GPU engine's type) when K and N are multiples of 8
+// (rows of whole 16-byte vectors). At 16 to 64 rows per expert (decode batches of 8 to 256) the CUDA-core
+// kernel above spends its time on multiply-adds; one mma_16x8x16 (tensor_cores.cuh) does 2048 of them in
+// one instruction.
+//
+// Block (column tile, expert, K slice) as above, with MMA_COLUMNS = 64 columns: warp w owns the 16
+// columns 16w .. 16w + 15 of the tile (two 8-column halves). The block takes its expert's rows MMA_ROWS =
+// 64 at a time, each warp holding the float32 sums of its columns for every 16 of them. Per chunk of
+// MMA_CHUNK rows of K, the block stages the rows' x [64, MMA_CHUNK] and the weight's [MMA_CHUNK, 64] in
+// shared memory with 16-byte loads (zeros past the rows, the slice and the columns, which add nothing),
+// then each warp multiplies its strip of the weight by every tile of 16 rows. A row's sums depend on its
+// own x and on the fixed tiling of K alone, never on the other rows of its tile: results do not depend on
+// the batch.
+constexpr int MMA_ROWS = 64, TILE = 16, VECTOR = 8;  // TILE: the rows and K of one product; VECTOR: bf16 per 16 bytes
+constexpr int PAD = 8;  // a row of a staged tile is 16 bytes longer: its rows start in different banks
+static_assert(MMA_WARPS * TILE == MMA_COLUMNS && MMA_CHUNK % TILE == 0, "a warp per 16 columns; whole products of K");
+
+__global__ void __launch_bounds__(MMA_WARPS * 32)
+    grouped_linear_mma(const bf16* __restrict__ x, const long long* __restrict__ order, int choices,
+                       const long long* __restrict__ offsets, const bf16* __restrict__ weight,
+                       const bf16* __restrict__ bias, bf16* __restrict__ y, float* __restrict__ partial,
+                       long long rows_total, int width, int features, int slice, int gelu) {
+  // The staged inputs and, after the last chunk, the float32 sums share one piece of shared memory.
+  __shared__ __align__(16) union {
+    struct {
+      bf16 x[MMA_ROWS][MMA_CHUNK + PAD];
+      bf16 w[MMA_CHUNK][MMA_COLUMNS + PAD];
+    } staged;
+    float sums[MMA_ROWS][MMA_COLUMNS + PAD];
+  } tile;
+  const int expert = blockIdx.y, warp = threadIdx.x / 32;
+  const Lane lane;
+  const long long first_row = offsets[expert], end_row = offsets[expert + 1];
+  if (first_row == end_row) return;
+  const int first_column = blockIdx.x * MMA_COLUMNS;
+  const int k_begin = blockIdx.z * slice, k_end = min(width, k_begin + slice);
+  const bf16* w = weight + (long long)expert * width * features;
+  for (long long row0 = first_row; row0 < end_row; row0 += MMA_ROWS) {
+    const int rows = (int)min((long long)MMA_ROWS, end_row - row0), row_tiles = (rows + TILE - 1) / TILE;
+    float sums[MMA_ROWS / TILE][2][4] = {};  // [tile of 16 rows][8-column half of the warp's strip][piece]
+    for (int chunk = k_begin; chunk < k_end; chunk += MMA_CHUNK) {
+      __syncthreads();  // every warp is done with the previous chunk (or the previous rows' epilogue)
+      for (int i = threadIdx.x; i < MMA_ROWS * MMA_CHUNK / VECTOR; i += blockDim.x) {
+        const int r = i / (MMA_CHUNK / VECTOR), c = i % (MMA_CHUNK / VECTOR) * VECTOR;
+        uint4 values = make_uint4(0, 0, 0, 0);
+        if (r < rows && chunk + c < k_end) {
+          const long long source = order ? order[row0 + r] / choices : row0 + r;
+          values = *reinterpret_cast<const uint4*>(x + source * width + chunk + c);
+        }
+        *reinterpret_cast<uint4*>(&tile.staged.x[r][c]) = values;
       }
-      if (bias) value += to_float(bias[(long long)expert * features + out_column]);
-      if (gelu) value = gelu_tanh(value);
-      y[out_index] = from_float<T>(value);
+      for (int i = threadIdx.x; i < MMA_CHUNK * MMA_COLUMNS / VECTOR; i += blockDim.x) {
+        const int r = i / (MMA_COLUMNS / VECTOR), c = i % (MMA_COLUMNS / VECTOR) * VECTOR;
+        uint4 values = make_uint4(0, 0, 0, 0);
+        if (chunk + r < k_end && first_column + c < features)
+          values = *reinterpret_cast<const uint4*>(w + (long long)(chunk + r) * features + first_column + c);
+        *reinterpret_cast<uint4*>(&tile.staged.w[r][c]) = values;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < MMA_CHUNK; kk += TILE) {
+        unsigned strip[2][2];  // the warp's two 16 x 8 pieces of the weight at rows kk .. kk + 15
+        load_b(strip[0], tile.staged.w, kk, TILE * warp, lane);
+        load_b(strip[1], tile.staged.w, kk, TILE * warp + 8, lane);
+#pragma unroll
+        for (int t = 0; t < MMA_ROWS / TILE; ++t) {
+          if (t >= row_tiles) break;
+          unsigned rows_x[4];
+          load_a(rows_x, tile.staged.x, TILE * t, kk, lane);
+          mma_16x8x16(sums[t][0], rows_x, strip[0]);
+          mma_16x8x16(sums[t][1], rows_x, strip[1]);
+        }
+      }
+    }
+    __syncthreads();  // the last chunk's tiles are read: their memory now takes the sums
+#pragma unroll
+    for (int t = 0; t < MMA_ROWS / TILE; ++t)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = TILE * t + lane.g, c = TILE * warp + 8 * half + 2 * lane.q;
+        tile.sums[r][c] = sums[t][half][0];
+        tile.sums[r][c + 1] = sums[t][half][1];
+        tile.sums[r + 8][c] = sums[t][half][2];
+        tile.sums[r + 8][c + 1] = sums[t][half][3];
+      }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * MMA_COLUMNS; i += blockDim.x) {
+      const int r = i / MMA_COLUMNS, c = i % MMA_COLUMNS, out_column = first_column + c;
+      if (out_column >= features) continue;
+      store_sum(tile.sums[r][c], row0 + r, out_column, expert, bias, y, partial, rows_total, features, gelu);
     }
   }
 }

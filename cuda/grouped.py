@@ -18,9 +18,10 @@ with E = 1 is also a plain linear layer whose rows are computed independently of
 step's results do not depend on what else is in the batch.
 
 Reference: NumPy. GPU: cuda/grouped.cu: group_rows in one block (a counting sort; a large prefill's pairs
-sort on CuPy instead), grouped_linear one block per (expert, 256 output columns, slice of K) that exits
-at once when its expert has no rows (so its weights are never read), float32 sums over bf16 or float32
-weights, the slices' sums added in a second launch; combine_pairs one block per row.
+sort on CuPy instead), grouped_linear one block per (expert, tile of output columns, slice of K) that
+exits at once when its expert has no rows (so its weights are never read), float32 sums over bf16 or
+float32 weights (bf16 on the tensor cores when the rows are whole 16-byte vectors), the slices' sums
+added in a second launch; combine_pairs one block per row.
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
 from minimoe.cuda.gelu import gelu_forward
 
-build.register("grouped.cu", "group_rows",
+COLUMNS = 256  # output columns of one grouped_linear block (CUDA cores)
+WARPS = 4  # warps of one grouped_linear block, each a quarter of every chunk of K
+MMA_COLUMNS = 64  # output columns of one grouped_linear_mma block (tensor cores) ...
+MMA_WARPS = 4  # ... a warp for each 16 of them
+MMA_CHUNK = 64  # rows of K that grouped_linear_mma stages at a time; its slices of K are whole chunks
+build.register("grouped.cu", "group_rows", "grouped_linear_mma",
                *(f"grouped_linear<{t}, {v}>" for t in ("float", "bf16") for v in ("true", "false")),
-               *(f"{name}<{t}>" for name in ("grouped_linear_finish", "combine_pairs") for t in ("float", "bf16")))
-COLUMNS = 256  # output columns of one grouped_linear block (grouped.cu's constant of the same name)
-THREADS = 128  # threads of one grouped_linear block: 4 warps, each a quarter of every chunk of K
+               *(f"{name}<{t}>" for name in ("grouped_linear_finish", "combine_pairs") for t in ("float", "bf16")),
+               constants=dict(COLUMNS=COLUMNS, WARPS=WARPS, MMA_COLUMNS=MMA_COLUMNS, MMA_WARPS=MMA_WARPS,
+                              MMA_CHUNK=MMA_CHUNK))
 GROUP_THREADS = 1024  # group_rows: one block
 MAX_PAIRS = 8192  # group_rows' kernel ranks in O(P^2 / threads): decode batches; more pairs sort on CuPy
 BLOCKS_PER_MATRIX = 1024  # grouped_linear splits K until a matrix of every expert has about this many blocks
@@ -123,12 +129,15 @@ def _gpu_group_rows(experts: Any, num_experts: int, counter: Any) -> tuple[Any, 
     return order, rank, offsets
 
 
-def k_slices(width: int, features: int, num_experts: int) -> int:
-    """How many slices of K grouped_linear cuts a product into: enough that the column tiles of every
-    expert's matrix make about BLOCKS_PER_MATRIX blocks, none thinner than MIN_SLICE rows. A function of
-    the shapes alone, so that a row's sums never depend on how many rows share the call."""
-    tiles = -(-features // COLUMNS) * num_experts
-    return max(1, min(-(-BLOCKS_PER_MATRIX // tiles), width // MIN_SLICE))
+def k_slices(width: int, features: int, num_experts: int, columns: int, granule: int) -> tuple[int, int]:
+    """(slices, rows of K per slice) that grouped_linear cuts a product into: enough slices that the tiles
+    of `columns` output columns of every expert's matrix make about BLOCKS_PER_MATRIX blocks, none thinner
+    than MIN_SLICE rows, each a multiple of `granule` rows. A function of the shapes alone, so that a
+    row's sums never depend on how many rows share the call."""
+    tiles = -(-features // columns) * num_experts
+    slices = max(1, min(-(-BLOCKS_PER_MATRIX // tiles), width // MIN_SLICE))
+    slice_rows = -(-width // slices // granule) * granule
+    return -(-width // slice_rows), slice_rows
 
 
 def _gpu_grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any, gelu: bool, order: Any,
@@ -142,16 +151,17 @@ def _gpu_grouped_linear(x: Any, offsets: Any, weight: Any, bias: Any, gelu: bool
     y = cupy.empty((rows, features), dtype=weight.dtype)
     if rows == 0:
         return y
-    slices = k_slices(width, features, num_experts)
-    slice_rows = -(-width // slices)
-    slices = -(-width // slice_rows)
-    partial = cupy.empty((slices, rows, features), dtype=cupy.float32) if slices > 1 else null
     type_name = build.type_name(weight)
+    tensor_cores = type_name == "bf16" and width % 8 == 0 and features % 8 == 0  # rows of 16-byte vectors
+    columns, warps = (MMA_COLUMNS, MMA_WARPS) if tensor_cores else (COLUMNS, WARPS)
+    slices, slice_rows = k_slices(width, features, num_experts, columns, MMA_CHUNK if tensor_cores else 1)
+    partial = cupy.empty((slices, rows, features), dtype=cupy.float32) if slices > 1 else null
     offsets = cupy.ascontiguousarray(offsets, dtype=cupy.int64)
     bias = null if bias is None else cupy.ascontiguousarray(bias, dtype=weight.dtype)
     vectors = "true" if features % 8 == 0 else "false"  # a lane's 8 columns: whole 16-byte vectors
-    build.kernel("grouped.cu", f"grouped_linear<{type_name}, {vectors}>")(
-        ((features + COLUMNS - 1) // COLUMNS, num_experts, slices), (THREADS,),
+    name = "grouped_linear_mma" if tensor_cores else f"grouped_linear<{type_name}, {vectors}>"
+    build.kernel("grouped.cu", name)(
+        (-(-features // columns), num_experts, slices), (32 * warps,),
         (x, null if order is None else cupy.ascontiguousarray(order, dtype=cupy.int64), np.int32(choices), offsets,
          cupy.ascontiguousarray(weight), bias, y, partial, np.int64(rows), np.int32(width), np.int32(features),
          np.int32(slice_rows), np.int32(gelu)))

@@ -37,12 +37,14 @@ def test_cache_write_and_attention_match_reference(rows, heads, width, length, c
 
 
 @given(rows=st.integers(0, 300), k=st.integers(1, 4), experts=st.integers(4, 16),
-       width=st.sampled_from([8, 64, 100, 300, 1000]), features=st.sampled_from([1, 63, 64, 200]), dtype=dtypes,
-       gelu=st.booleans(), gather=st.booleans(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+       width=st.sampled_from([8, 64, 100, 300, 768, 1000]), features=st.sampled_from([1, 63, 64, 200, 392]),
+       dtype=dtypes, gelu=st.booleans(), gather=st.booleans(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
 def test_grouping_grouped_linear_and_combine_match_reference(rows, k, experts, width, features, dtype, gelu, gather,
                                                              seed, poison):
-    """Widths of 128 and more take several slices of K (and the finishing launch); `gather` reads the
-    pairs' rows through the grouping's order, as the experts' first layer does."""
+    """Widths of 128 and more take several slices of K (and the finishing launch); bf16 with widths and
+    features that are multiples of 8 runs on the tensor cores (grouped_linear_mma), up to 300 rows
+    for one expert taking several of its 64-row passes; `gather` reads the pairs' rows through the
+    grouping's order, as the experts' first layer does."""
     from minimoe.cuda.grouped import combine_pairs, group_rows, grouped_linear
 
     cupy = cupy_module()
@@ -131,7 +133,8 @@ def small_moe_model(dtype, **extra):
 
 
 def test_engine_graph_steps_equal_eager_steps_and_batches_equal_alone():
-    """Graphs captured on first use, or all up front (capture_graphs), give the eager steps' tokens."""
+    """Graphs captured on first use, or all up front (capture_graphs), give the eager steps' tokens: decode
+    steps, and prefills of the prompts padded to 16 or 32 tokens."""
     from minimoe import backend
     from minimoe.engine import SamplingParams
     from minimoe.generate import generate
@@ -144,7 +147,7 @@ def test_engine_graph_steps_equal_eager_steps_and_batches_equal_alone():
         params = [SamplingParams(max_new_tokens=int(rng.integers(5, 40)), temperature=t, top_k=5, seed=i)
                   for i, t in enumerate([0.0, 0.8, 1.0, 0.0, 1.2, 0.5])]
         graphs = generate(model, prompts, params)
-        from minimoe.engine import Engine
+        from minimoe.engine import Engine, graph_shapes
 
         engine = Engine(model, slots=len(prompts), graphs=False)
         eager = [engine.submit(p, s) for p, s in zip(prompts, params)]
@@ -152,7 +155,8 @@ def test_engine_graph_steps_equal_eager_steps_and_batches_equal_alone():
         assert [s.generated for s in graphs] == [s.generated for s in eager]
         captured = Engine(model, slots=len(prompts))
         captured.capture_graphs()  # every bucket up front, as the server does
-        assert sorted(captured.graphs) == [1, 2, 4, 8]
+        assert set(captured.graphs) == graph_shapes(len(prompts), model.config.block_size)
+        assert {(8, 1), (1, 16), (8, 32)} <= set(captured.graphs)  # decode steps and prefills
         in_advance = [captured.submit(p, s) for p, s in zip(prompts, params)]
         captured.run_to_completion()
         assert [s.generated for s in in_advance] == [s.generated for s in eager]
