@@ -11,7 +11,7 @@
 #   engine       the gpu-marked inference and training tests alone
 #   serve        bench serve (the server's wheels, which the device lacks, from .whl/serve: fastapi,
 #                starlette, uvicorn, pydantic and its two helpers, downloaded here with pip download)
-#   decode       bench decode (the engine against transformers' Mixtral)
+#   decode       bench decode (the engine against transformers' Mixtral; DECODE_FLAGS=--no-peers: the engine alone)
 #   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py)
 #   gating       bench gating alone
 #   bench        bench moe-layer, gating, dispatch, train-step
@@ -50,7 +50,7 @@ for what in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/serve/*.whl || exit 1
       timeout 240 python3 -m minimoe.cli bench serve 2>&1 | grep -v Warning | tee "$out/bench_serve.log" ;;
     decode)
-      timeout 500 python3 -m minimoe.cli bench decode 2>&1 | grep -v Warning | tee "$out/bench_decode.log" ;;
+      timeout 500 python3 -m minimoe.cli bench decode ${DECODE_FLAGS:-} 2>&1 | grep -v Warning | tee "$out/bench_decode.log" ;;
     profile)
       for batch in 1 64; do
         timeout 240 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \

@@ -13,6 +13,9 @@ batching: admit between steps). On a GPU each decode step is a CUDA graph captur
 bucket (1, 2, 4, ... rows): what changes between steps (the tokens, their positions, the sampling
 counters) lives in device arrays that the graph reads and advances itself, so a step costs the host
 one launch and the copy of the new tokens back (only the tokens: the logits never leave the device).
+Prefills of up to GEMM_ROWS tokens in all are graphs too, one per (batch bucket, prompt bucket of 16,
+32, ... tokens): a server admits a request or a few at a time, and op by op such a prefill costs the
+host far more than the GPU.
 
 Sampling per sequence (cuda/sampling.py): temperature, top-k, top-p and a seed; a sequence draws the
 same numbers in any batch, so the same seed gives the same text alone or beside others.
@@ -28,7 +31,6 @@ import numpy as np
 
 import minimoe.cuda.sampling as sampling_kernels
 from minimoe import backend
-from minimoe.backend import array_module
 from minimoe.inference import GEMM_ROWS, KVCache, dense, forward_cached
 from minimoe.model import GPT
 from minimoe.tensor import no_grad
@@ -101,7 +103,7 @@ class Engine:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.free_slots = list(range(slots))
-        self.graphs: dict[int, DecodeGraph] = {}
+        self.graphs: dict[tuple[int, int], StepGraph] = {}
         self.lockstep = lockstep
         self.use_graphs = graphs and backend.device() == "cuda" and not lockstep
 
@@ -146,49 +148,40 @@ class Engine:
         for sequence in new:
             sequence.slot = self.free_slots.pop(0)
         length = max((len(s.prompt) for s in new), default=1)
-        tokens = np.zeros((len(new), length), dtype=np.int64)
-        mask = np.zeros((len(new), length), dtype=bool)
-        for row, sequence in enumerate(new):
-            tokens[row, :len(sequence.prompt)] = sequence.prompt
-            mask[row, :len(sequence.prompt)] = True
-        xp = backend.xp
-        with no_grad():
-            hidden = forward_cached(self.model, self.cache, xp.asarray(tokens),
-                                    xp.asarray([s.slot for s in new], dtype=np.int64),
-                                    xp.zeros(len(new), dtype=np.int64), xp.asarray(mask))
-            last = hidden[xp.arange(len(new)), xp.asarray([len(s.prompt) - 1 for s in new], dtype=np.int64)]
-            next_tokens = self._sample(dense(last, self.head), new, [len(s.prompt) for s in new])
+        graph = self._graph_for(len(new), prompt_bucket(length))
+        next_tokens = graph.run(new) if graph else self._forward_eagerly(new, length)
         self.running.extend(new)
         self._invalidate_rows()
-        return self._append(new, backend.to_numpy(next_tokens))
+        return self._append(new, next_tokens)
 
     def step(self) -> list[Sequence]:
         """One decode step of every running sequence; returns those that finished with it."""
         rows = self.running
         if not rows and not self.lockstep:
             return []
-        bucket = batch_bucket(len(rows))
-        if self.use_graphs and bucket <= GEMM_ROWS:
-            next_tokens = self._graph(bucket).run(rows)
-        else:
-            next_tokens = backend.to_numpy(self._decode_eagerly(rows))
-        return self._append(rows, next_tokens)
+        graph = self._graph_for(len(rows), 1)
+        return self._append(rows, graph.run(rows) if graph else self._forward_eagerly(rows, 1))
 
     def capture_graphs(self) -> None:
-        """Capture the decode step of every batch bucket a step can take (1, 2, 4, ... up to the slots) now,
-        rather than on first use, when the capture stalls every running sequence: what a server does at
-        start-up. Each is captured on padding rows, as on first use."""
+        """Capture every graph a step or a prefill can take now, rather than on first use, when the capture
+        stalls every running sequence: what a server does at start-up. Each is captured on padding rows,
+        as on first use."""
         if not self.use_graphs:
             return
-        bucket = 1
-        while bucket <= min(batch_bucket(self.cache.slots), GEMM_ROWS):
-            self._graph(bucket)
-            bucket *= 2
+        for rows, length in graph_shapes(self.cache.slots, self.context):
+            self._graph(rows, length)
 
-    def _graph(self, bucket: int) -> DecodeGraph:
-        graph = self.graphs.get(bucket)
+    def _graph_for(self, rows: int, length: int) -> StepGraph | None:
+        """The graph that runs `rows` sequences of `length` tokens each, if there is one for that shape."""
+        bucket = batch_bucket(rows)
+        if not self.use_graphs or (bucket, length) not in graph_shapes(self.cache.slots, self.context):
+            return None
+        return self._graph(bucket, length)
+
+    def _graph(self, rows: int, length: int) -> StepGraph:
+        graph = self.graphs.get((rows, length))
         if graph is None:
-            graph = self.graphs[bucket] = DecodeGraph(self, bucket)
+            graph = self.graphs[rows, length] = StepGraph(self, rows, length)
         return graph
 
     def run_to_completion(self) -> None:
@@ -198,20 +191,17 @@ class Engine:
 
     # ------------------------------------------------------------------ parts of a step
 
-    def _decode_eagerly(self, rows: list[Sequence]) -> Any:
+    def _forward_eagerly(self, rows: list[Sequence], length: int) -> np.ndarray:
+        """The next token of each row after its tokens not yet in the cache (step_inputs), op by op."""
         xp = backend.xp
-        tokens = np.array([s.last_token for s in rows], dtype=np.int64)[:, None]  # [n, 1], also for n = 0
+        inputs = {name: xp.asarray(values) for name, values in step_inputs(rows, len(rows), length, 0).items()}
         with no_grad():
-            hidden = forward_cached(self.model, self.cache, xp.asarray(tokens),
-                                    xp.asarray([s.slot for s in rows], dtype=np.int64),
-                                    xp.asarray([s.length - 1 for s in rows], dtype=np.int64),
-                                    xp.ones((len(rows), 1), dtype=bool))
-            return self._sample(dense(hidden[:, 0], self.head), rows, [s.length for s in rows])
-
-    def _sample(self, logits: Any, rows: list[Sequence], positions: list[int]) -> Any:
-        xp = array_module(logits)
-        params = sampling_inputs(rows, positions)
-        return sampling_kernels.sample_tokens(logits, *(xp.asarray(array) for array in params))
+            hidden = forward_cached(self.model, self.cache, inputs["tokens"], inputs["slot"], inputs["start"],
+                                    inputs["mask"])
+            last = hidden[xp.arange(len(rows)), inputs["last"]]
+            return backend.to_numpy(sampling_kernels.sample_tokens(
+                dense(last, self.head), inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["key"],
+                inputs["position"]))
 
     def _append(self, rows: list[Sequence], next_tokens: np.ndarray) -> list[Sequence]:
         finished = []
@@ -236,9 +226,33 @@ class Engine:
 
 
 def batch_bucket(rows: int) -> int:
-    """The batch size a decode step of `rows` sequences runs at: the next power of two (the graphs'
-    buckets), the rows past `rows` padding."""
+    """The batch size a step of `rows` sequences runs at: the next power of two (the graphs' buckets),
+    the rows past `rows` padding."""
     return 1 << max(rows - 1, 0).bit_length()
+
+
+MIN_PROMPT_BUCKET = 16  # prefill graphs pad prompts to 16, 32, 64, ... tokens
+
+
+def prompt_bucket(length: int) -> int:
+    """The length a prefill of prompts of at most `length` tokens runs at in a graph."""
+    return max(batch_bucket(length), MIN_PROMPT_BUCKET)
+
+
+def graph_shapes(slots: int, context: int) -> set[tuple[int, int]]:
+    """The (rows, tokens per row) shapes that run as CUDA graphs: decode steps (1 token) of every batch
+    bucket, and prefills of up to GEMM_ROWS tokens in all (more go through cuBLAS, whose choices need the
+    host) that fit in the context."""
+    shapes = set()
+    rows = 1
+    while rows <= min(batch_bucket(slots), GEMM_ROWS):
+        shapes.add((rows, 1))
+        length = MIN_PROMPT_BUCKET
+        while rows * length <= GEMM_ROWS and length <= context:
+            shapes.add((rows, length))
+            length *= 2
+        rows *= 2
+    return shapes
 
 
 def completion_text(generated: list[int], stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -261,39 +275,50 @@ def _extend(sequence: Sequence, token: int, context: int) -> None:
         sequence.finish_reason = FINISH_LENGTH
 
 
-def sampling_inputs(rows: list[Sequence], positions: list[int]) -> tuple[np.ndarray, ...]:
-    """Host arrays of each row's sampling settings: temperature, top_k, top_p, key, position."""
-    return (np.array([s.params.temperature for s in rows], dtype=np.float32),
-            np.array([s.params.top_k for s in rows], dtype=np.int32),
-            np.array([s.params.top_p for s in rows], dtype=np.float32),
-            np.array([sampling_kernels.seed_key(s.params.seed) for s in rows], dtype=np.uint64),
-            np.array(positions, dtype=np.int64))
+def step_inputs(rows: list[Sequence], bucket: int, length: int, scratch_slot: int) -> dict[str, np.ndarray]:
+    """Host arrays of one forward of `rows`, padded to `bucket` rows of `length` tokens. Each row feeds its
+    tokens not yet in the cache: its prompt before its first token (a prefill), else its last token (a
+    decode step), from position start on; `last` is the place of its final token in the row, `position`
+    the place its next token will take (the sampler's counter). Padding rows write into the scratch slot
+    and are masked out of the MoE routing; so are padding tokens of short prompts."""
+    padding = bucket - len(rows)
+    fed = [s.prompt if not s.generated else [s.generated[-1]] for s in rows]
+    tokens = np.zeros((bucket, length), dtype=np.int64)
+    mask = np.zeros((bucket, length), dtype=bool)
+    for row, row_tokens in enumerate(fed):
+        tokens[row, :len(row_tokens)] = row_tokens
+        mask[row, :len(row_tokens)] = True
+    return {
+        "tokens": tokens,
+        "mask": mask,
+        "slot": np.array([s.slot for s in rows] + [scratch_slot] * padding, dtype=np.int64),
+        "start": np.array([s.length - len(f) for s, f in zip(rows, fed)] + [0] * padding, dtype=np.int64),
+        "last": np.array([len(f) - 1 for f in fed] + [0] * padding, dtype=np.int64),
+        "temperature": np.array([s.params.temperature for s in rows] + [0.0] * padding, dtype=np.float32),
+        "top_k": np.array([s.params.top_k for s in rows] + [0] * padding, dtype=np.int32),
+        "top_p": np.array([s.params.top_p for s in rows] + [1.0] * padding, dtype=np.float32),
+        "key": np.array([sampling_kernels.seed_key(s.params.seed) for s in rows] + [0] * padding, dtype=np.uint64),
+        "position": np.array([s.length for s in rows] + [0] * padding, dtype=np.int64),
+    }
 
 
-class DecodeGraph:
-    """One decode step of `bucket` rows captured as a CUDA graph. Rows past the running sequences are
-    padding: masked out of the MoE routing, writing into the cache's scratch slot. The step's inputs are
-    device arrays the graph reads; after sampling, the graph itself writes the new tokens into `tokens`
-    and moves `start` and `position` on by one for the real rows, so consecutive steps of the same rows
-    need no host work but the launch. When the rows change (a sequence admitted or finished), run()
-    uploads them again."""
+class StepGraph:
+    """One forward of `bucket` rows of `length` tokens and the sampling of each row's next token, captured
+    as a CUDA graph: a decode step (length 1) or a prefill of prompts padded to `length`. Its inputs
+    (step_inputs) are device arrays the graph reads; run() uploads them and launches it. A decode graph
+    also writes the new tokens into `tokens` and moves `start` and `position` on by one for the real rows
+    itself, so consecutive steps of the same rows need no host work but the launch; when the rows change
+    (a sequence admitted or finished) it uploads them again."""
 
-    def __init__(self, engine: Engine, bucket: int):
+    def __init__(self, engine: Engine, bucket: int, length: int):
         import cupy
 
-        self.engine, self.bucket, self.rows = engine, bucket, None
+        self.engine, self.bucket, self.length, self.rows = engine, bucket, length, None
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.pool = cupy.cuda.MemoryPool()  # the graph's own: its intermediates are never handed to others
-        xp = cupy
-        self.tokens = xp.zeros((bucket, 1), dtype=xp.int64)
-        self.slot = xp.full(bucket, engine.cache.scratch_slot, dtype=xp.int64)
-        self.start = xp.zeros(bucket, dtype=xp.int64)
-        self.mask = xp.zeros((bucket, 1), dtype=bool)
-        self.temperature = xp.zeros(bucket, dtype=xp.float32)
-        self.top_k = xp.zeros(bucket, dtype=xp.int32)
-        self.top_p = xp.ones(bucket, dtype=xp.float32)
-        self.key = xp.zeros(bucket, dtype=xp.uint64)
-        self.position = xp.zeros(bucket, dtype=xp.int64)
+        padding = step_inputs([], bucket, length, engine.cache.scratch_slot)
+        self.inputs = {name: cupy.asarray(values) for name, values in padding.items()}
+        self.row_index = cupy.arange(bucket)
         with self.stream, cupy.cuda.using_allocator(self.pool.malloc):
             self._step()  # warm-up: compiles kernels and fills the pool with every block the capture needs
             self.stream.synchronize()
@@ -302,40 +327,27 @@ class DecodeGraph:
             self.graph = self.stream.end_capture()
 
     def _step(self) -> Any:
-        engine, xp = self.engine, backend.xp
+        engine, inputs = self.engine, self.inputs
         with no_grad():
-            hidden = forward_cached(engine.model, engine.cache, self.tokens, self.slot, self.start, self.mask)
-            next_tokens = sampling_kernels.sample_tokens(dense(hidden[:, 0], engine.head), self.temperature,
-                                                         self.top_k, self.top_p, self.key, self.position)
-        advance = self.mask[:, 0].astype(xp.int64)
-        self.tokens[:, 0] = next_tokens
-        self.start += advance
-        self.position += advance
+            hidden = forward_cached(engine.model, engine.cache, inputs["tokens"], inputs["slot"], inputs["start"],
+                                    inputs["mask"])
+            last = hidden[self.row_index, inputs["last"]]
+            next_tokens = sampling_kernels.sample_tokens(dense(last, engine.head), inputs["temperature"],
+                                                         inputs["top_k"], inputs["top_p"], inputs["key"],
+                                                         inputs["position"])
+        if self.length == 1:
+            advance = inputs["mask"][:, 0].astype(backend.xp.int64)
+            inputs["tokens"][:, 0] = next_tokens
+            inputs["start"] += advance
+            inputs["position"] += advance
         return next_tokens
 
     def run(self, rows: list[Sequence]) -> np.ndarray:
         """The next token of each row (the first len(rows) of the bucket)."""
-        if self.rows is None or self.rows != [id(s) for s in rows]:
-            self._upload(rows)
+        if self.length > 1 or self.rows != [id(s) for s in rows]:
+            host = step_inputs(rows, self.bucket, self.length, self.engine.cache.scratch_slot)
+            for name, values in host.items():
+                self.inputs[name].set(values, stream=self.stream)
+            self.rows = [id(s) for s in rows]
         self.graph.launch(self.stream)
-        tokens = self.next.get(stream=self.stream)[:len(rows)]
-        return tokens
-
-    def _upload(self, rows: list[Sequence]) -> None:
-        padding = self.bucket - len(rows)
-        scratch = self.engine.cache.scratch_slot
-        temperature, top_k, top_p, key, position = sampling_inputs(rows, [s.length for s in rows])
-        host = {
-            "tokens": np.array([[s.last_token] for s in rows] + [[0]] * padding, dtype=np.int64),
-            "slot": np.array([s.slot for s in rows] + [scratch] * padding, dtype=np.int64),
-            "start": np.array([s.length - 1 for s in rows] + [0] * padding, dtype=np.int64),
-            "mask": np.array([[True]] * len(rows) + [[False]] * padding, dtype=bool),
-            "temperature": np.concatenate([temperature, np.zeros(padding, np.float32)]),
-            "top_k": np.concatenate([top_k, np.zeros(padding, np.int32)]),
-            "top_p": np.concatenate([top_p, np.ones(padding, np.float32)]),
-            "key": np.concatenate([key, np.zeros(padding, np.uint64)]),
-            "position": np.concatenate([position, np.zeros(padding, np.int64)]),
-        }
-        for name, values in host.items():
-            getattr(self, name).set(values, stream=self.stream)
-        self.rows = [id(s) for s in rows]
+        return self.next.get(stream=self.stream)[:len(rows)]
