@@ -104,6 +104,14 @@ def test_streamed_chunks_joined_are_the_whole_text(server):
     reply = server.client.chat.completions.create(model=NAME, **chat).choices[0].message.content
     streamed = server.client.chat.completions.create(model=NAME, stream=True, **chat)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == reply
+    # Two prompts, two choices each: four interleaved streams in one response, told apart by index.
+    several = {"prompt": ["A knight", "The sea"], "n": 2, "temperature": 0.9, "seed": 7, "max_tokens": 12}
+    wholes = [choice.text for choice in complete(server, **several).choices]
+    parts = [""] * 4
+    for chunk in complete(server, stream=True, **several):
+        for choice in chunk.choices:
+            parts[choice.index] += choice.text
+    assert parts == wholes
 
 
 def test_stop_cuts_the_text_and_says_so(server):
