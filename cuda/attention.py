@@ -12,7 +12,8 @@ The reference keeps probs [B, H, T, T] for the backward:
 
 GPU: the four matmuls through cuBLAS (cuda/gemm.py) and the masked softmax and its backward as one
 kernel each (cuda/attention.cu, one warp per row, float32 arithmetic). The [B, H, T, T] probabilities
-are still materialised (a flash-attention kernel that never stores them is future work).
+are materialised: this is the path for float32 and for head widths that cuda/flash_attention.py's
+kernels (which never hold them) are not built for; ops.CausalAttention picks.
 """
 
 from typing import Any

@@ -13,11 +13,14 @@ import builtins
 import itertools
 from typing import Any
 
+import numpy as np
+
 import minimoe.cuda.attention as attention_kernels
 import minimoe.cuda.bias_gelu as bias_gelu_kernels
 import minimoe.cuda.distillation as distillation_kernels
 import minimoe.cuda.dropout as dropout_kernels
 import minimoe.cuda.embedding as embedding_kernels
+import minimoe.cuda.flash_attention as flash_attention_kernels
 import minimoe.cuda.gelu as gelu_kernels
 import minimoe.cuda.gemm as gemm
 import minimoe.cuda.layernorm as layernorm_kernels
@@ -381,6 +384,59 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
 
 
+LOGITS_PER_CHUNK = 1 << 27  # lm_head_cross_entropy's chunks hold at most this many logits (256 MiB in bf16)
+
+
+class LMHeadCrossEntropy(Function):
+    """cross_entropy(x @ weight^T, targets) without the [N, V] logits: the rows go `chunk_rows` at a time
+    through the output layer and the fused softmax + cross-entropy (softmax_xent.py), keeping each
+    chunk's logsumexp [rows]. The backward recomputes a chunk's logits and turns them into its gradients
+    at once: grad x = grad_logits @ weight, grad weight += grad_logits^T @ x. One more product than the
+    plain path (the logits twice), in exchange for never holding the logits or their gradient whole.
+    The mean is over every valid row: chunk c's mean times its count of valid rows, summed, over the
+    total count."""
+
+    def forward(ctx, x, weight, targets, ignore_index, chunk_rows):
+        xp = array_module(x)
+        compute = np.promote_types(x.dtype, np.float32)
+        chunks = [slice(first, first + chunk_rows) for first in range(0, len(x), chunk_rows)]
+        counts = [xp.maximum((targets[rows] != ignore_index).sum(), 1).astype(compute) for rows in chunks]
+        total = xp.maximum((targets != ignore_index).sum(), 1).astype(compute)
+        loss, logsumexps = 0.0, []
+        for rows, count in zip(chunks, counts):
+            chunk_loss, logsumexp = softmax_xent_kernels.cross_entropy_forward(
+                gemm.matmul(x[rows], weight, transpose_b=True), targets[rows], ignore_index)
+            loss = loss + chunk_loss * count
+            logsumexps.append(logsumexp)
+        ctx.save(x, weight, targets)
+        ctx.chunks, ctx.counts, ctx.total = chunks, counts, total
+        ctx.logsumexps, ctx.ignore_index = logsumexps, ignore_index
+        return (loss / total).astype(compute)
+
+    def backward(ctx, grad):
+        x, weight, targets = ctx.saved
+        xp = array_module(x)
+        grad_x = xp.empty_like(x)
+        grad_weight = xp.zeros(weight.shape, dtype=np.promote_types(weight.dtype, np.float32))
+        for rows, count, logsumexp in zip(ctx.chunks, ctx.counts, ctx.logsumexps):
+            logits = gemm.matmul(x[rows], weight, transpose_b=True)
+            grad_logits = softmax_xent_kernels.cross_entropy_backward(
+                grad * count / ctx.total, logits, targets[rows], logsumexp, ctx.ignore_index)
+            grad_x[rows] = gemm.matmul(grad_logits, weight)
+            grad_weight += gemm.matmul(grad_logits, x[rows], transpose_a=True).astype(grad_weight.dtype)
+        return grad_x, grad_weight.astype(weight.dtype), None
+
+
+def lm_head_cross_entropy(x: Tensor, weight: Tensor, targets: Any, ignore_index: int = -100,
+                          chunk_rows: int | None = None) -> Tensor:
+    """cross_entropy(x @ weight^T, targets) for x [N, d], weight [V, d] (the tied output layer), targets
+    [N], without the [N, V] logits: at most LOGITS_PER_CHUNK of them exist at a time (chunk_rows rows)."""
+    if isinstance(targets, Tensor):
+        targets = targets.data
+    chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    return LMHeadCrossEntropy.apply(x, weight, targets, ignore_index=ignore_index, chunk_rows=chunk_rows)
+
+
 class Distillation(Function):
     """The knowledge-distillation loss of the student's logits against fixed teacher logits."""
 
@@ -451,13 +507,24 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class CausalAttention(Function):
+    """Flash attention's kernels where they apply (bf16 on the GPU, head widths they are built for: the
+    backward recomputes the probabilities from the saved log-sum-exp [B, H, T]); else the probabilities
+    [B, H, T, T] are kept for the backward (cuda/attention.py)."""
+
     def forward(ctx, q, k, v):
+        ctx.flash = flash_attention_kernels.runs_on_kernels(q)
+        if ctx.flash:
+            out, lse = flash_attention_kernels.flash_attention_forward(q, k, v)
+            ctx.save(q, k, v, out, lse)
+            return out
         out, probs = attention_kernels.causal_attention_forward(q, k, v)
         # Only a backward needs probs [B, H, T, T]; without a tape (generation) it is not kept.
         ctx.save(q, k, v, probs if is_grad_enabled() else None)
         return out
 
     def backward(ctx, grad):
+        if ctx.flash:
+            return flash_attention_kernels.flash_attention_backward(grad, *ctx.saved)
         return attention_kernels.causal_attention_backward(grad, *ctx.saved)
 
 

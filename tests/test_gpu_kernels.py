@@ -395,6 +395,28 @@ def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, dat
             np.testing.assert_array_equal(to_host(copy), cupy.asnumpy(value).astype(bfloat16()).astype(np.float64))
 
 
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), length=st.sampled_from([1, 5, 63, 64, 65, 200, 300]),
+       width=st.sampled_from([16, 32, 48, 64]), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_flash_attention_matches_reference(batch, heads, length, width, seed, poison):
+    """The flash-attention kernels (bf16) against the float64 recurrence: out, lse and the three
+    gradients, over one query block and several, with partial last blocks."""
+    from minimoe.cuda.flash_attention import flash_attention_backward, flash_attention_forward
+
+    rng = np.random.default_rng(seed)
+    (q, q_values), (k, k_values), (v, v_values), (grad, grad_values) = (
+        to_gpu(rng.standard_normal((batch, heads, length, width)), "bfloat16") for _ in range(4))
+    poison_pool(poison)
+    out, lse = flash_attention_forward(q, k, v)
+    expected_out, expected_lse = flash_attention_forward(q_values, k_values, v_values)
+    assert_close(to_host(out), expected_out, "bfloat16", "flash attention output")
+    assert_close(to_host(lse), expected_lse, "bfloat16", "flash attention log-sum-exp")
+    poison_pool(poison)
+    grads = flash_attention_backward(grad, q, k, v, out, lse)
+    expected_grads = flash_attention_backward(grad_values, q_values, k_values, v_values, expected_out, expected_lse)
+    for name, actual, expected in zip(("q", "k", "v"), grads, expected_grads):
+        assert_close(to_host(actual), expected, "bfloat16", f"flash attention grad {name}")
+
+
 @given(batch=st.integers(1, 3), heads=st.integers(1, 3), length=st.sampled_from([1, 5, 33, 64, 200]),
        width=st.sampled_from([8, 16, 64]), dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
 def test_causal_attention_matches_reference(batch, heads, length, width, dtype, seed, poison):

@@ -146,6 +146,47 @@ def test_causal_attention_gradients(batch, heads, length, width, seed):
     check_gradients(ops.causal_attention, [q, k, v])
 
 
+@given(heads=st.integers(1, 3), length=st.sampled_from([1, 2, 63, 64, 65, 150]), width=st.integers(1, 8), seed=seeds)
+def test_flash_attention_recurrence_equals_plain_attention(heads, length, width, seed):
+    """The blocked recurrence (flash_attention.py, the GPU kernels' reference) against the whole softmax
+    (attention.py), forward and backward, in float64: the same numbers to rounding, over one block of
+    keys and several (BLOCK = 64), the last one partial."""
+    from minimoe.cuda.attention import causal_attention_backward, causal_attention_forward
+    from minimoe.cuda.flash_attention import flash_attention_backward, flash_attention_forward
+
+    q, k, v, grad = (randn(seed + i, (heads, length, width)) for i in range(4))
+    out, lse = flash_attention_forward(q, k, v)
+    expected, probs = causal_attention_forward(q, k, v)
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+    scores = np.einsum("htd,hsd->hts", q, k) / width**0.5
+    visible = np.tril(np.ones((length, length), dtype=bool))
+    np.testing.assert_allclose(lse, np.log(np.where(visible, np.exp(scores), 0).sum(axis=-1)), rtol=1e-10)
+    for actual, wanted in zip(flash_attention_backward(grad, q, k, v, out, lse),
+                              causal_attention_backward(grad, q, k, v, probs)):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-9, atol=1e-11)
+
+
+@given(rows=st.integers(1, 9), width=st.integers(1, 4), vocab=st.integers(2, 7), chunk_rows=st.integers(1, 4),
+       ignored=st.booleans(), seed=seeds)
+def test_lm_head_cross_entropy_gradients_and_plain_equality(rows, width, vocab, chunk_rows, ignored, seed):
+    """The chunked output layer + loss: float64 central differences, and the same loss and gradients as
+    the logits materialised (x @ W^T, then cross_entropy), over one chunk or several, ignored rows too."""
+    x, weight = randn(seed, (rows, width)), randn(seed + 1, (vocab, width))
+    targets = np.random.default_rng(seed).integers(0, vocab, rows)
+    if ignored:
+        targets[:: 2] = -100
+    check_gradients(lambda a, b: ops.lm_head_cross_entropy(a, b, targets, chunk_rows=chunk_rows), [x, weight])
+    chunked = [Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True)]
+    plain = [Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True)]
+    loss = ops.lm_head_cross_entropy(*chunked, targets, chunk_rows=chunk_rows)
+    expected = ops.cross_entropy(plain[0] @ plain[1].transpose(), targets)
+    loss.backward()
+    expected.backward()
+    np.testing.assert_allclose(loss.data, expected.data, rtol=1e-12)
+    for actual, wanted in zip(chunked, plain):
+        np.testing.assert_allclose(actual.grad, wanted.grad, rtol=1e-10, atol=1e-14)
+
+
 @given(length=st.integers(2, 6), width=st.integers(1, 4), seed=seeds)
 def test_causal_attention_never_looks_ahead(length, width, seed):
     q, k, v = (randn(seed + i, (1, 1, length, width)) for i in range(3))

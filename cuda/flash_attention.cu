@@ -1,0 +1,271 @@
+// Causal attention that never holds the [T, T] scores (FlashAttention, Dao et al. 2022, with the split of
+// work of FlashAttention-2, Dao 2023). cuda/flash_attention.py is the reference: the same recurrence
+// over blocks of keys in NumPy, and the formulas.
+//
+// q, k, v, out and their gradients: [B*H, T, HEAD] bf16, contiguous; lse and delta: [B*H, T] float32.
+// A block of WARPS warps takes BLOCK rows (queries in the forward and in dq, keys in dk and dv), 16 rows
+// per warp, and walks over the other side in tiles of BLOCK rows staged in shared memory. Every product
+// runs on the tensor cores (tensor_cores.cuh) with float32 sums; a lane holds, of each 16-row piece,
+// rows g and g + 8 (g = lane / 4), so a row's sums are spread over the 4 lanes of a quad, which
+// warp_max(value, 4) and warp_sum(value, 4) reduce.
+#include "common.cuh"
+#include "tensor_cores.cuh"
+
+// -D defines (build.py's compile_options) from cuda/flash_attention.py, which sizes the grids with them.
+#if !defined(BLOCK) || !defined(WARPS)
+#error "flash_attention.cu's constants come from cuda/flash_attention.py: compile it through minimoe.cuda.build"
+#endif
+static_assert(BLOCK == 16 * WARPS, "a warp per 16 rows of the block");
+constexpr int PAD = 8;  // a staged row is 16 bytes longer: the rows start in different banks
+
+template <int HEAD> using Tile = bf16[BLOCK][HEAD + PAD];
+
+// tile = rows first .. first + BLOCK - 1 of one head's [T, HEAD] matrix, zeros past T (16-byte loads).
+template <int HEAD>
+__device__ void stage(Tile<HEAD>& tile, const bf16* __restrict__ matrix, int first, int length) {
+  constexpr int VECTORS = HEAD / 8;  // 8 bf16 per 16-byte load
+  for (int i = threadIdx.x; i < BLOCK * VECTORS; i += blockDim.x) {
+    const int r = i / VECTORS, c = i % VECTORS * 8;
+    uint4 values = make_uint4(0, 0, 0, 0);
+    if (first + r < length) values = *reinterpret_cast<const uint4*>(matrix + (long long)(first + r) * HEAD + c);
+    *reinterpret_cast<uint4*>(&tile[r][c]) = values;
+  }
+}
+
+// sums [16, BLOCK] += a[row0 .. row0 + 15] @ b^T: the warp's 16 rows of the tile a against all BLOCK rows of
+// the tile b, a product over HEAD. Scores q k^T (and k q^T), and the gradients' dout v^T (and v dout^T).
+template <int HEAD>
+__device__ void rows_times_rows(float sums[BLOCK / 8][4], const Tile<HEAD>& a, int row0, const Tile<HEAD>& b,
+                                Lane lane) {
+#pragma unroll
+  for (int kk = 0; kk < HEAD; kk += 16) {
+    unsigned rows[4];
+    load_a(rows, a, row0, kk, lane);
+#pragma unroll
+    for (int n = 0; n < BLOCK / 8; ++n) {
+      unsigned columns[2];
+      load_b_transposed(columns, b, 8 * n, kk, lane);
+      mma_16x8x16(sums[n], rows, columns);
+    }
+  }
+}
+
+// sums [16, HEAD] += weights [16, BLOCK] @ b: weights in registers, as rows_times_rows leaves its sums
+// (rounded to bf16 on the way), times all BLOCK rows of the tile b. Probabilities times values, and the
+// gradients' p^T dout, ds k, ds^T q.
+template <int HEAD>
+__device__ void weights_times_rows(float sums[HEAD / 8][4], const float weights[BLOCK / 8][4], const Tile<HEAD>& b,
+                                   Lane lane) {
+#pragma unroll
+  for (int kt = 0; kt < BLOCK / 16; ++kt) {
+    unsigned rows[4];
+    a_from_sums(rows, weights[2 * kt], weights[2 * kt + 1]);
+#pragma unroll
+    for (int n = 0; n < HEAD / 8; ++n) {
+      unsigned columns[2];
+      load_b(columns, b, 16 * kt, 8 * n, lane);
+      mma_16x8x16(sums[n], rows, columns);
+    }
+  }
+}
+
+// The lane's place in sums [16, N] of the warp's rows: piece i of column group n is row `row0 + g + 8 (i / 2)`
+// and column `8 n + 2 q + i % 2`.
+__device__ __forceinline__ int sum_row(int row0, int i, Lane lane) { return row0 + lane.g + 8 * (i / 2); }
+__device__ __forceinline__ int sum_column(int n, int i, Lane lane) { return 8 * n + 2 * lane.q + i % 2; }
+
+// Stores the warp's rows of sums [16, HEAD] times `factor` (or divided by the row's divisor) into rows
+// first + row of one head's [T, HEAD] matrix, those before T.
+template <int HEAD>
+__device__ void store_rows(bf16* __restrict__ matrix, const float sums[HEAD / 8][4], int first, int row0,
+                           int length, const float factor[2], Lane lane) {
+#pragma unroll
+  for (int n = 0; n < HEAD / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = first + sum_row(row0, i, lane);
+      if (row < length) matrix[(long long)row * HEAD + sum_column(n, i, lane)] = from_float<bf16>(sums[n][i] * factor[i / 2]);
+    }
+}
+
+// out = softmax(scale q k^T, causal) v, and lse = each row's log-sum-exp of its scaled scores. Block
+// (query block, head). The key tiles run from the first to the diagonal one (the last that a query of the
+// block can see); for each, the online softmax: the running max m, the running sum l of exp(s - m) and the
+// running out acc, rescaled by exp(m_old - m_new) whenever the max grows.
+template <int HEAD>
+__global__ void __launch_bounds__(WARPS * 32)
+    flash_attention_forward(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                            bf16* __restrict__ out, float* __restrict__ lse, int length, float scale) {
+  __shared__ __align__(16) Tile<HEAD> q_tile, k_tile, v_tile;
+  const Lane lane;
+  const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
+  const long long head = blockIdx.y, offset = head * length * HEAD;
+  stage<HEAD>(q_tile, q + offset, first_query, length);
+  float row_max[2] = {-infinity(), -infinity()}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
+  float acc[HEAD / 8][4] = {};
+  for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
+    __syncthreads();  // every warp is done with the previous keys
+    stage<HEAD>(k_tile, k + offset, first_key, length);
+    stage<HEAD>(v_tile, v + offset, first_key, length);
+    __syncthreads();
+    float s[BLOCK / 8][4] = {};
+    rows_times_rows<HEAD>(s, q_tile, row0, k_tile, lane);
+    float tile_max[2] = {-infinity(), -infinity()};
+#pragma unroll
+    for (int n = 0; n < BLOCK / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // a query sees the keys up to itself (key 0 always: no row is all -inf)
+        const bool visible = first_key + sum_column(n, i, lane) <= first_query + sum_row(row0, i, lane);
+        s[n][i] = visible ? s[n][i] * scale : -infinity();
+        tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
+      }
+    float rescale[2], tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = fmaxf(row_max[r], warp_max(tile_max[r], 4));
+      rescale[r] = __expf(row_max[r] - new_max);  // 0 on the first tile (m_old = -inf)
+      row_max[r] = new_max;
+    }
+#pragma unroll
+    for (int n = 0; n < BLOCK / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[n][i] = __expf(s[n][i] - row_max[i / 2]);
+        tile_sum[i / 2] += s[n][i];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * rescale[r] + warp_sum(tile_sum[r], 4);
+#pragma unroll
+    for (int n = 0; n < HEAD / 8; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[n][i] *= rescale[i / 2];
+    weights_times_rows<HEAD>(acc, s, v_tile, lane);  // acc += exp(s - m) v
+  }
+  const float inverse[2] = {1.0f / row_sum[0], 1.0f / row_sum[1]};
+  store_rows<HEAD>(out + offset, acc, first_query, row0, length, inverse, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = first_query + row0 + lane.g + 8 * r;
+    if (lane.q == 0 && row < length) lse[head * length + row] = row_max[r] + logf(row_sum[r]);
+  }
+}
+
+// delta[row] = sum_d grad_out[row, d] out[row, d], the softmax backward's term of each row: one warp per row.
+__global__ void attention_delta(const bf16* __restrict__ grad_out, const bf16* __restrict__ out,
+                                float* __restrict__ delta, long long rows, int head_width) {
+  const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  float sum = 0.0f;
+  for (int d = threadIdx.x % 32; d < head_width; d += 32)
+    sum += to_float(grad_out[row * head_width + d]) * to_float(out[row * head_width + d]);
+  sum = warp_sum(sum);
+  if (threadIdx.x % 32 == 0) delta[row] = sum;
+}
+
+// The probabilities p = exp(scale s - lse[query]) of the scores s (in place), 0 where the key is past the
+// query or the query past T; the warp's rows are queries (transposed = false) or keys (true).
+__device__ __forceinline__ void probabilities(float s[BLOCK / 8][4], int first_row, int row0, int first_column,
+                                              bool transposed, int length, float scale, const float* row_lse,
+                                              const float* column_lse, Lane lane) {
+#pragma unroll
+  for (int n = 0; n < BLOCK / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = first_row + sum_row(row0, i, lane), column = first_column + sum_column(n, i, lane);
+      const int query = transposed ? column : row, key = transposed ? row : column;
+      const float lse = transposed ? column_lse[sum_column(n, i, lane)] : row_lse[i / 2];
+      s[n][i] = key <= query && query < length ? __expf(s[n][i] * scale - lse) : 0.0f;
+    }
+}
+
+// The scores' gradients ds = p (dp - delta[query]) from the probabilities' dp (in place).
+__device__ __forceinline__ void score_gradients(float dp[BLOCK / 8][4], const float p[BLOCK / 8][4], bool transposed,
+                                                const float* row_delta, const float* column_delta, Lane lane) {
+#pragma unroll
+  for (int n = 0; n < BLOCK / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      dp[n][i] = p[n][i] * (dp[n][i] - (transposed ? column_delta[sum_column(n, i, lane)] : row_delta[i / 2]));
+}
+
+// grad_k and grad_v of a block of keys: block (key block, head); the query tiles from the diagonal one to
+// T. Per tile: p^T (keys x queries) from the saved lse, grad_v += p^T dout, dp^T = v dout^T,
+// ds^T = p^T (dp^T - delta), grad_k += scale ds^T q.
+template <int HEAD>
+__global__ void __launch_bounds__(WARPS * 32)
+    flash_attention_backward_keys(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                  const bf16* __restrict__ grad_out, const float* __restrict__ lse,
+                                  const float* __restrict__ delta, bf16* __restrict__ grad_k,
+                                  bf16* __restrict__ grad_v, int length, float scale) {
+  __shared__ __align__(16) Tile<HEAD> k_tile, v_tile, q_tile, grad_out_tile;
+  __shared__ float lse_tile[BLOCK], delta_tile[BLOCK];
+  const Lane lane;
+  const int row0 = 16 * (threadIdx.x / 32), first_key = blockIdx.x * BLOCK;
+  const long long head = blockIdx.y, offset = head * length * HEAD;
+  stage<HEAD>(k_tile, k + offset, first_key, length);
+  stage<HEAD>(v_tile, v + offset, first_key, length);
+  float k_sums[HEAD / 8][4] = {}, v_sums[HEAD / 8][4] = {};
+  for (int first_query = first_key; first_query < length; first_query += BLOCK) {
+    __syncthreads();  // every warp is done with the previous queries
+    stage<HEAD>(q_tile, q + offset, first_query, length);
+    stage<HEAD>(grad_out_tile, grad_out + offset, first_query, length);
+    for (int i = threadIdx.x; i < BLOCK; i += blockDim.x) {
+      const bool real = first_query + i < length;
+      lse_tile[i] = real ? lse[head * length + first_query + i] : 0.0f;
+      delta_tile[i] = real ? delta[head * length + first_query + i] : 0.0f;
+    }
+    __syncthreads();
+    float p[BLOCK / 8][4] = {};
+    rows_times_rows<HEAD>(p, k_tile, row0, q_tile, lane);
+    probabilities(p, first_key, row0, first_query, true, length, scale, nullptr, lse_tile, lane);
+    weights_times_rows<HEAD>(v_sums, p, grad_out_tile, lane);
+    float dp[BLOCK / 8][4] = {};
+    rows_times_rows<HEAD>(dp, v_tile, row0, grad_out_tile, lane);
+    score_gradients(dp, p, true, nullptr, delta_tile, lane);
+    weights_times_rows<HEAD>(k_sums, dp, q_tile, lane);
+  }
+  const float by_scale[2] = {scale, scale}, by_one[2] = {1.0f, 1.0f};
+  store_rows<HEAD>(grad_k + offset, k_sums, first_key, row0, length, by_scale, lane);
+  store_rows<HEAD>(grad_v + offset, v_sums, first_key, row0, length, by_one, lane);
+}
+
+// grad_q of a block of queries: block (query block, head); the key tiles up to the diagonal one, as in the
+// forward. Per tile: p from the saved lse, dp = dout v^T, ds = p (dp - delta), grad_q += scale ds k.
+// (A kernel of its own rather than atomic adds from the key blocks: the sums keep one order, so the
+// gradients are the same bits from run to run.)
+template <int HEAD>
+__global__ void __launch_bounds__(WARPS * 32)
+    flash_attention_backward_queries(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                     const bf16* __restrict__ v, const bf16* __restrict__ grad_out,
+                                     const float* __restrict__ lse, const float* __restrict__ delta,
+                                     bf16* __restrict__ grad_q, int length, float scale) {
+  __shared__ __align__(16) Tile<HEAD> q_tile, grad_out_tile, k_tile, v_tile;
+  const Lane lane;
+  const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
+  const long long head = blockIdx.y, offset = head * length * HEAD;
+  stage<HEAD>(q_tile, q + offset, first_query, length);
+  stage<HEAD>(grad_out_tile, grad_out + offset, first_query, length);
+  float row_lse[2], row_delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = first_query + row0 + lane.g + 8 * r;
+    row_lse[r] = row < length ? lse[head * length + row] : 0.0f;
+    row_delta[r] = row < length ? delta[head * length + row] : 0.0f;
+  }
+  float q_sums[HEAD / 8][4] = {};
+  for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
+    __syncthreads();
+    stage<HEAD>(k_tile, k + offset, first_key, length);
+    stage<HEAD>(v_tile, v + offset, first_key, length);
+    __syncthreads();
+    float p[BLOCK / 8][4] = {};
+    rows_times_rows<HEAD>(p, q_tile, row0, k_tile, lane);
+    probabilities(p, first_query, row0, first_key, false, length, scale, row_lse, nullptr, lane);
+    float dp[BLOCK / 8][4] = {};
+    rows_times_rows<HEAD>(dp, grad_out_tile, row0, v_tile, lane);
+    score_gradients(dp, p, false, row_delta, nullptr, lane);
+    weights_times_rows<HEAD>(q_sums, dp, k_tile, lane);
+  }
+  const float by_scale[2] = {scale, scale};
+  store_rows<HEAD>(grad_q + offset, q_sums, first_query, row0, length, by_scale, lane);
+}

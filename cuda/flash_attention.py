@@ -1,0 +1,146 @@
+"""Causal attention without the [T, T] matrix: FlashAttention (Dao et al., 2022), with the split of work of
+FlashAttention-2 (Dao, 2023). The same function as cuda/attention.py, in blocks of keys:
+
+For q, k, v of shape [..., T, D] and scale = 1 / sqrt(D), a query row keeps a running max m, a running
+sum l and a running output acc, and meets the keys a block of BLOCK at a time:
+
+    s      = scale * q @ k_block^T          (s = -inf where the key is past the query)
+    m_new  = max(m, max_s s)
+    p      = exp(s - m_new)
+    l      = l * exp(m - m_new) + sum_s p
+    acc    = acc * exp(m - m_new) + p @ v_block
+    m      = m_new
+    out    = acc / l,   lse = m + log(l)    (the log-sum-exp of the row's scores)
+
+Each row's softmax is never held whole: only one block of scores at a time (on the GPU, in registers).
+The backward recomputes each block's probabilities from lse, p = exp(s - lse), and with
+delta = sum_d dout * out (which equals sum_s p * dp, the softmax backward's row term):
+
+    dv_block += p^T @ dout,   dp = dout @ v_block^T,   ds = p * (dp - delta)
+    dq += scale * ds @ k_block,   dk_block += scale * ds^T @ q
+
+Reference: NumPy, those loops (any float dtype; float64 sums at least float32). GPU: cuda/flash_attention.cu
+for bf16 with D in HEAD_WIDTHS: a forward kernel (a block per BLOCK queries of one head), the delta
+kernel, and two backward kernels, one per BLOCK keys (dk, dv) and one per BLOCK queries (dq), every
+product on the tensor cores with float32 sums. cuda/attention.py uses it where it applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from minimoe.backend import array_module, is_gpu
+from minimoe.cuda import build
+
+BLOCK = 64  # queries (or keys) of one block of the kernels; the keys of one step of the recurrence
+WARPS = 4  # 16 rows of the block per warp
+HEAD_WIDTHS = (16, 32, 48, 64)  # the head widths the kernels are built for
+DELTA_WARPS = 8
+build.register("flash_attention.cu", "attention_delta",
+               *(f"flash_attention_{part}<{width}>" for part in ("forward", "backward_keys", "backward_queries")
+                 for width in HEAD_WIDTHS),
+               constants=dict(BLOCK=BLOCK, WARPS=WARPS))
+
+
+def runs_on_kernels(q: Any) -> bool:
+    """Whether flash_attention's GPU kernels take q (and k, v of its shape): bf16 on the GPU, D in HEAD_WIDTHS."""
+    return is_gpu(q) and build.KERNEL_TYPES.get(q.dtype.name) == "bf16" and q.shape[-1] in HEAD_WIDTHS
+
+
+def flash_attention_forward(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    """(out [..., T, D], lse [..., T], float32 at least) of causal attention over q, k, v [..., T, D]."""
+    if is_gpu(q):
+        return _gpu_forward(q, k, v)
+    xp = array_module(q)
+    length, width = q.shape[-2:]
+    dtype, compute = q.dtype, np.promote_types(q.dtype, np.float32)
+    q, k, v = (a.astype(compute) for a in (q, k, v))
+    scale = 1.0 / width**0.5
+    queries = xp.arange(length)
+    row_max = xp.full(q.shape[:-1], -xp.inf, dtype=compute)
+    row_sum = xp.zeros(q.shape[:-1], dtype=compute)
+    acc = xp.zeros(q.shape, dtype=compute)
+    for first in range(0, length, BLOCK):
+        keys = slice(first, min(first + BLOCK, length))
+        scores = scale * q @ xp.swapaxes(k[..., keys, :], -1, -2)
+        scores = xp.where(queries[:, None] >= xp.arange(keys.start, keys.stop), scores, -xp.inf)
+        new_max = xp.maximum(row_max, scores.max(axis=-1))  # finite from the first block on: key 0 is seen
+        rescale = xp.exp(row_max - new_max)
+        p = xp.exp(scores - new_max[..., None])
+        row_sum = row_sum * rescale + p.sum(axis=-1)
+        acc = acc * rescale[..., None] + p @ v[..., keys, :]
+        row_max = new_max
+    return (acc / row_sum[..., None]).astype(dtype), row_max + xp.log(row_sum)
+
+
+def flash_attention_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any) -> tuple[Any, Any, Any]:
+    """(grad q, grad k, grad v) from the output's gradient, the inputs, and the forward's out and lse."""
+    if is_gpu(q):
+        return _gpu_backward(grad_out, q, k, v, out, lse)
+    xp = array_module(q)
+    length, width = q.shape[-2:]
+    dtype, compute = q.dtype, np.promote_types(q.dtype, np.float32)
+    grad_out, q, k, v, out = (a.astype(compute) for a in (grad_out, q, k, v, out))
+    scale = 1.0 / width**0.5
+    delta = (grad_out * out).sum(axis=-1)
+    queries = xp.arange(length)
+    grad_q, grad_k, grad_v = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+    for first in range(0, length, BLOCK):
+        keys = slice(first, min(first + BLOCK, length))
+        scores = scale * q @ xp.swapaxes(k[..., keys, :], -1, -2)
+        visible = queries[:, None] >= xp.arange(keys.start, keys.stop)
+        p = xp.where(visible, xp.exp(scores - lse[..., None]), 0.0)
+        grad_v[..., keys, :] = xp.swapaxes(p, -1, -2) @ grad_out
+        grad_scores = p * (grad_out @ xp.swapaxes(v[..., keys, :], -1, -2) - delta[..., None])
+        grad_q += scale * grad_scores @ k[..., keys, :]
+        grad_k[..., keys, :] = scale * xp.swapaxes(grad_scores, -1, -2) @ q
+    return tuple(a.astype(dtype) for a in (grad_q, grad_k, grad_v))
+
+
+# ----------------------------------------------------------------------------- GPU paths
+
+
+def _heads(*arrays: Any) -> list[Any]:
+    """Each array as [B*H, T, D], contiguous (the kernels' layout)."""
+    import cupy
+
+    return [cupy.ascontiguousarray(a).reshape(-1, *a.shape[-2:]) for a in arrays]
+
+
+def _gpu_forward(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+    import cupy
+
+    if not runs_on_kernels(q):
+        raise ValueError(f"flash attention's kernels take bf16 with a head width in {HEAD_WIDTHS}, "
+                         f"got {q.dtype} and {q.shape[-1]}")
+    heads, length, width = len(q.reshape(-1, *q.shape[-2:])), *q.shape[-2:]
+    q3, k3, v3 = _heads(q, k, v)
+    out = cupy.empty_like(q3)
+    lse = cupy.empty((heads, length), dtype=cupy.float32)
+    if heads and length:
+        build.kernel("flash_attention.cu", f"flash_attention_forward<{width}>")(
+            (-(-length // BLOCK), heads), (32 * WARPS,),
+            (q3, k3, v3, out, lse, np.int32(length), np.float32(1.0 / width**0.5)))
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def _gpu_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any) -> tuple[Any, Any, Any]:
+    import cupy
+
+    heads, length, width = len(q.reshape(-1, *q.shape[-2:])), *q.shape[-2:]
+    grad_out3, q3, k3, v3, out3 = _heads(grad_out.astype(q.dtype, copy=False), q, k, v, out)
+    lse = cupy.ascontiguousarray(lse, dtype=cupy.float32)
+    grad_q, grad_k, grad_v = (cupy.empty_like(q3) for _ in range(3))
+    if heads and length:
+        rows = heads * length
+        delta = cupy.empty(rows, dtype=cupy.float32)
+        build.kernel("flash_attention.cu", "attention_delta")(
+            (-(-rows // DELTA_WARPS),), (32 * DELTA_WARPS,), (grad_out3, out3, delta, np.int64(rows), np.int32(width)))
+        grid, scale = (-(-length // BLOCK), heads), np.float32(1.0 / width**0.5)
+        build.kernel("flash_attention.cu", f"flash_attention_backward_keys<{width}>")(
+            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_k, grad_v, np.int32(length), scale))
+        build.kernel("flash_attention.cu", f"flash_attention_backward_queries<{width}>")(
+            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_q, np.int32(length), scale))
+    return tuple(g.reshape(q.shape) for g in (grad_q, grad_k, grad_v))
