@@ -93,7 +93,7 @@ class GPTConfig:
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, T, V]
+    logits: Tensor | None  # [B, T, V]; None when the loss was computed without them (forward's keep_logits)
     loss: Tensor | None  # what training minimises: lm_loss + the MoE layers' weighted auxiliary losses
     lm_loss: Tensor | None  # the mean next-token cross-entropy alone
     moe: list[Routing]  # one entry per MoE layer, in depth order
@@ -131,8 +131,10 @@ class GPT(Module):
         self.blocks = [Block(config, rng, experts, expert_parallel) for experts in config.experts_in_block()]
         self.ln_f = LayerNorm(config.n_embd)
 
-    def forward(self, tokens: Any, targets: Any = None) -> ModelOutput:
-        """tokens [B, T] (integers < vocab_size, T <= block_size), optional targets [B, T] -> ModelOutput."""
+    def forward(self, tokens: Any, targets: Any = None, keep_logits: bool = False) -> ModelOutput:
+        """tokens [B, T] (integers < vocab_size, T <= block_size), optional targets [B, T] -> ModelOutput.
+        With targets, the loss comes from ops.lm_head_cross_entropy, which never holds the [B*T, V]
+        logits, unless keep_logits asks for them (distillation's KD term reads them)."""
         batch, length = tokens.shape
         if length > self.config.block_size:
             raise ValueError(f"sequence of {length} tokens is longer than the model's context "
@@ -145,10 +147,15 @@ class GPT(Module):
             if routing is not None:
                 routings.append(routing)
         x = self.ln_f(x)
-        logits = x @ self.wte.weight.transpose()  # tied: the output layer is the embedding matrix
-        if targets is None:
-            return ModelOutput(logits, None, None, routings)
-        lm_loss = ops.cross_entropy(logits.reshape(batch * length, self.config.vocab_size), targets.reshape(-1))
+        if targets is None or keep_logits:
+            logits = x @ self.wte.weight.transpose()  # tied: the output layer is the embedding matrix
+            if targets is None:
+                return ModelOutput(logits, None, None, routings)
+            lm_loss = ops.cross_entropy(logits.reshape(batch * length, self.config.vocab_size), targets.reshape(-1))
+        else:
+            logits = None
+            lm_loss = ops.lm_head_cross_entropy(x.reshape(batch * length, self.config.n_embd), self.wte.weight,
+                                                targets.reshape(-1))
         loss = lm_loss
         for routing in routings:  # GShard / DeepSpeed: the auxiliary losses of all MoE layers add up
             loss = loss + self.config.aux_loss_coef * routing.aux_loss

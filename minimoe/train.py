@@ -383,7 +383,7 @@ def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Ro
         seeds = [train_config.seed, run.step] + ([micro] if micro_batches > 1 else [])
         backend.manual_seed(*seeds)
         inputs, targets = run.data.batch("train", train_config.batch_size, np.random.default_rng(seeds))
-        output = model(backend.asarray(inputs), backend.asarray(targets))
+        output = model(backend.asarray(inputs), backend.asarray(targets), keep_logits=distilling)
         loss = output.loss
         if distilling:  # (1 - alpha) CE + alpha KD + the auxiliary losses, from loss = CE + auxiliary
             with no_grad():
