@@ -9,6 +9,8 @@
 #   tests        the gpu-marked tests (kernels, inference engine, training), and the Numba dispatch test
 #   kernels      the gpu-marked kernel tests alone (tests/test_gpu_kernels.py)
 #   engine       the gpu-marked inference and training tests alone
+#   flash        the attention kernels' tests and the training tests (the script stops if one fails)
+#   train-step-alone  bench train-step without its PyTorch peers
 #   serve        bench serve (the server's wheels, which the device lacks, from .whl/serve: fastapi,
 #                starlette, uvicorn, pydantic and its two helpers, downloaded here with pip download)
 #   decode       bench decode (the engine against transformers' Mixtral; DECODE_FLAGS=--no-peers: the engine alone)
@@ -43,6 +45,14 @@ for what in "$@"; do
     kernels)
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 |
         tee "$out/gpu_kernel_tests.log" | tail -30 ;;
+    flash)  # stops the script when they fail
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -k "attention or gpu_run" tests/test_gpu_kernels.py \
+        tests/test_gpu_training.py > "$out/gpu_flash_tests.log" 2>&1
+      status=$?
+      tail -15 "$out/gpu_flash_tests.log"
+      [[ $status == 0 ]] || exit 1 ;;
+    train-step-alone)
+      timeout 120 python3 -m minimoe.cli bench train-step --no-peers 2>&1 | grep -v Warning | tee "$out/bench_train-step-alone.log" ;;
     engine)
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_inference.py tests/test_gpu_training.py \
         2>&1 | tee "$out/gpu_engine_tests.log" | tail -30 ;;

@@ -208,13 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=_plot)
 
     bench = commands.add_parser("bench", help="benchmarks with side-by-side peers")
-    bench.add_argument("name", choices=["cpu-step", "moe-layer", "gating", "dispatch", "train-step", "decode",
-                                        "serve", "alltoall"])
+    bench.add_argument("name", choices=["cpu-step", "moe-layer", "gating", "dispatch", "train-step", "attention",
+                                        "decode", "serve", "alltoall"])
     bench.add_argument("--config", help="cpu-step: TOML config of the model to time (default: the default config)")
     bench.add_argument("--steps", type=int, default=10, help="cpu-step: timed steps (after 2 warm-up steps)")
     bench.add_argument("--k", type=int, choices=[1, 2], help="moe-layer: top-k (default: both)")
     bench.add_argument("--dropless", action="store_true", help="moe-layer: no capacity, no dropped tokens")
-    bench.add_argument("--no-peers", action="store_true", help="moe-layer, decode: time minimoe only")
+    bench.add_argument("--no-peers", action="store_true", help="moe-layer, decode, train-step: time minimoe only")
     bench.add_argument("--batches", default="1,8,64,256", help="decode: batch sizes, comma-separated")
     bench.add_argument("--clients", type=int, default=64, help="serve: concurrent clients")
     bench.add_argument("--requests", type=int, default=256, help="serve: requests in all")

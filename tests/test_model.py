@@ -17,6 +17,31 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     return GPT(config).to(np.float64)
 
 
+def test_chunked_loss_equals_the_loss_over_materialised_logits(monkeypatch):
+    """Above CHUNKED_LOSS_LOGITS logits the model's loss goes through the chunked output layer (here
+    forced, with chunks of 5 rows): the same loss and the same gradient for every parameter as with the
+    logits materialised, which forward(keep_logits=True) returns."""
+    import minimoe.model
+    from minimoe import ops
+
+    rng = np.random.default_rng(3)
+    tokens, targets = rng.integers(0, 11, (3, 6)), rng.integers(0, 11, (3, 6))
+    runs = []
+    for chunked in (False, True):
+        model = tiny_model(3)
+        if chunked:
+            monkeypatch.setattr(minimoe.model, "CHUNKED_LOSS_LOGITS", 0)
+            monkeypatch.setattr(ops, "LOGITS_PER_CHUNK", 5 * 11)
+        output = model(tokens, targets, keep_logits=not chunked)
+        assert (output.logits is None) == chunked
+        output.loss.backward()
+        runs.append((output.loss.item(), {name: p.grad for name, p in model.named_parameters()}))
+    (plain_loss, plain_grads), (chunked_loss, chunked_grads) = runs
+    assert chunked_loss == pytest.approx(plain_loss, rel=1e-12)
+    for name, grad in plain_grads.items():
+        np.testing.assert_allclose(chunked_grads[name], grad, rtol=1e-9, atol=1e-13, err_msg=name)
+
+
 @settings(max_examples=4)
 @given(seed=st.integers(0, 1000), batch=st.integers(1, 2), length=st.integers(1, 6))
 def test_whole_gpt_gradients_match_finite_differences(seed, batch, length):

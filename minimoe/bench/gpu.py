@@ -607,6 +607,8 @@ def bench_train_step(args: argparse.Namespace) -> None:
           f"{tokens_per_step / minimoe_ms * 1e3:>12,.0f}{pool.total_bytes() / 2**30:>10.1f}")
     del step
     pool.free_all_blocks()
+    if args.no_peers:
+        return
     peers = {}
     for name, grouped, compiled in (("PyTorch eager, grouped_mm MoE, fused AdamW", True, False),
                                     ("PyTorch compiled, grouped_mm MoE, fused AdamW", True, True),
@@ -632,5 +634,64 @@ def bench_train_step(args: argparse.Namespace) -> None:
         print(f"minimoe's throughput is {peers[best] / minimoe_ms:.2f}x the strongest peer's ({best})")
 
 
+def _peak_gib(fn: Callable[[], Any]) -> float:
+    """GiB that one fn() takes into CuPy's memory pool beyond what is in use before it (the inputs)."""
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    before = pool.used_bytes()
+    fn()
+    cupy.cuda.Device().synchronize()
+    return (pool.total_bytes() - before) / 2**30
+
+
+def bench_attention(args: argparse.Namespace) -> None:
+    """Two parts of the training step, each forward + backward at bench train-step's shapes, in the two
+    ways minimoe can run them: causal attention as flash attention's kernels or with the probabilities
+    materialised (cuBLAS and the masked softmax), and the output layer + loss chunked
+    (ops.lm_head_cross_entropy) or with the logits materialised."""
+    import cupy
+
+    from minimoe import ops
+    from minimoe.cuda.attention import causal_attention_backward, causal_attention_forward
+    from minimoe.cuda.flash_attention import flash_attention_backward, flash_attention_forward
+
+    backend.set_device("cuda")
+    header("attention")
+    rng = np.random.default_rng(0)
+    heads, width, length = STEP_MODEL["n_head"], STEP_MODEL["n_embd"], STEP_MODEL["block_size"]
+    shape = (STEP_BATCH, heads, length, width // heads)
+    q, k, v, grad = (cupy.asarray(rng.standard_normal(shape).astype(backend.bfloat16())) for _ in range(4))
+
+    def flash() -> None:
+        out, lse = flash_attention_forward(q, k, v)
+        flash_attention_backward(grad, q, k, v, out, lse)
+
+    def materialised() -> None:
+        _, probs = causal_attention_forward(q, k, v)
+        causal_attention_backward(grad, q, k, v, probs)
+
+    rows, vocab = STEP_BATCH * length, STEP_MODEL["vocab_size"]
+    x = cupy.asarray((rng.standard_normal((rows, width)) * 0.5).astype(backend.bfloat16()))
+    weight = cupy.asarray((rng.standard_normal((vocab, width)) * 0.02).astype(backend.bfloat16()))
+    targets = cupy.asarray(rng.integers(0, vocab, rows))
+
+    def chunked() -> None:
+        ops.lm_head_cross_entropy(Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True), targets).backward()
+
+    def logits() -> None:
+        inputs, output = Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True)
+        ops.cross_entropy(inputs @ output.transpose(), targets).backward()
+
+    print(f"attention: q, k, v [{', '.join(map(str, shape))}] bf16, causal; output layer + loss: x [{rows}, {width}], "
+          f"weight [{vocab}, {width}] bf16; forward + backward each")
+    print(f"{'part':<58}{'ms':>8}{'pool GiB':>10}   (GiB: what one run takes into CuPy's pool beyond its inputs)")
+    for name, fn in (("attention, flash kernels", flash), ("attention, probabilities materialised", materialised),
+                     ("output layer + loss, chunked", chunked), ("output layer + loss, logits materialised", logits)):
+        gib = _peak_gib(fn)
+        print(f"{name:<58}{event_ms(fn, warmup=2, repeats=10):>8.2f}{gib:>10.2f}")
+
+
 BENCHMARKS = {"moe-layer": bench_moe_layer, "gating": bench_gating, "dispatch": bench_dispatch,
-              "train-step": bench_train_step}
+              "train-step": bench_train_step, "attention": bench_attention}
