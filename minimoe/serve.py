@@ -124,7 +124,11 @@ class Scheduler:
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.requests: dict[int, Request] = {}  # id(sequence) -> its request, while it runs or waits
         self.stopping = threading.Event()
-        self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
+                         "decoded_rows": 0}  # decoded_rows / decode_steps: the mean running batch
+        # Wall seconds of the scheduler thread by phase: waiting for requests while idle, taking arrivals
+        # and cancellations, admit (prefills), step (decode), events (texts handed to the HTTP side).
+        self.seconds = dict.fromkeys(("waiting", "arrivals", "admit", "step", "events"), 0.0)
         self.running = 0
         self.expert_tokens = [backend.to_numpy(counts) for counts in self.engine.cache.expert_tokens]
         self.thread = threading.Thread(target=self._loop, name="minimoe-scheduler", daemon=True)
@@ -148,16 +152,23 @@ class Scheduler:
         # middle of traffic stalls every running stream. (Requests that arrive meanwhile wait in the inbox.)
         engine.capture_graphs()
         snapshot_at = 0.0
+        clock = time.perf_counter()
         while not self.stopping.is_set():
-            self._take_arrivals(block=not engine.busy)
+            idle = not engine.busy
+            self._take_arrivals(block=idle)
             for request in [r for r in self.requests.values() if r.cancelled]:
                 engine.cancel(request.sequence)
                 del self.requests[id(request.sequence)]
             self.running = len(engine.running)
+            clock = self._account("waiting" if idle else "arrivals", clock)
             if not engine.busy:
                 continue
             engine.admit()
+            clock = self._account("admit", clock)
+            self.counters["decode_steps"] += bool(engine.running)
+            self.counters["decoded_rows"] += len(engine.running)
             engine.step()
+            clock = self._account("step", clock)
             self.running = len(engine.running)
             events: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
             for key, request in list(self.requests.items()):
@@ -175,10 +186,16 @@ class Scheduler:
             if time.perf_counter() - snapshot_at > 0.5:  # the metrics' copy of the experts' counts
                 self.expert_tokens = [backend.to_numpy(counts) for counts in engine.cache.expert_tokens]
                 snapshot_at = time.perf_counter()
+            clock = self._account("events", clock)
         for request in self.requests.values():
             request.end()
         while not self.inbox.empty():
             self.inbox.get_nowait().end()
+
+    def _account(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
 
     def _take_arrivals(self, block: bool) -> None:
         try:
@@ -384,6 +401,9 @@ def create_app(model: GPT, name: str, max_batch: int, max_queue: int) -> tuple[F
     async def metrics() -> Any:
         lines = [f"# TYPE minimoe_{key}_total counter\nminimoe_{key}_total {value}"
                  for key, value in scheduler.counters.items()]
+        lines += ["# TYPE minimoe_scheduler_seconds_total counter"]
+        lines += [f'minimoe_scheduler_seconds_total{{phase="{phase}"}} {seconds:.6f}'
+                  for phase, seconds in scheduler.seconds.items()]
         lines += [f"# TYPE minimoe_queue_length gauge\nminimoe_queue_length {scheduler.queued}",
                   f"# TYPE minimoe_running_sequences gauge\nminimoe_running_sequences {scheduler.running}",
                   "# TYPE minimoe_expert_tokens_total counter"]

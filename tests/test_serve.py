@@ -186,10 +186,15 @@ def test_models_health_and_metrics(server):
     assert [m.id for m in models] == [NAME]
     assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
     before = server.metric("minimoe_generated_tokens_total")
+    steps_before = server.metric("minimoe_decode_steps_total")
     complete(server, prompt="The", max_tokens=5)
     assert server.metric("minimoe_generated_tokens_total") == before + 5
+    # The prefill samples the first token, four decode steps the others; each step decoded its one row.
+    assert server.metric("minimoe_decode_steps_total") == steps_before + 4
+    assert server.metric("minimoe_decoded_rows_total") >= server.metric("minimoe_decode_steps_total")
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert 'minimoe_expert_tokens_total{layer="1",expert="7"}' in text
+    assert server.metric('minimoe_scheduler_seconds_total{phase="step"}') > 0
     assert server.metric("minimoe_requests_total") >= 1 and server.metric("minimoe_prompt_tokens_total") >= 3
 
 

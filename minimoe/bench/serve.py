@@ -81,7 +81,7 @@ def bench_serve(args: argparse.Namespace) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app, _ = create_app(model, "bench", max_batch=args.clients, max_queue=4 * args.requests)
+    app, scheduler = create_app(model, "bench", max_batch=args.clients, max_queue=4 * args.requests)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -99,8 +99,12 @@ def bench_serve(args: argparse.Namespace) -> None:
     where = backend.gpu_name() if device == "cuda" else f"CPU ({__import__('os').cpu_count()} threads)"
     print(f"bench serve on {where}: {model.num_parameters():,} parameters, {args.requests} streamed greedy requests "
           f"(prompts 16-64 bytes, 16-128 new tokens, seed 0) over loopback HTTP")
-    rows = {f"{args.clients} concurrent clients": clients.submit(_run, url, requests, args.clients).result(),
-            "one at a time": clients.submit(_run, url, requests, 1).result()}
+    rows, timelines = {}, {}
+    for name, concurrent_clients in ((f"{args.clients} concurrent clients", args.clients), ("one at a time", 1)):
+        before = dict(scheduler.seconds), dict(scheduler.counters)
+        rows[name] = clients.submit(_run, url, requests, concurrent_clients).result()
+        timelines[name] = ({phase: scheduler.seconds[phase] - before[0][phase] for phase in scheduler.seconds},
+                           {key: scheduler.counters[key] - before[1][key] for key in scheduler.counters})
     clients.shutdown()
     print(f"{'':<26}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'TPOT p50 ms':>13}{'TPOT p99 ms':>13}")
     for name, row in rows.items():
@@ -108,5 +112,11 @@ def bench_serve(args: argparse.Namespace) -> None:
               f"{1e3 * row['tpot p50']:>13.2f}{1e3 * row['tpot p99']:>13.2f}")
     ratio = rows[f"{args.clients} concurrent clients"]["tokens/s"] / rows["one at a time"]["tokens/s"]
     print(f"throughput with {args.clients} clients: {ratio:.1f}x one at a time")
+    print("the scheduler thread meanwhile (wall seconds by phase; a decode step's mean batch):")
+    for name, (seconds, counts) in timelines.items():
+        steps = max(counts["decode_steps"], 1)
+        phases = ", ".join(f"{phase} {value:.2f}" for phase, value in seconds.items())
+        print(f"  {name}: {counts['decode_steps']} steps of {counts['decoded_rows'] / steps:.1f} rows on average, "
+              f"{1e3 * seconds['step'] / steps:.2f} ms each; {phases} (of {sum(seconds.values()):.2f})")
     server.should_exit = True
     thread.join(timeout=10)
