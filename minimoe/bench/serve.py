@@ -4,9 +4,11 @@ A server (minimoe/serve.py) runs in this process on 127.0.0.1 and a free port, o
 weights: on the GPU bench decode's model (482M parameters, bf16), on the CPU a small one (4 layers,
 d=128, 8 experts top-2, context 256). A fixed number of requests, their prompt lengths and max_tokens
 drawn from a fixed seed, each streamed (greedy, so every request makes exactly max_tokens tokens), are
-sent by --clients concurrent clients, then the same requests one at a time. The clients run in a
-process of their own, as real clients do: in the server's process their reading and parsing of every
-streamed chunk would take the server's interpreter lock and be counted against it. Printed for each: output
+sent by --clients concurrent clients, then the same requests one at a time. The clients run in
+processes of their own, as real clients do, 8 to a process: in the server's process their reading and
+parsing of every streamed chunk would take the server's interpreter lock and be counted against it, and
+one process of 64 client threads was itself a limit (2 CPU cores, a model of 5k parameters whose steps
+cost little: 4,567 tokens/s with the 64 clients in one process, 6,284 with them in eight). Printed for each: output
 tokens per second over the whole run, and the 50th and 99th percentiles of time to first token (from
 sending the request to its first chunk) and of time per output token (after the first).
 """
@@ -27,6 +29,7 @@ import numpy as np
 from minimoe import backend
 from minimoe.model import GPT, GPTConfig
 
+CLIENTS_PER_PROCESS = 8  # client threads per client process (one process parsing 64 streams bounded the run)
 CPU_MODEL = dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128, moe_every=1, experts_per_layer=[8],
                  k=2, drop_tokens=False)
 
@@ -54,10 +57,21 @@ def _one(url: str, body: dict[str, Any]) -> tuple[float, float, int]:
     return first - start, time.perf_counter() - first, tokens
 
 
-def _run(url: str, requests: list[dict[str, Any]], clients: int) -> dict[str, float]:
+def _send(url: str, requests: list[dict[str, Any]], threads: int) -> list[tuple[float, float, int]]:
+    """_one of every request, `threads` at a time (in one client process)."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda body: _one(url, body), requests))
+
+
+def _run(clients_pool: concurrent.futures.Executor, url: str, requests: list[dict[str, Any]],
+         clients: int) -> dict[str, float]:
+    """The requests sent by `clients` concurrent clients, CLIENTS_PER_PROCESS threads to a process of the
+    pool, each process a share of the requests; throughput over the wall time of all of them."""
+    processes = -(-clients // CLIENTS_PER_PROCESS)
+    shares = [requests[i::processes] for i in range(processes)]
+    threads = [len(range(i, clients, processes)) for i in range(processes)]
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda body: _one(url, body), requests))
+    results = [one for share in clients_pool.map(_send, [url] * processes, shares, threads) for one in share]
     elapsed = time.perf_counter() - start
     first = np.array([r[0] for r in results])
     per_token = np.array([r[1] / max(r[2] - 1, 1) for r in results])
@@ -89,20 +103,21 @@ def bench_serve(args: argparse.Namespace) -> None:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
     requests = _requests(args.requests)
-    clients = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    clients = concurrent.futures.ProcessPoolExecutor(-(-args.clients // CLIENTS_PER_PROCESS),
+                                                     mp_context=multiprocessing.get_context("spawn"))
     # Warm-up: 1, 2, 4, ... short requests at once, up to the clients, so that the kernels are compiled
     # and the decode step's CUDA graph is captured for every batch bucket the timed run reaches (a capture
     # on first use stalls every stream; a server that has run a while has them all).
     for size in sorted({min(1 << i, args.clients) for i in range(args.clients.bit_length() + 1)}):
         warm_up = [dict(body, max_tokens=8) for body in _requests(size, seed=1)]
-        clients.submit(_run, url, warm_up, size).result()
+        _run(clients, url, warm_up, size)
     where = backend.gpu_name() if device == "cuda" else f"CPU ({__import__('os').cpu_count()} threads)"
     print(f"bench serve on {where}: {model.num_parameters():,} parameters, {args.requests} streamed greedy requests "
           f"(prompts 16-64 bytes, 16-128 new tokens, seed 0) over loopback HTTP")
     rows, timelines = {}, {}
     for name, concurrent_clients in ((f"{args.clients} concurrent clients", args.clients), ("one at a time", 1)):
         before = dict(scheduler.seconds), dict(scheduler.counters)
-        rows[name] = clients.submit(_run, url, requests, concurrent_clients).result()
+        rows[name] = _run(clients, url, requests, concurrent_clients)
         timelines[name] = ({phase: scheduler.seconds[phase] - before[0][phase] for phase in scheduler.seconds},
                            {key: scheduler.counters[key] - before[1][key] for key in scheduler.counters})
     clients.shutdown()
