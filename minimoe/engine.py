@@ -106,6 +106,7 @@ class Engine:
         self.graphs: dict[tuple[int, int], StepGraph] = {}
         self.lockstep = lockstep
         self.use_graphs = graphs and backend.device() == "cuda" and not lockstep
+        self.graph_shapes = graph_shapes(slots, self.context) if self.use_graphs else set()
 
     # ------------------------------------------------------------------ requests
 
@@ -166,17 +167,13 @@ class Engine:
         """Capture every graph a step or a prefill can take now, rather than on first use, when the capture
         stalls every running sequence: what a server does at start-up. Each is captured on padding rows,
         as on first use."""
-        if not self.use_graphs:
-            return
-        for rows, length in graph_shapes(self.cache.slots, self.context):
+        for rows, length in sorted(self.graph_shapes):
             self._graph(rows, length)
 
     def _graph_for(self, rows: int, length: int) -> StepGraph | None:
         """The graph that runs `rows` sequences of `length` tokens each, if there is one for that shape."""
         bucket = batch_bucket(rows)
-        if not self.use_graphs or (bucket, length) not in graph_shapes(self.cache.slots, self.context):
-            return None
-        return self._graph(bucket, length)
+        return self._graph(bucket, length) if (bucket, length) in self.graph_shapes else None
 
     def _graph(self, rows: int, length: int) -> StepGraph:
         graph = self.graphs.get((rows, length))
