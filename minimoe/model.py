@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from minimoe import backend, ops
+from minimoe import backend, breakdown, ops
 from minimoe.moe.gate import MoESettings, Routing
 from minimoe.moe.layer import MoE
 from minimoe.nn import MLP, CausalSelfAttention, Embedding, LayerNorm, Module
@@ -107,6 +107,8 @@ class ModelOutput:
 
 
 class Block(Module):
+    part = "residual"  # its own ops: the residual adds
+
     def __init__(self, config: GPTConfig, rng: np.random.Generator, num_experts: int = 0, expert_parallel: Any = None):
         # GPT-2: projections into the residual stream start with std 0.02 / sqrt(2 * n_layer).
         output_std = 0.02 / (2 * config.n_layer) ** 0.5
@@ -129,6 +131,8 @@ class Block(Module):
 
 
 class GPT(Module):
+    part = "embedding"  # its own ops: the sum of the two embeddings, and its dropout
+
     def __init__(self, config: GPTConfig, expert_parallel: Any = None):
         """expert_parallel: the Communicator of the ranks sharing the experts (None: one process)."""
         self.config = config
@@ -155,6 +159,12 @@ class GPT(Module):
             if routing is not None:
                 routings.append(routing)
         x = self.ln_f(x)
+        with breakdown.part("output layer, loss"):
+            return self._output(x, targets, keep_logits, routings)
+
+    def _output(self, x: Tensor, targets: Any, keep_logits: bool, routings: list[Routing]) -> ModelOutput:
+        """The tied output layer and the loss of forward()."""
+        batch, length, _ = x.shape
         if targets is None or keep_logits or batch * length * self.config.vocab_size <= CHUNKED_LOSS_LOGITS:
             logits = x @ self.wte.weight.transpose()  # tied: the output layer is the embedding matrix
             if targets is None:

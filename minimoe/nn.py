@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from minimoe import backend, ops
+from minimoe import backend, breakdown, ops
 from minimoe.tensor import Tensor
 
 
@@ -33,6 +33,7 @@ def normal_init(shape: tuple[int, ...], std: float, rng: np.random.Generator) ->
 
 class Module:
     training = True
+    part: str | None = None  # the part of the model its ops count in (breakdown.py); None: its caller's
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         for name, value in vars(self).items():
@@ -92,7 +93,10 @@ class Module:
             parameter.data = backend.asarray(state[name]).astype(parameter.dtype)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
+        if self.part is None:
+            return self.forward(*args, **kwargs)
+        with breakdown.part(self.part):
+            return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -110,6 +114,8 @@ class Linear(Module):
 
 
 class Embedding(Module):
+    part = "embedding"
+
     def __init__(self, num_embeddings: int, width: int, rng: np.random.Generator, decay: bool = True):
         self.weight = Parameter(normal_init((num_embeddings, width), 0.02, rng), decay=decay)
 
@@ -118,6 +124,8 @@ class Embedding(Module):
 
 
 class LayerNorm(Module):
+    part = "layernorm"
+
     def __init__(self, width: int, eps: float = 1e-5):
         self.weight = Parameter(np.ones(width, np.float32), decay=False)
         self.bias = Parameter(np.zeros(width, np.float32), decay=False)
@@ -132,6 +140,8 @@ class MLP(Module):
 
     `output_std` initialises the second projection, which writes into the residual stream (GPT-2 scales
     it by 1/sqrt(2 * n_layer) so that the stream's variance does not grow with depth)."""
+
+    part = "mlp"
 
     def __init__(self, width: int, hidden: int, rng: np.random.Generator, output_std: float,
                  dropout: float = 0.0, bias: bool = True):
@@ -148,6 +158,8 @@ class MLP(Module):
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention: one Linear makes q, k, v for every head; the heads attend
     independently (cuda/attention.py) and one Linear mixes their outputs back into the stream."""
+
+    part = "attention"
 
     def __init__(self, width: int, n_head: int, rng: np.random.Generator, output_std: float,
                  dropout: float = 0.0, bias: bool = True):

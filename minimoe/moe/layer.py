@@ -60,6 +60,8 @@ class Combine(Function):
 
 
 class MoE(Module):
+    part = "moe"
+
     def __init__(self, width: int, hidden: int, num_experts: int, settings: MoESettings, rng: np.random.Generator,
                  output_std: float, residual: bool = False, dropout: float = 0.0, expert_parallel: Any = None):
         """expert_parallel: a Communicator over the ranks that share the experts (None: one process)."""
