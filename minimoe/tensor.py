@@ -84,8 +84,11 @@ class Tensor:
             return
         self.creator.add_output_grad(self.output_index, grad)
         for function in reversed(_topological_order(self.creator)):
-            with breakdown.timed(function.part, "backward"):
+            if breakdown.active is None:
                 input_grads = function.backward(*function.output_grads)
+            else:
+                with breakdown.timed(function.part, "backward"):
+                    input_grads = function.backward(*function.output_grads)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             for parent, parent_grad in zip(function.inputs, input_grads):
@@ -174,9 +177,12 @@ class Function:
         returns a tuple. With gradients enabled and an input that requires one, the outputs are linked
         to this Function: that link is the tape."""
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
-        ctx.part = breakdown.current_part()  # where its time goes, forward and backward (breakdown.py)
-        with breakdown.timed(ctx.part, "forward"):
+        ctx.part = breakdown.current  # where its time goes, forward and backward (breakdown.py)
+        if breakdown.active is None:  # (the hot path: no context manager per op)
             result = ctx.forward(*arrays, **options)
+        else:
+            with breakdown.timed(ctx.part, "forward"):
+                result = ctx.forward(*arrays, **options)
         outputs = tuple(Tensor(array) for array in (result if isinstance(result, tuple) else (result,)))
         if _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
             ctx.inputs = inputs

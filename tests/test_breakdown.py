@@ -26,7 +26,7 @@ def test_a_step_is_timed_by_part_and_phase_and_the_spans_fit_in_it():
     assert ("optimizer", "update") in seconds and all(value >= 0 for value in seconds.values())
     step = seconds.pop(("step", "all"))
     assert sum(seconds.values()) <= step
-    assert breakdown.current_part() == "other"
+    assert breakdown.current == "other"
     model(tokens, targets).loss.backward()  # unmeasured: the hooks record nothing
     assert spans.seconds().keys() == {*seconds, ("step", "all")}
 
