@@ -11,6 +11,8 @@
 #   engine       the gpu-marked inference and training tests alone
 #   flash        the attention kernels' tests and the training tests (the script stops if one fails)
 #   train-step-alone  bench train-step without its PyTorch peers
+#   breakdown    bench train-step --no-peers --breakdown: minimoe's step by part of the model
+#   attention    bench attention: flash against materialised attention, chunked against materialised loss
 #   serve        bench serve (the server's wheels, which the device lacks, from .whl/serve: fastapi,
 #                starlette, uvicorn, pydantic and its two helpers, downloaded here with pip download)
 #   decode       bench decode (the engine against transformers' Mixtral; DECODE_FLAGS=--no-peers: the engine alone)
@@ -53,6 +55,11 @@ for what in "$@"; do
       [[ $status == 0 ]] || exit 1 ;;
     train-step-alone)
       timeout 120 python3 -m minimoe.cli bench train-step --no-peers 2>&1 | grep -v Warning | tee "$out/bench_train-step-alone.log" ;;
+    breakdown)
+      timeout 150 python3 -m minimoe.cli bench train-step --no-peers --breakdown 2>&1 | grep -v Warning |
+        tee "$out/bench_train-step-breakdown.log" ;;
+    attention)
+      timeout 120 python3 -m minimoe.cli bench attention 2>&1 | grep -v Warning | tee "$out/bench_attention.log" ;;
     engine)
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_inference.py tests/test_gpu_training.py \
         2>&1 | tee "$out/gpu_engine_tests.log" | tail -30 ;;
