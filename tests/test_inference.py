@@ -206,6 +206,42 @@ def test_continuous_batching_admits_into_freed_slots():
         assert sequence.generated == alone.generated and len(sequence.generated) == n
 
 
+def test_step_inputs_feed_prompts_then_last_tokens_and_pad_into_the_scratch_slot():
+    """One builder for every forward's inputs (eager or captured): a sequence not started feeds its
+    prompt from position 0, a running one its last token at its last position; padding rows write into
+    the scratch slot, masked, as do the padding tokens of short prompts."""
+    from minimoe.engine import Sequence, step_inputs
+
+    new = Sequence(np.array([5, 6, 7]), SamplingParams(temperature=0.5, top_k=3, seed=9), slot=2)
+    running = Sequence(np.array([1, 2]), SamplingParams(), generated=[8, 4], slot=0)
+    inputs = step_inputs([new, running], bucket=4, length=4, scratch_slot=7)
+    np.testing.assert_array_equal(inputs["tokens"], [[5, 6, 7, 0], [4, 0, 0, 0], [0] * 4, [0] * 4])
+    np.testing.assert_array_equal(inputs["mask"], [[1, 1, 1, 0], [1, 0, 0, 0], [0] * 4, [0] * 4])
+    np.testing.assert_array_equal(inputs["slot"], [2, 0, 7, 7])
+    np.testing.assert_array_equal(inputs["start"], [0, 3, 0, 0])  # the running one: 2 prompt + 2 made - 1
+    np.testing.assert_array_equal(inputs["last"], [2, 0, 0, 0])
+    np.testing.assert_array_equal(inputs["position"], [3, 4, 0, 0])  # where each next token goes
+    assert inputs["top_k"].tolist() == [3, 0, 0, 0] and inputs["temperature"][0] == np.float32(0.5)
+
+
+def test_cancelled_sequences_leave_no_trace():
+    """Sequences prefilled and cancelled (a client gone, or a benchmark's warm-up) free their slots, and
+    what runs there afterwards is what would run on a fresh engine."""
+    model = model_of("moe top-2", 5)
+    prompts = prompts_of(np.random.default_rng(5), 3)
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, seed=2)
+    engine = Engine(model, slots=3)
+    cancelled = [engine.submit(p[::-1], params) for p in prompts]
+    engine.admit()
+    engine.step()
+    for sequence in cancelled:
+        engine.cancel(sequence)
+    assert not engine.busy and sorted(engine.free_slots) == [0, 1, 2]
+    later = [engine.submit(p, params) for p in prompts]
+    engine.run_to_completion()
+    assert [s.generated for s in later] == [s.generated for s in generate(model, prompts, params)]
+
+
 def test_finish_reasons_stop_strings_and_the_context():
     model = model_of("dense", 4, vocab_size=256, block_size=12)
     prompt = np.frombuffer(b"ab", dtype=np.uint8).astype(np.int64)
