@@ -3,8 +3,9 @@ GPU, `minimoe bench cpu-step --breakdown` on the CPU).
 
 Inside `with breakdown.measure() as spans:`, every autograd op (tensor.Function) is timed as its forward
 and its backward run, and the time goes to the part of the model that was current when the op ran
-forward: modules name their parts with `with breakdown.part("attention"):` (the innermost wins), so an
-op's backward counts where its forward did. Code that is no op (the optimizer's update) is timed with
+forward: a module names its part in its class (nn.Module.part, e.g. "attention"; its calls then run
+inside `breakdown.part(name)`, the innermost part winning), so an op's backward counts where its
+forward did. Code that is no op (the optimizer's update) is timed with
 `breakdown.timed(part, phase)`. On the GPU a span is two CUDA events on the current stream around the
 op, so it is the GPU's time from the op's first launch to its last, waits for the host in between
 included; on the CPU it is the wall clock. What no span covers (gaps between ops) is the step's time
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from minimoe import backend
@@ -99,7 +100,7 @@ def timed(name: str, phase: str) -> contextlib.AbstractContextManager:
     return _NOT_MEASURING if active is None else _Span(active, name, phase)
 
 
-def step_table(step: Any, steps: int) -> list[str]:
+def step_table(step: Callable[[], Any], steps: int) -> list[str]:
     """Lines of a table: step() run `steps` times under measure(), its spans by part (forward, backward,
     update) in milliseconds per step, their share of the step, and the step's time outside any span."""
     with measure() as spans:
