@@ -82,10 +82,6 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt) + len(self.generated)
 
-    @property
-    def last_token(self) -> int:
-        return self.generated[-1] if self.generated else int(self.prompt[-1])
-
 
 class Engine:
     """See the module docstring. `model` holds its working weights already (bf16 on the GPU)."""
@@ -192,13 +188,17 @@ class Engine:
         """The next token of each row after its tokens not yet in the cache (step_inputs), op by op."""
         xp = backend.xp
         inputs = {name: xp.asarray(values) for name, values in step_inputs(rows, len(rows), length, 0).items()}
+        return backend.to_numpy(self.next_tokens(inputs, xp.arange(len(rows))))
+
+    def next_tokens(self, inputs: dict[str, Any], rows: Any) -> Any:
+        """On the device: the model over each row's fed tokens (step_inputs, as device arrays), then the
+        next token sampled from each row's last real position; `rows` indexes the rows (0 .. n - 1)."""
         with no_grad():
             hidden = forward_cached(self.model, self.cache, inputs["tokens"], inputs["slot"], inputs["start"],
                                     inputs["mask"])
-            last = hidden[xp.arange(len(rows)), inputs["last"]]
-            return backend.to_numpy(sampling_kernels.sample_tokens(
-                dense(last, self.head), inputs["temperature"], inputs["top_k"], inputs["top_p"], inputs["key"],
-                inputs["position"]))
+            return sampling_kernels.sample_tokens(dense(hidden[rows, inputs["last"]], self.head),
+                                                  inputs["temperature"], inputs["top_k"], inputs["top_p"],
+                                                  inputs["key"], inputs["position"])
 
     def _append(self, rows: list[Sequence], next_tokens: np.ndarray) -> list[Sequence]:
         finished = []
@@ -279,7 +279,7 @@ def step_inputs(rows: list[Sequence], bucket: int, length: int, scratch_slot: in
     the place its next token will take (the sampler's counter). Padding rows write into the scratch slot
     and are masked out of the MoE routing; so are padding tokens of short prompts."""
     padding = bucket - len(rows)
-    fed = [s.prompt if not s.generated else [s.generated[-1]] for s in rows]
+    fed = [s.prompt if not s.generated else s.generated[-1:] for s in rows]
     tokens = np.zeros((bucket, length), dtype=np.int64)
     mask = np.zeros((bucket, length), dtype=bool)
     for row, row_tokens in enumerate(fed):
@@ -324,14 +324,8 @@ class StepGraph:
             self.graph = self.stream.end_capture()
 
     def _step(self) -> Any:
-        engine, inputs = self.engine, self.inputs
-        with no_grad():
-            hidden = forward_cached(engine.model, engine.cache, inputs["tokens"], inputs["slot"], inputs["start"],
-                                    inputs["mask"])
-            last = hidden[self.row_index, inputs["last"]]
-            next_tokens = sampling_kernels.sample_tokens(dense(last, engine.head), inputs["temperature"],
-                                                         inputs["top_k"], inputs["top_p"], inputs["key"],
-                                                         inputs["position"])
+        inputs = self.inputs
+        next_tokens = self.engine.next_tokens(inputs, self.row_index)
         if self.length == 1:
             advance = inputs["mask"][:, 0].astype(backend.xp.int64)
             inputs["tokens"][:, 0] = next_tokens
