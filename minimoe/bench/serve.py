@@ -105,9 +105,8 @@ def bench_serve(args: argparse.Namespace) -> None:
     requests = _requests(args.requests)
     clients = concurrent.futures.ProcessPoolExecutor(-(-args.clients // CLIENTS_PER_PROCESS),
                                                      mp_context=multiprocessing.get_context("spawn"))
-    # Warm-up: 1, 2, 4, ... short requests at once, up to the clients, so that the kernels are compiled
-    # and the decode step's CUDA graph is captured for every batch bucket the timed run reaches (a capture
-    # on first use stalls every stream; a server that has run a while has them all).
+    # Warm-up: 1, 2, 4, ... short requests at once, up to the clients, so that the client processes are up
+    # and every path of the server has run once (the server itself captured its CUDA graphs at start-up).
     for size in sorted({min(1 << i, args.clients) for i in range(args.clients.bit_length() + 1)}):
         warm_up = [dict(body, max_tokens=8) for body in _requests(size, seed=1)]
         _run(clients, url, warm_up, size)
