@@ -16,7 +16,8 @@
 #   serve        bench serve (the server's wheels, which the device lacks, from .whl/serve: fastapi,
 #                starlette, uvicorn, pydantic and its two helpers, downloaded here with pip download)
 #   decode       bench decode (the engine against transformers' Mixtral; DECODE_FLAGS=--no-peers: the engine alone)
-#   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py)
+#   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py;
+#                PROFILE_BATCHES="64": those batches only)
 #   gating       bench gating alone
 #   bench        bench moe-layer, gating, dispatch, train-step
 #   train-step   bench train-step alone (minimoe against the PyTorch peers, torch.compile included)
@@ -69,7 +70,7 @@ for what in "$@"; do
     decode)
       timeout 500 python3 -m minimoe.cli bench decode ${DECODE_FLAGS:-} 2>&1 | grep -v Warning | tee "$out/bench_decode.log" ;;
     profile)
-      for batch in 1 64; do
+      for batch in ${PROFILE_BATCHES:-1 64}; do
         timeout 240 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
           python3 dev/profile_decode.py $batch > "$out/profile_$batch.csv" 2> "$out/profile_$batch.err"
         echo "== one decode step at batch $batch"; python3 dev/profile_decode.py --summary "$out/profile_$batch.csv" | head -30
