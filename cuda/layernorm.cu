@@ -4,39 +4,54 @@
 
 // One warp per row: the mean, then the variance of (x - mean) (two passes over the row, the second
 // from cache, numerically safer than E[x^2] - E[x]^2), then y = (x - mean) * rstd * weight + bias.
+// With `addend` (not null) the row is the residual sum x + addend, rounded to T as a separate add would
+// store it, and the last pass also stores that sum (one launch and one pass over memory fewer than an
+// add before the LayerNorm). The passes recompute it rather than read `sum` back, which the read-only
+// loads of x would not see.
 template <typename T, bool VEC>
-__global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
-                                  T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                  int rows, int width, float eps) {
+__global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ addend, const T* __restrict__ weight,
+                                  const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
+                                  float* __restrict__ mean_out, float* __restrict__ rstd_out, int rows, int width,
+                                  float eps) {
   using R = Row<T, VEC>;
   const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const T* x_row = x + row * width;
-  float sum = 0.0f;
+  const long long row_start = row * width;
+  auto load = [&](int i, float* v) {
+    R::load(x + row_start, i, v);
+    if (addend) {
+      float a[R::per_load];
+      R::load(addend + row_start, i, a);
+#pragma unroll
+      for (int j = 0; j < R::per_load; ++j) v[j] = to_float(from_float<T>(v[j] + a[j]));
+    }
+  };
+  float total = 0.0f;
   for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
     float v[R::per_load];
-    R::load(x_row, i, v);
+    load(i, v);
 #pragma unroll
-    for (int j = 0; j < R::per_load; ++j) sum += v[j];
+    for (int j = 0; j < R::per_load; ++j) total += v[j];
   }
-  const float mean = warp_sum(sum) / width;
+  const float mean = warp_sum(total) / width;
   float squares = 0.0f;
   for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
     float v[R::per_load];
-    R::load(x_row, i, v);
+    load(i, v);
 #pragma unroll
     for (int j = 0; j < R::per_load; ++j) squares += (v[j] - mean) * (v[j] - mean);
   }
   const float rstd = rsqrtf(warp_sum(squares) / width + eps);
   for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
     float v[R::per_load], w[R::per_load], b[R::per_load];
-    R::load(x_row, i, v);
+    load(i, v);
+    if (addend) R::store(sum + row_start, i, v);
     R::load(weight, i, w);
     R::load(bias, i, b);
 #pragma unroll
     for (int j = 0; j < R::per_load; ++j) v[j] = (v[j] - mean) * rstd * w[j] + b[j];
-    R::store(y + row * width, i, v);
+    R::store(y + row_start, i, v);
   }
   if (lane == 0) {
     mean_out[row] = mean;
@@ -45,11 +60,14 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd.
-// One warp per row: two row reductions, then the write.
+// One warp per row: two row reductions, then the write. With `grad_sum` (not null: x is a residual sum
+// whose other uses sent it this gradient) dx is rounded to T and grad_sum added, as the tape would add
+// the two gradients of x.
 template <typename T, bool VEC>
 __global__ void layernorm_backward_input(const T* __restrict__ grad_y, const T* __restrict__ x,
                                          const T* __restrict__ weight, const float* __restrict__ mean,
-                                         const float* __restrict__ rstd, T* __restrict__ grad_x, int rows, int width) {
+                                         const float* __restrict__ rstd, const T* __restrict__ grad_sum,
+                                         T* __restrict__ grad_x, int rows, int width) {
   using R = Row<T, VEC>;
   const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -77,6 +95,12 @@ __global__ void layernorm_backward_input(const T* __restrict__ grad_y, const T* 
 #pragma unroll
     for (int j = 0; j < R::per_load; ++j)
       out[j] = row_rstd * (dy[j] * w[j] - mean_g - (v[j] - row_mean) * row_rstd * mean_g_xhat);
+    if (grad_sum) {
+      float other[R::per_load];
+      R::load(grad_sum + row * width, i, other);
+#pragma unroll
+      for (int j = 0; j < R::per_load; ++j) out[j] = to_float(from_float<T>(out[j])) + other[j];
+    }
     R::store(grad_x + row * width, i, out);
   }
 }

@@ -8,6 +8,10 @@ g = grad_y * weight, the input gradient is
 
 and the parameter gradients sum over every leading axis: dweight = sum(grad_y * xhat), dbias = sum(grad_y).
 
+The residual stream's add and the LayerNorm that reads it can run as one: add_layernorm_forward returns
+sum = x + addend beside LN(sum), and layernorm_backward adds `grad_sum`, the gradient that the sum's other
+uses sent it, into dx (the gradient of both x and addend).
+
 GPU: cuda/layernorm.cu: one warp per row, float32 statistics for bf16 or float32 rows; the parameter
 gradients as per-slice column sums added up afterwards (deterministic, no atomics).
 """
@@ -29,7 +33,7 @@ PARAMETER_SLICES = 64  # row slices of the parameter-gradient kernel
 def layernorm_forward(x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> tuple[Any, Any, Any]:
     """(y, mean, rstd); mean and rstd have shape [..., 1] (float32 on the GPU)."""
     if is_gpu(x):
-        return _gpu_forward(x, weight, bias, eps)
+        return _gpu_forward(x, None, weight, bias, eps)[:3]
     xp = array_module(x)
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
@@ -37,35 +41,59 @@ def layernorm_forward(x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> tupl
     return centered * rstd * weight + bias, mean, rstd
 
 
-def layernorm_backward(
-    grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any
-) -> tuple[Any, Any, Any]:
+def add_layernorm_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float = 1e-5) -> tuple[Any, Any, Any, Any]:
+    """(sum, y, mean, rstd) with sum = x + addend (same shapes) and y, mean, rstd its layernorm_forward."""
+    if x.shape != addend.shape:
+        raise ValueError(f"the residual add needs equal shapes, got {x.shape} and {addend.shape}")
     if is_gpu(x):
-        return _gpu_backward(grad_y, x, weight, mean, rstd)
+        y, mean, rstd, total = _gpu_forward(x, addend, weight, bias, eps)
+        return total, y, mean, rstd
+    total = x + addend
+    return (total, *layernorm_forward(total, weight, bias, eps))
+
+
+def layernorm_backward(
+    grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_sum: Any = None
+) -> tuple[Any, Any, Any]:
+    """(grad_x, grad_weight, grad_bias); grad_sum (optional, x's shape) is added into grad_x."""
+    if is_gpu(x):
+        return _gpu_backward(grad_y, x, weight, mean, rstd, grad_sum)
     xhat = (x - mean) * rstd
     g = grad_y * weight
     grad_x = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    if grad_sum is not None:
+        grad_x = grad_x + grad_sum
     leading = tuple(range(x.ndim - 1))
     return grad_x, (grad_y * xhat).sum(axis=leading), grad_y.sum(axis=leading)
 
 
-def _gpu_forward(x: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any]:
+def _gpu_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any, Any]:
+    """(y, mean, rstd, sum): with addend None the kernel normalises x itself (sum is None)."""
     import cupy
 
     width = x.shape[-1]
     rows = x.size // width
     x, weight, bias = (cupy.ascontiguousarray(a) for a in (x, weight.astype(x.dtype), bias.astype(x.dtype)))
     y = cupy.empty(x.shape, x.dtype)
+    total = None if addend is None else cupy.empty(x.shape, x.dtype)
     mean = cupy.empty((*x.shape[:-1], 1), dtype=cupy.float32)
     rstd = cupy.empty(mean.shape, mean.dtype)
     type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_forward<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
-        (x, weight, bias, y, mean, rstd, np.int32(rows), np.int32(width), np.float32(eps)))
-    return y, mean, rstd
+        (x, _or_null(addend, x.dtype), weight, bias, y, _or_null(total, x.dtype), mean, rstd, np.int32(rows),
+         np.int32(width), np.float32(eps)))
+    return y, mean, rstd, total
 
 
-def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> tuple[Any, Any, Any]:
+def _or_null(array: Any, dtype: Any) -> Any:
+    """A contiguous array of `dtype` for a kernel's optional pointer, or a null pointer."""
+    import cupy
+
+    return np.uint64(0) if array is None else cupy.ascontiguousarray(array, dtype=dtype)
+
+
+def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_sum: Any) -> tuple[Any, Any, Any]:
     import cupy
 
     width = x.shape[-1]
@@ -75,8 +103,8 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any) -> tup
     type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_backward_input<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
-        (grad_y, x, cupy.ascontiguousarray(weight.astype(x.dtype)), mean, rstd, grad_x, np.int32(rows),
-         np.int32(width)))
+        (grad_y, x, cupy.ascontiguousarray(weight.astype(x.dtype)), mean, rstd, _or_null(grad_sum, x.dtype), grad_x,
+         np.int32(rows), np.int32(width)))
     slices = min(PARAMETER_SLICES, max(rows, 1))
     partial_weight = cupy.empty((slices, width), dtype=cupy.float32)
     partial_bias = cupy.empty(partial_weight.shape, partial_weight.dtype)

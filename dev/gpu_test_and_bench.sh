@@ -9,6 +9,7 @@
 #   tests        the gpu-marked tests (kernels, inference engine, training), and the Numba dispatch test
 #   kernels      the gpu-marked kernel tests alone (tests/test_gpu_kernels.py)
 #   engine       the gpu-marked inference and training tests alone
+#   k=EXPR       the gpu-marked tests whose names match pytest's -k EXPR (the script stops if one fails)
 #   flash        the attention kernels' tests and the training tests (the script stops if one fails)
 #   train-step-alone  bench train-step without its PyTorch peers
 #   breakdown    bench train-step --no-peers --breakdown: minimoe's step by part of the model
@@ -45,6 +46,12 @@ for what in "$@"; do
       timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_inference.py \
         tests/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
       timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_dispatch.py 2>&1 | tail -3 ;;
+    k=*)
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -k "${what#k=}" tests/test_gpu_kernels.py \
+        tests/test_gpu_inference.py tests/test_gpu_training.py > "$out/gpu_tests_k.log" 2>&1
+      status=$?
+      tail -15 "$out/gpu_tests_k.log"
+      [[ $status == 0 ]] || exit 1 ;;
     kernels)
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 |
         tee "$out/gpu_kernel_tests.log" | tail -30 ;;

@@ -4,10 +4,10 @@ KV cache, with the MoE layers routed without drops and computed on the chosen ex
     tokens [n, T] of n sequences (slots slot[n], each already holding start[n] positions)
       -> token + position embeddings -> per block:
            LayerNorm -> q, k, v -> k, v written into the cache at start .. start + T - 1
-           -> attention of q over the cache (cuda/kv_attention.py) -> projection, residual
-           LayerNorm -> MLP, or MoE: gate -> dropless top-k (padding rows masked out) -> the chosen
+           -> attention of q over the cache (cuda/kv_attention.py) -> projection, residual (+ LayerNorm)
+           -> MLP, or MoE: gate -> dropless top-k (padding rows masked out) -> the chosen
            experts on their rows (cuda/grouped.py) -> combine (+ the residual MLP), residual
-      -> final LayerNorm -> hidden [n, T, d]
+           (+ the next LayerNorm: the next block's or the final one) -> hidden [n, T, d]
 
 The same function serves prefill (start 0, T the longest prompt, shorter ones padded and masked) and
 decode (T = 1). It is the model's math (model.py) over the model's own parameters, with no tape: only
@@ -100,22 +100,29 @@ def forward_cached(model: GPT, cache: KVCache, tokens: Any, slot: Any, start: An
     x = model.wte.weight.data[tokens] + model.wpe.weight.data[positions]
     heads, width = config.n_head, config.n_embd
     expert_tokens = iter(cache.expert_tokens)
-    for layer, block in enumerate(model.blocks):
-        qkv = linear(layer_norm(x, block.ln_1), block.attn.qkv).reshape(n, length, 3, heads, width // heads)
+    norms = [block.ln_1 for block in model.blocks] + [model.ln_f]  # as in Block.forward: each residual
+    h = layer_norm(x, norms[0])  # add runs with the LayerNorm that reads its sum
+    for layer, (block, next_norm) in enumerate(zip(model.blocks, norms[1:])):
+        qkv = linear(h, block.attn.qkv).reshape(n, length, 3, heads, width // heads)
         kv_attention_kernels.write_cache(cache.keys[layer], cache.values[layer], qkv, slot, start)
         attended = kv_attention_kernels.cached_attention(qkv, cache.keys[layer], cache.values[layer], slot, start)
-        x = x + linear(attended.reshape(n, length, width), block.attn.proj)
-        h = layer_norm(x, block.ln_2)
+        x, h = add_layer_norm(x, linear(attended.reshape(n, length, width), block.attn.proj), block.ln_2)
         feed_forward = block.mlp
         if isinstance(feed_forward, MoE):
-            x = x + moe(h, feed_forward, token_mask, next(expert_tokens))
+            y = moe(h, feed_forward, token_mask, next(expert_tokens))
         else:
-            x = x + mlp(h, feed_forward)
-    return layer_norm(x, model.ln_f)
+            y = mlp(h, feed_forward)
+        x, h = add_layer_norm(x, y, next_norm)
+    return h
 
 
 def layer_norm(x: Any, norm: LayerNorm) -> Any:
     return layernorm_kernels.layernorm_forward(x, norm.weight.data, norm.bias.data, norm.eps)[0]
+
+
+def add_layer_norm(x: Any, addend: Any, norm: LayerNorm) -> tuple[Any, Any]:
+    """(x + addend, norm of it), one kernel on the GPU."""
+    return layernorm_kernels.add_layernorm_forward(x, addend, norm.weight.data, norm.bias.data, norm.eps)[:2]
 
 
 def linear(x: Any, layer: Linear, gelu: bool = False) -> Any:

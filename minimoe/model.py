@@ -107,8 +107,6 @@ class ModelOutput:
 
 
 class Block(Module):
-    part = "residual"  # its own ops: the residual adds
-
     def __init__(self, config: GPTConfig, rng: np.random.Generator, num_experts: int = 0, expert_parallel: Any = None):
         # GPT-2: projections into the residual stream start with std 0.02 / sqrt(2 * n_layer).
         output_std = 0.02 / (2 * config.n_layer) ** 0.5
@@ -122,12 +120,21 @@ class Block(Module):
         else:
             self.mlp = MLP(width, hidden, rng, output_std, config.dropout, config.bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Routing | None]:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, h: Tensor, next_norm: LayerNorm) -> tuple[Tensor, Tensor, Routing | None]:
+        """The block on the residual stream x, given h = self.ln_1(x):
+
+            x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+
+        returning x and next_norm(x) (the next block's ln_1, or the final LayerNorm). Each residual add runs
+        with the LayerNorm that reads its sum, as one op (LayerNorm.add_and_normalise): one pass over the
+        stream instead of two."""
+        x, h = self.ln_2.add_and_normalise(x, self.attn(h))
         if isinstance(self.mlp, MoE):
-            y, routing = self.mlp(self.ln_2(x))
-            return x + y, routing
-        return x + self.mlp(self.ln_2(x)), None
+            y, routing = self.mlp(h)
+        else:
+            y, routing = self.mlp(h), None
+        x, h = next_norm.add_and_normalise(x, y)
+        return x, h, routing
 
 
 class GPT(Module):
@@ -153,14 +160,15 @@ class GPT(Module):
                              f"(block_size={self.config.block_size})")
         positions = backend.array_module(tokens).arange(length)
         x = ops.dropout(self.wte(tokens) + self.wpe(positions), self.config.dropout, self.training)
+        norms = [block.ln_1 for block in self.blocks] + [self.ln_f]  # the LayerNorm that reads each stream
+        h = norms[0](x)
         routings = []
-        for block in self.blocks:
-            x, routing = block(x)
+        for block, next_norm in zip(self.blocks, norms[1:]):
+            x, h, routing = block(x, h, next_norm)
             if routing is not None:
                 routings.append(routing)
-        x = self.ln_f(x)
         with breakdown.part("output layer, loss"):
-            return self._output(x, targets, keep_logits, routings)
+            return self._output(h, targets, keep_logits, routings)
 
     def _output(self, x: Tensor, targets: Any, keep_logits: bool, routings: list[Routing]) -> ModelOutput:
         """The tied output layer and the loss of forward()."""

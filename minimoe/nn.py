@@ -134,6 +134,12 @@ class LayerNorm(Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def add_and_normalise(self, x: Tensor, addend: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + addend, this LayerNorm of it) in one op each way (ops.add_layer_norm): the residual
+        stream's add and the norm that reads the sum, which the breakdown counts as this norm's time."""
+        with breakdown.part(self.part):
+            return ops.add_layer_norm(x, addend, self.weight, self.bias, self.eps)
+
 
 class MLP(Module):
     """The transformer's feed-forward block: Linear(d -> hidden), GELU, Linear(hidden -> d), dropout.

@@ -472,6 +472,28 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
+class AddLayerNorm(Function):
+    """The residual add and the LayerNorm that reads its sum, in one kernel each way (layernorm.py)."""
+
+    def forward(ctx, x, addend, weight, bias, eps):
+        total, y, mean, rstd = layernorm_kernels.add_layernorm_forward(x, addend, weight, bias, eps)
+        ctx.save(total, weight, mean, rstd)
+        return total, y
+
+    def backward(ctx, grad_total, grad_y):
+        total, weight, mean, rstd = ctx.saved
+        if grad_y is None:  # only the sum reached the loss
+            return grad_total, grad_total, None, None
+        grad_x, grad_weight, grad_bias = layernorm_kernels.layernorm_backward(grad_y, total, weight, mean, rstd,
+                                                                              grad_total)
+        return grad_x, grad_x, grad_weight, grad_bias
+
+
+def add_layer_norm(x: Tensor, addend: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """(x + addend, layer_norm(x + addend)) for tensors of one shape."""
+    return AddLayerNorm.apply(x, addend, weight, bias, eps=eps)
+
+
 class Embedding(Function):
     def forward(ctx, weight, indices):
         ctx.save(indices)

@@ -5,7 +5,7 @@ import numpy as np
 from minimoe import breakdown
 from minimoe.model import GPT, GPTConfig
 
-PARTS = ("embedding", "layernorm", "attention", "residual", "mlp", "moe", "output layer, loss")
+PARTS = ("embedding", "layernorm", "attention", "mlp", "moe", "output layer, loss")
 
 
 def test_a_step_is_timed_by_part_and_phase_and_the_spans_fit_in_it():

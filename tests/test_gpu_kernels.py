@@ -314,28 +314,39 @@ def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
 
 
 @given(rows=st.integers(1, 300), width=st.sampled_from([1, 7, 8, 64, 130, 768, 1024]), dtype=dtypes, seed=seeds,
-       poison=st.sampled_from([0xFF, 0x7F]))
-def test_layernorm_matches_reference(rows, width, dtype, seed, poison):
-    from minimoe.cuda.layernorm import layernorm_backward, layernorm_forward
+       residual=st.booleans(), poison=st.sampled_from([0xFF, 0x7F]))
+def test_layernorm_matches_reference(rows, width, dtype, seed, residual, poison):
+    """LayerNorm forward and backward; with `residual`, fused with the residual add before it (the sum
+    as a separate add would round it, and the sum's other gradient added into grad x)."""
+    from minimoe.cuda.layernorm import add_layernorm_forward, layernorm_backward, layernorm_forward
 
     rng = np.random.default_rng(seed)
     x, x_values = to_gpu(rng.standard_normal((rows, width)) * 3 + 1, dtype)
+    addend, addend_values = to_gpu(rng.standard_normal((rows, width)), dtype)
     weight, weight_values = to_gpu(rng.standard_normal(width), dtype)
     bias, bias_values = to_gpu(rng.standard_normal(width), dtype)
     grad, grad_values = to_gpu(rng.standard_normal((rows, width)), dtype)
+    grad_sum, grad_sum_values = to_gpu(rng.standard_normal((rows, width)), dtype) if residual else (None, None)
     poison_pool(poison)
-    y, mean, rstd = layernorm_forward(x, weight, bias, 1e-5)
-    grad_x, grad_weight, grad_bias = layernorm_backward(grad, x, weight, mean, rstd)
-    expected_y, expected_mean, expected_rstd = layernorm_forward(x_values, weight_values, bias_values, 1e-5)
-    expected = layernorm_backward(grad_values, x_values, weight_values, expected_mean, expected_rstd)
+    if residual:
+        total, y, mean, rstd = add_layernorm_forward(x, addend, weight, bias, 1e-5)
+        # the float32 sum rounded to the dtype, as the kernel (and a separate add) rounds it
+        normalised = to_gpu(x_values.astype(np.float32) + addend_values.astype(np.float32), dtype)[1]
+        np.testing.assert_array_equal(to_host(total), normalised)
+    else:
+        normalised, (y, mean, rstd) = x_values, layernorm_forward(x, weight, bias, 1e-5)
+    grad_x, grad_weight, grad_bias = layernorm_backward(grad, total if residual else x, weight, mean, rstd, grad_sum)
+    expected_y, expected_mean, expected_rstd = layernorm_forward(normalised, weight_values, bias_values, 1e-5)
+    expected = layernorm_backward(grad_values, normalised, weight_values, expected_mean, expected_rstd,
+                                  grad_sum_values)
     assert_close(to_host(y), expected_y, dtype, "layernorm y")
     np.testing.assert_allclose(to_host(mean), expected_mean, rtol=1e-5, atol=1e-6)  # float32 statistics
     np.testing.assert_allclose(to_host(rstd), expected_rstd, rtol=1e-4)
     # grad_x = rstd * (g - mean(g) - xhat mean(g xhat)) cancels (exactly 0 for width 1): measure the
     # error against the size of its terms.
-    assert_close(to_host(grad_x), expected[0], dtype, "layernorm grad x",
-                 scale=np.abs(grad_values * weight_values) * expected_rstd)
-    scale = np.abs(grad_values * (x_values - expected_mean) * expected_rstd).sum(0)
+    scale = np.abs(grad_values * weight_values) * expected_rstd + (0 if grad_sum is None else np.abs(grad_sum_values))
+    assert_close(to_host(grad_x), expected[0], dtype, "layernorm grad x", scale=scale)
+    scale = np.abs(grad_values * (normalised - expected_mean) * expected_rstd).sum(0)
     assert_close(to_host(grad_weight), expected[1], dtype, "layernorm grad weight", scale=scale)
     assert_close(to_host(grad_bias), expected[2], dtype, "layernorm grad bias", scale=np.abs(grad_values).sum(0))
 

@@ -116,6 +116,28 @@ def test_layer_norm_gradients_and_normalised_rows(shape, seed):
     np.testing.assert_allclose(y.var(-1), x.var(-1) / (x.var(-1) + eps), rtol=1e-9)  # 1 up to the eps
 
 
+@given(shape=array_shapes(min_dims=1, max_dims=3, min_side=2, max_side=5), seed=seeds)
+def test_add_layer_norm_gradients_and_equality_with_the_two_ops(shape, seed):
+    x, addend = randn(seed, shape) * 2 + 1, randn(seed + 3, shape)
+    width = shape[-1]
+    weight, bias = randn(seed + 1, (width,)), randn(seed + 2, (width,))
+
+    def both(*inputs):  # the sum and its LayerNorm both reach the loss, as in the residual stream
+        total, y = ops.add_layer_norm(*inputs)
+        return total * 0.5 + y
+
+    check_gradients(both, [x, addend, weight, bias], rtol=1e-4, atol=1e-6)
+    check_gradients(lambda *inputs: ops.add_layer_norm(*inputs)[1], [x, addend, weight, bias], rtol=1e-4, atol=1e-6)
+    tensors = [Tensor(a, requires_grad=True) for a in (x, addend, weight, bias)]
+    total, y = ops.add_layer_norm(*tensors)
+    np.testing.assert_array_equal(total.data, x + addend)
+    np.testing.assert_array_equal(y.data, ops.layer_norm(Tensor(x + addend), Tensor(weight), Tensor(bias)).data)
+    total.sum().backward()  # only the sum reaches the loss: the LayerNorm's parameters get no gradient
+    np.testing.assert_array_equal(tensors[0].grad, np.ones(shape))
+    np.testing.assert_array_equal(tensors[1].grad, np.ones(shape))
+    assert tensors[2].grad is None and tensors[3].grad is None
+
+
 @given(vocab=st.integers(1, 6), width=st.integers(1, 4), batch=st.integers(1, 3), length=st.integers(1, 5),
        seed=seeds)
 def test_embedding_gradients_with_repeated_indices(vocab, width, batch, length, seed):
