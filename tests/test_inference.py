@@ -224,6 +224,7 @@ def test_step_inputs_feed_prompts_then_last_tokens_and_pad_into_the_scratch_slot
     np.testing.assert_array_equal(inputs["start"], [0, 3, 0, 0])  # the running one: 2 prompt + 2 made - 1
     np.testing.assert_array_equal(inputs["last"], [2, 0, 0, 0])
     np.testing.assert_array_equal(inputs["position"], [3, 4, 0, 0])  # where each next token goes
+    assert inputs["key"].tolist() == [seed_key(9), seed_key(0), 0, 0]
     assert inputs["top_k"].tolist() == [3, 0, 0, 0] and inputs["temperature"][0] == np.float32(0.5)
 
 
