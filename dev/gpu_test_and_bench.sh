@@ -22,6 +22,7 @@
 #   gating       bench gating alone
 #   bench        bench moe-layer, gating, dispatch, train-step
 #   train-step   bench train-step alone (minimoe against the PyTorch peers, torch.compile included)
+#   serve-before-after  bench serve at the commit in .whl/before (as for before-after), then at this tree
 #   before-after bench moe-layer --no-peers twice, interleaved, at the commit in .whl/before (a git archive
 #                of it: git archive COMMIT | tar -x -C .whl/before) and at this tree
 #   train        the README's MoE example on the GPU
@@ -40,6 +41,11 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # the device r
 [[ -d .whl/data ]] && export MINIMOE_CACHE=$PWD/.whl/data  # the device has no network
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+before_tree() {  # .whl/before as build.py expects the package: minimoe/ with cuda/ and comm/ inside, in /tmp/before
+  rm -rf /tmp/before && mkdir -p /tmp/before && cp -r .whl/before/minimoe /tmp/before/ &&
+    cp -r .whl/before/cuda /tmp/before/minimoe/cuda && cp -r .whl/before/comm /tmp/before/minimoe/comm
+  (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site python3 -c "import minimoe.cuda.build as b; print('before:', b.__file__)")
+}
 for what in "$@"; do
   case $what in
     tests)
@@ -90,10 +96,8 @@ for what in "$@"; do
       done ;;
     train-step)
       timeout 420 python3 -m minimoe.cli bench train-step 2>&1 | grep -v Warning | tee "$out/bench_train-step.log" ;;
-    before-after)  # the package as build.py expects it: minimoe/ with cuda/ and comm/ inside
-      rm -rf /tmp/before && mkdir -p /tmp/before && cp -r .whl/before/minimoe /tmp/before/ &&
-        cp -r .whl/before/cuda /tmp/before/minimoe/cuda && cp -r .whl/before/comm /tmp/before/minimoe/comm
-      (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site python3 -c "import minimoe.cuda.build as b; print('before:', b.__file__)")
+    before-after)
+      before_tree
       for round in 1 2; do
         echo "== round $round: before (.whl/before)" | tee -a "$out/bench_before_after.log"
         (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout 200 python3 -m minimoe.cli bench moe-layer --no-peers) \
@@ -101,6 +105,14 @@ for what in "$@"; do
         echo "== round $round: after (this tree)" | tee -a "$out/bench_before_after.log"
         timeout 200 python3 -m minimoe.cli bench moe-layer --no-peers 2>&1 | grep -v Warning | tee -a "$out/bench_before_after.log"
       done ;;
+    serve-before-after)  # bench serve at the commit in .whl/before, then at this tree
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/serve/*.whl || exit 1
+      before_tree
+      echo "== before (.whl/before)" | tee -a "$out/bench_serve_before_after.log"
+      (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout 240 python3 -m minimoe.cli bench serve) 2>&1 |
+        grep -v Warning | tee -a "$out/bench_serve_before_after.log"
+      echo "== after (this tree)" | tee -a "$out/bench_serve_before_after.log"
+      timeout 240 python3 -m minimoe.cli bench serve 2>&1 | grep -v Warning | tee -a "$out/bench_serve_before_after.log" ;;
     train)
       timeout 300 python3 -m minimoe.cli train --config examples/moe.toml --set train.device=cuda \
         --set train.out_dir=/tmp/runs/moe-gpu --overwrite 2>&1 | tee "$out/train_moe_gpu.log" | grep -v "^\[" | tail -12 ;;

@@ -103,17 +103,14 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    import functools
     from pathlib import Path
-
-    from minimoe import backend
-    from minimoe.generate import prepare
-    from minimoe.train import load_model
 
     try:
         import fastapi  # noqa: F401  (the serve extra)
         import uvicorn  # noqa: F401
 
-        from minimoe.serve import serve
+        from minimoe.serve import EngineError, checkpoint_model, serve
     except ImportError as error:
         raise UsageError(f"minimoe serve needs FastAPI and uvicorn ({error.name} is missing): pip install -e "
                          f"'.[serve]' in a clone of minimoe") from None
@@ -122,10 +119,11 @@ def _serve(args: argparse.Namespace) -> None:
             raise UsageError(f"{name} must be at least 1, got {value}")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must lie in 1..65535, got {args.port}")
-    backend.set_device(args.device)
-    model, _ = load_model(args.ckpt)
-    serve(prepare(model), args.name or Path(args.ckpt).resolve().parent.name, args.host, args.port, args.max_batch,
-          args.max_queue)
+    try:
+        serve(functools.partial(checkpoint_model, args.ckpt, args.device),
+              args.name or Path(args.ckpt).resolve().parent.name, args.host, args.port, args.max_batch, args.max_queue)
+    except EngineError as error:
+        raise UsageError(f"the engine could not start: {error}") from None
 
 
 def _plot(args: argparse.Namespace) -> None:

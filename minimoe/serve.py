@@ -1,21 +1,19 @@
 """`minimoe serve`: the generation engine behind an OpenAI-compatible HTTP API, with continuous batching.
 
-    HTTP handlers (FastAPI, on uvicorn's event loop)        scheduler thread (the only one touching the engine)
-      POST /v1/completions, /v1/chat/completions               loop:
-        check every parameter (400 in OpenAI's error shape)      take new requests from the inbox -> engine.submit
-        one Request per prompt and choice -> the inbox  ------>  drop cancelled ones (client gone) -> engine.cancel
-        (429 when the queue is full)                             engine.admit(): waiting requests into free slots
-        await the Requests' events (or stream them as SSE) <---  engine.step(): every running sequence, one token
-      GET /v1/models, /health, /metrics                          each sequence's settled new text -> its events
+    HTTP process (FastAPI on uvicorn's event loop)          engine process (scheduler.py)
+      POST /v1/completions, /v1/chat/completions               the scheduler loop, the only code that
+        check every parameter (400 in OpenAI's error shape)    touches the engine: between decode steps
+        one Request per prompt and choice -> submit  ------>   it admits waiting requests into free
+        (429 when the queue is full)                           slots, steps every running sequence by
+        await the Requests' events (or stream them as SSE) <-- one token, and sends each request's
+      GET /v1/models, /health, /metrics                        newly settled text
 
 Requests of any length run together: between two decode steps the scheduler admits whatever waits into
-the slots that finished sequences freed (continuous batching, as vLLM, SGLang and DeepSpeed-MII serve).
-A client that disconnects has its sequence cancelled, and its slot freed, at the next step. SIGTERM
-ends the running requests with what they have (finish_reason "length") and exits.
-
-Streamed text never shows what a later token could take back: bytes of an unfinished UTF-8 character,
-and an ending that could still grow into a stop string, wait until they are settled, so the chunks
-joined are exactly the text of the same request without streaming.
+the slots that finished sequences freed (continuous batching). A client that disconnects has its
+sequence cancelled, and its slot freed, at the next step. SIGTERM ends the running requests with what
+they have (finish_reason "length") and exits. The engine runs in a process of its own so that its host
+work and the HTTP side's run at once (scheduler.py says why); a reader thread here takes its messages
+and wakes the event loop once per step with all of them.
 
 The models are byte-level and not trained for chat: /v1/chat/completions renders the messages with one
 plain template (CHAT_TEMPLATE) and stops where the model would begin the next user turn (docs/serving.md).
@@ -24,16 +22,16 @@ plain template (CHAT_TEMPLATE) and stops where the model would begin the next us
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
+import itertools
 import json
 import math
-import queue
+import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,8 +42,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from minimoe import backend
 from minimoe.data import ByteTokenizer, DataError
-from minimoe.engine import FINISH_LENGTH, Engine, SamplingParams, Sequence
-from minimoe.model import GPT
+from minimoe.engine import SamplingParams
+from minimoe.model import GPT, GPTConfig
+from minimoe.scheduler import run_scheduler
 
 MAX_CHOICES = 16  # n at most
 MAX_STOPS = 4  # stop strings per request at most, as OpenAI allows
@@ -53,6 +52,7 @@ CHAT_TEMPLATE = "{role}: {content}\n"  # each message in turn; then "assistant:"
 CHAT_STOP = "\nuser:"  # the model beginning the next user turn ends the reply
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_TEMPERATURE = 100.0
+ENGINE_GONE = "error"  # the finish reason of requests whose engine process died
 
 
 class RequestError(Exception):
@@ -67,41 +67,23 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class EngineError(RuntimeError):
+    """The engine process could not start (one line: what failed there)."""
+
+
 @dataclass(eq=False)
 class Request:
-    """One prompt and one choice of an HTTP request, on its way through the scheduler."""
+    """One prompt and one choice of an HTTP request, while the engine process runs it."""
 
     prompt: np.ndarray
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # the HTTP request's, shared by its choices: (index, text delta, finish reason or None)
     index: int = 0  # the choice's place in the response
-    sequence: Sequence | None = None
-    cancelled: bool = False  # the client went away
-    consumed: int = 0  # generated bytes the decoder has taken
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    decoded: str = ""  # the text of the complete characters among them
-    streamed: str = ""  # the text handed out so far
-
-    def advance(self) -> tuple[int, tuple[str, str | None] | None]:
-        """Take the sequence's new bytes (from the scheduler thread): how many there were, and the event
-        to hand out, (the text they settle, the finish reason), or None when they settle nothing yet."""
-        sequence = self.sequence
-        finished = sequence.finish_reason is not None
-        new = bytes(sequence.generated[self.consumed:])
-        self.consumed = len(sequence.generated)
-        self.decoded += self.decoder.decode(new, final=finished)
-        visible = sequence.text if finished else self.decoded[:len(self.decoded) - _open_stop(self.decoded,
-                                                                                               sequence.params.stop)]
-        delta, self.streamed = visible[len(self.streamed):], visible
-        return len(new), (self.index, delta, sequence.finish_reason) if delta or finished else None
-
-    def end(self) -> None:
-        """Shutdown: finish with the text settled so far."""
-        if self.sequence is not None and self.sequence.finish_reason is None:
-            self.sequence.finish_reason, self.sequence.text = FINISH_LENGTH, self.decoded
-        self.loop.call_soon_threadsafe(self.events.put_nowait,
-                                       (self.index, self.decoded[len(self.streamed):], FINISH_LENGTH))
+    key: int = -1  # its id between the two processes
+    generated: int = 0  # tokens made so far
+    started: bool = False  # its prompt has been prefilled (it had news)
+    finished: bool = False
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -110,105 +92,109 @@ def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
         events.put_nowait(event)
 
 
-def _open_stop(text: str, stops: tuple[str, ...]) -> int:
-    """How many characters at the end of `text` could still be the start of a stop string."""
-    return max((n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+class EngineProcess:
+    """The engine process (scheduler.py) as the HTTP side sees it: submit and cancel Requests, and the
+    engine's account for /metrics. A reader thread takes the engine's messages: each Request's events
+    go to its event loop, one wake-up per loop and message."""
 
-
-class Scheduler:
-    """Owns the engine on one thread; takes Requests from an inbox and steps every running sequence."""
-
-    def __init__(self, model: GPT, max_batch: int, max_queue: int):
-        self.engine = Engine(model, slots=max_batch)
+    def __init__(self, load_model: Callable[[], GPT], max_batch: int, max_queue: int):
+        """load_model: a picklable function that sets the device and returns the model ready for
+        inference (it runs in the engine process)."""
+        context = multiprocessing.get_context("spawn")  # a CUDA context does not survive a fork
+        self.connection, self.child_end = context.Pipe()
+        self.process = context.Process(target=run_scheduler, args=(self.child_end, load_model, max_batch),
+                                       name="minimoe-engine", daemon=True)
         self.max_queue = max_queue
-        self.inbox: queue.Queue[Request] = queue.Queue()
-        self.requests: dict[int, Request] = {}  # id(sequence) -> its request, while it runs or waits
-        self.stopping = threading.Event()
-        self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "decode_steps": 0,
-                         "decoded_rows": 0}  # decoded_rows / decode_steps: the mean running batch
-        # Wall seconds of the scheduler thread by phase: waiting for requests while idle, taking arrivals
-        # and cancellations, admit (prefills), step (decode), events (texts handed to the HTTP side).
-        self.seconds = dict.fromkeys(("waiting", "arrivals", "admit", "step", "events"), 0.0)
-        self.running = 0
-        self.expert_tokens = [backend.to_numpy(counts) for counts in self.engine.cache.expert_tokens]
-        self.thread = threading.Thread(target=self._loop, name="minimoe-scheduler", daemon=True)
+        self.requests: dict[int, Request] = {}  # key -> request, until it finishes
+        self.keys = itertools.count()
+        self.send_lock = threading.Lock()
+        self.config: GPTConfig | None = None
+        self.device, self.device_name, self.parameters = "", "", 0  # "cpu" or "cuda"; the GPU's name; the model's size
+        self.alive = False
+        self.stats: dict[str, Any] = {"counters": {}, "seconds": {}, "running": 0, "waiting": 0, "expert_tokens": []}
+        self.reader = threading.Thread(target=self._read, name="minimoe-engine-reader", daemon=True)
+
+    def start(self) -> None:
+        """Start the engine process and wait until it is ready (the model loaded, the graphs captured)."""
+        self.process.start()
+        self.child_end.close()  # the engine's end is the engine's: its exit then ends our reads (EOFError)
+        while not self.connection.poll(1.0):
+            if not self.process.is_alive():
+                raise EngineError(f"the engine process exited with code {self.process.exitcode} before it was ready")
+        kind, payload = self.connection.recv()
+        if kind == "error":
+            self.process.join(timeout=10)
+            raise EngineError(payload)
+        self.config, self.device, self.device_name = payload["config"], payload["device"], payload["device_name"]
+        self.parameters, self.alive = payload["parameters"], True
+        self.reader.start()
 
     @property
     def queued(self) -> int:
-        return self.inbox.qsize() + len(self.engine.waiting)
+        """Requests not yet started (waiting for a slot, or on their way to the engine)."""
+        return sum(not request.started for request in self.requests.values())
 
     def submit(self, requests: list[Request]) -> None:
-        if self.stopping.is_set():
+        if not self.alive:
             raise RequestError(503, "the server is shutting down", code="shutting_down", kind="server_error")
         if self.queued + len(requests) > self.max_queue:
             raise RequestError(429, f"the queue is full ({self.queued} requests waiting, at most {self.max_queue}); "
                                     f"try again later", code="queue_full", kind="rate_limit_error")
         for request in requests:
-            self.inbox.put(request)
+            request.key = next(self.keys)
+            self.requests[request.key] = request
+        self._send("submit", [(request.key, request.prompt, request.params) for request in requests])
 
-    def _loop(self) -> None:
-        engine = self.engine
-        # Every decode graph before the first step, on the thread that will run them: a capture in the
-        # middle of traffic stalls every running stream. (Requests that arrive meanwhile wait in the inbox.)
-        engine.capture_graphs()
-        snapshot_at = 0.0
-        clock = time.perf_counter()
-        while not self.stopping.is_set():
-            idle = not engine.busy
-            self._take_arrivals(block=idle)
-            for request in [r for r in self.requests.values() if r.cancelled]:
-                engine.cancel(request.sequence)
-                del self.requests[id(request.sequence)]
-            self.running = len(engine.running)
-            clock = self._account("waiting" if idle else "arrivals", clock)
-            if not engine.busy:
+    def cancel(self, requests: list[Request]) -> None:
+        """Their clients went away: the engine frees their slots at its next step."""
+        unfinished = [request.key for request in requests if not request.finished and request.key >= 0]
+        if unfinished:
+            self._send("cancel", unfinished)
+
+    def stop(self) -> None:
+        """End every request with what it has; the engine process exits."""
+        if self.alive:
+            self._send("stop", None)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.stop()
+        self.reader.join(timeout=timeout)
+        self.process.join(timeout=timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+
+    def _send(self, kind: str, payload: Any) -> None:
+        with self.send_lock:
+            try:
+                self.connection.send((kind, payload))
+            except (BrokenPipeError, OSError):
+                self.alive = False
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, events, stats = self.connection.recv()
+            except (EOFError, OSError):
+                break
+            self.stats = stats
+            self._dispatch(events)
+        self.alive = False
+        self._dispatch([(key, 0, "", ENGINE_GONE) for key in list(self.requests)])
+
+    def _dispatch(self, events: list[tuple[int, int, str, str | None]]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for key, new_tokens, delta, finish_reason in events:
+            request = self.requests.get(key)
+            if request is None:
                 continue
-            engine.admit()
-            clock = self._account("admit", clock)
-            self.counters["decode_steps"] += bool(engine.running)
-            self.counters["decoded_rows"] += len(engine.running)
-            engine.step()
-            clock = self._account("step", clock)
-            self.running = len(engine.running)
-            events: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-            for key, request in list(self.requests.items()):
-                if len(request.sequence.generated) > request.consumed or request.sequence.finish_reason:
-                    generated, event = request.advance()
-                    self.counters["generated_tokens"] += generated
-                    if event is not None:
-                        events.setdefault(request.loop, []).append((request.events, event))
-                if request.sequence.finish_reason is not None:
-                    del self.requests[key]
-            # One wake-up of each event loop per step, with all of its requests' events: every
-            # call_soon_threadsafe writes to the loop's wake-up pipe, a system call per request otherwise.
-            for loop, batch in events.items():
-                loop.call_soon_threadsafe(_deliver, batch)
-            if time.perf_counter() - snapshot_at > 0.5:  # the metrics' copy of the experts' counts
-                self.expert_tokens = [backend.to_numpy(counts) for counts in engine.cache.expert_tokens]
-                snapshot_at = time.perf_counter()
-            clock = self._account("events", clock)
-        for request in self.requests.values():
-            request.end()
-        while not self.inbox.empty():
-            self.inbox.get_nowait().end()
-
-    def _account(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] += now - since
-        return now
-
-    def _take_arrivals(self, block: bool) -> None:
-        try:
-            arrivals = [self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()]
-        except queue.Empty:
-            return
-        while not self.inbox.empty():
-            arrivals.append(self.inbox.get_nowait())
-        for request in arrivals:
-            request.sequence = self.engine.submit(request.prompt, request.params)
-            self.requests[id(request.sequence)] = request
-            self.counters["requests"] += 1
-            self.counters["prompt_tokens"] += len(request.prompt)
+            request.generated += new_tokens
+            request.started = True
+            if finish_reason is not None:
+                request.finished = True
+                del self.requests[key]
+            batches.setdefault(request.loop, []).append((request.events, (request.index, delta, finish_reason)))
+        for loop, batch in batches.items():  # one wake-up of each event loop, with all of its events
+            loop.call_soon_threadsafe(_deliver, batch)
 
 
 # ----------------------------------------------------------------------------- requests' parameters
@@ -318,18 +304,16 @@ def _choice_text(chat: bool, text: str, finish_reason: str | None, index: int, f
             "finish_reason": finish_reason}
 
 
-def create_app(model: GPT, name: str, max_batch: int, max_queue: int) -> tuple[FastAPI, Scheduler]:
-    """The FastAPI app serving `model` under the model id `name`, and its scheduler (started by the app)."""
-    config = model.config
+def create_app(engine: EngineProcess, name: str) -> FastAPI:
+    """The FastAPI app serving the model of `engine` (started: its config known) under the model id `name`;
+    the app's shutdown ends the engine process."""
+    config = engine.config
     tokenizer = ByteTokenizer(config.vocab_size)
-    scheduler = Scheduler(model, max_batch, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        scheduler.thread.start()
         yield
-        scheduler.stopping.set()
-        scheduler.thread.join(timeout=5)
+        await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="minimoe", lifespan=lifespan)
 
@@ -360,21 +344,20 @@ def create_app(model: GPT, name: str, max_batch: int, max_queue: int) -> tuple[F
         prompts = [prompt for prompt in ask.prompts for _ in range(ask.choices)]  # each prompt's choices in a row
         runs = [Request(prompt, params, loop, events, index)
                 for index, (prompt, params) in enumerate(zip(prompts, ask.params))]
-        scheduler.submit(runs)
+        engine.submit(runs)
         identifier = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if ask.stream:
-            return StreamingResponse(_stream(request, runs, identifier, created, name, chat),
+            return StreamingResponse(_stream(request, engine, runs, identifier, created, name, chat),
                                      media_type="text/event-stream")
         try:
             texts = await _collect(events, len(runs))
         except asyncio.CancelledError:
-            for run in runs:
-                run.cancelled = True
+            engine.cancel(runs)
             raise
         usage = {"prompt_tokens": sum(len(p) for p in ask.prompts),
-                 "completion_tokens": sum(len(run.sequence.generated) for run in runs)}
+                 "completion_tokens": sum(run.generated for run in runs)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"id": identifier, "object": kind, "created": created, "model": name,
                 "choices": [_choice_text(chat, text, reason, index) for index, (text, reason) in enumerate(texts)],
@@ -395,23 +378,31 @@ def create_app(model: GPT, name: str, max_batch: int, max_queue: int) -> tuple[F
 
     @app.get("/health")
     async def health() -> Any:
+        if not engine.alive:
+            return JSONResponse({"status": "the engine process has stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics() -> Any:
+        stats = engine.stats
         lines = [f"# TYPE minimoe_{key}_total counter\nminimoe_{key}_total {value}"
-                 for key, value in scheduler.counters.items()]
+                 for key, value in stats["counters"].items()]
         lines += ["# TYPE minimoe_scheduler_seconds_total counter"]
         lines += [f'minimoe_scheduler_seconds_total{{phase="{phase}"}} {seconds:.6f}'
-                  for phase, seconds in scheduler.seconds.items()]
-        lines += [f"# TYPE minimoe_queue_length gauge\nminimoe_queue_length {scheduler.queued}",
-                  f"# TYPE minimoe_running_sequences gauge\nminimoe_running_sequences {scheduler.running}",
+                  for phase, seconds in stats["seconds"].items()]
+        lines += [f"# TYPE minimoe_queue_length gauge\nminimoe_queue_length {engine.queued}",
+                  f"# TYPE minimoe_running_sequences gauge\nminimoe_running_sequences {stats['running']}",
                   "# TYPE minimoe_expert_tokens_total counter"]
         lines += [f'minimoe_expert_tokens_total{{layer="{layer}",expert="{expert}"}} {int(count)}'
-                  for layer, counts in enumerate(scheduler.expert_tokens) for expert, count in enumerate(counts)]
+                  for layer, counts in enumerate(stats["expert_tokens"]) for expert, count in enumerate(counts)]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    return app, scheduler
+    return app
+
+
+def _engine_gone() -> RequestError:
+    return RequestError(500, "the engine process stopped; the server cannot finish this request", code="engine_gone",
+                        kind="server_error")
 
 
 async def _collect(events: asyncio.Queue, choices: int) -> list[tuple[str, str]]:
@@ -419,13 +410,15 @@ async def _collect(events: asyncio.Queue, choices: int) -> list[tuple[str, str]]
     texts, reasons = [[] for _ in range(choices)], [None] * choices
     while None in reasons:
         index, delta, finish_reason = await events.get()
+        if finish_reason == ENGINE_GONE:
+            raise _engine_gone()
         texts[index].append(delta)
         reasons[index] = finish_reason
     return [("".join(text), reason) for text, reason in zip(texts, reasons)]
 
 
-async def _stream(http: HTTPRequest, runs: list[Request], identifier: str, created: int, name: str,
-                  chat: bool) -> AsyncIterator[str]:
+async def _stream(http: HTTPRequest, engine: EngineProcess, runs: list[Request], identifier: str, created: int,
+                  name: str, chat: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a chunk per settled delta of a choice, then [DONE]. The
     deltas that piled up while the event loop was busy go out as one chunk per choice (a chunk's text
     may be several tokens long, as OpenAI's may): under load the loop sends fewer, larger chunks rather
@@ -450,6 +443,9 @@ async def _stream(http: HTTPRequest, runs: list[Request], identifier: str, creat
                 waiting.append(events.get_nowait())
             merged: dict[int, tuple[str, str | None]] = {}  # choice -> (its deltas joined, finish reason)
             for index, delta, finish_reason in waiting:
+                if finish_reason == ENGINE_GONE:  # OpenAI's way: an error object in the stream, then the end
+                    yield _event(_engine_gone().body())
+                    return
                 merged[index] = (merged.get(index, ("", None))[0] + delta, finish_reason)
             for index, (delta, finish_reason) in merged.items():
                 choice = ({"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish_reason}
@@ -459,26 +455,38 @@ async def _stream(http: HTTPRequest, runs: list[Request], identifier: str, creat
                     running.discard(index)
         yield "data: [DONE]\n\n"
     finally:
-        for run in runs:
-            run.cancelled = run.sequence is None or run.sequence.finish_reason is None
+        engine.cancel(runs)  # those not finished: the client went away
 
 
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def serve(model: GPT, name: str, host: str, port: int, max_batch: int, max_queue: int) -> None:
-    """Run the server until SIGTERM or Ctrl-C: the running requests end at once with what they have
-    (finish_reason "length"), then uvicorn closes the connections and the process exits."""
+def checkpoint_model(path: str, device: str) -> GPT:
+    """The model of a training checkpoint, ready for inference on `device` (auto, cpu or cuda): the engine
+    process's load_model, through functools.partial."""
+    from minimoe.generate import prepare
+    from minimoe.train import load_model
+
+    backend.set_device(device)
+    return prepare(load_model(path)[0])
+
+
+def serve(load_model: Callable[[], GPT], name: str, host: str, port: int, max_batch: int, max_queue: int) -> None:
+    """Start the engine process on load_model's model (EngineError when it cannot start), then serve until
+    SIGTERM or Ctrl-C: the running requests end at once with what they have (finish_reason "length"),
+    then uvicorn closes the connections and the process exits."""
     import uvicorn
 
-    app, scheduler = create_app(model, name, max_batch, max_queue)
+    engine = EngineProcess(load_model, max_batch, max_queue)
+    engine.start()
+    app = create_app(engine, name)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            scheduler.stopping.set()  # the running requests end now, with what they have
+            engine.stop()  # the running requests end now, with what they have
             super().handle_exit(sig, frame)
 
-    print(f"minimoe serve: {name} on http://{host}:{port} ({backend.device()}; up to {max_batch} sequences at once, "
+    print(f"minimoe serve: {name} on http://{host}:{port} ({engine.device}; up to {max_batch} sequences at once, "
           f"{max_queue} waiting)", flush=True)
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)).run()

@@ -1,16 +1,17 @@
 """`minimoe bench serve`: the HTTP server under load, N concurrent clients against one at a time.
 
-A server (minimoe/serve.py) runs in this process on 127.0.0.1 and a free port, on a model with random
-weights: on the GPU bench decode's model (482M parameters, bf16), on the CPU a small one (4 layers,
-d=128, 8 experts top-2, context 256). A fixed number of requests, their prompt lengths and max_tokens
-drawn from a fixed seed, each streamed (greedy, so every request makes exactly max_tokens tokens), are
-sent by --clients concurrent clients, then the same requests one at a time. The clients run in
-processes of their own, as real clients do, 8 to a process: in the server's process their reading and
-parsing of every streamed chunk would take the server's interpreter lock and be counted against it, and
-one process of 64 client threads was itself a limit (2 CPU cores, a model of 5k parameters whose steps
-cost little: 4,567 tokens/s with the 64 clients in one process, 6,284 with them in eight). Printed for each: output
-tokens per second over the whole run, and the 50th and 99th percentiles of time to first token (from
-sending the request to its first chunk) and of time per output token (after the first).
+A server (minimoe/serve.py) runs in this process on 127.0.0.1 and a free port, its engine in a process
+of its own as `minimoe serve` runs it, on a model with random weights: on the GPU bench decode's model
+(482M parameters, bf16), on the CPU a small one (4 layers, d=128, 8 experts top-2, context 256). A fixed
+number of requests, their prompt lengths and max_tokens drawn from a fixed seed, each streamed (greedy,
+so every request makes exactly max_tokens tokens), are sent by --clients concurrent clients, then the
+same requests one at a time. The clients run in processes of their own, as real clients do, 8 to a
+process: in the server's process their reading and parsing of every streamed chunk would take the
+server's interpreter lock and be counted against it, and one process of 64 client threads was itself a
+limit (2 CPU cores, a model of 5k parameters whose steps cost little: 4,567 tokens/s with the 64 clients
+in one process, 6,284 with them in eight). Printed for each: output tokens per second over the whole
+run, the 50th and 99th percentiles of time to first token (from sending the request to its first chunk)
+and of time per output token (after the first), and the engine's own account of the run.
 """
 
 from __future__ import annotations
@@ -80,22 +81,33 @@ def _run(clients_pool: concurrent.futures.Executor, url: str, requests: list[dic
             "tpot p99": np.percentile(per_token, 99)}
 
 
+def bench_model(device: str) -> GPT:
+    """The benchmark's model with random weights on `device` (the engine process's load_model)."""
+    from minimoe.bench.decode import build_model
+    from minimoe.generate import prepare
+
+    if backend.set_device(device) == "cuda":
+        return build_model()
+    return prepare(GPT(GPTConfig(**CPU_MODEL)))
+
+
 def bench_serve(args: argparse.Namespace) -> None:
+    import functools
     import logging
 
     import uvicorn
 
-    from minimoe.bench.decode import build_model
-    from minimoe.generate import prepare
-    from minimoe.serve import create_app
+    from minimoe.serve import EngineProcess, create_app
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    device = backend.set_device(args.device)
-    model = build_model() if device == "cuda" else prepare(GPT(GPTConfig(**CPU_MODEL)))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app, scheduler = create_app(model, "bench", max_batch=args.clients, max_queue=4 * args.requests)
+    engine = EngineProcess(functools.partial(bench_model, args.device), max_batch=args.clients,
+                           max_queue=4 * args.requests)
+    engine.start()
+    device = engine.device
+    app = create_app(engine, "bench")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,15 +122,16 @@ def bench_serve(args: argparse.Namespace) -> None:
     for size in sorted({min(1 << i, args.clients) for i in range(args.clients.bit_length() + 1)}):
         warm_up = [dict(body, max_tokens=8) for body in _requests(size, seed=1)]
         _run(clients, url, warm_up, size)
-    where = backend.gpu_name() if device == "cuda" else f"CPU ({__import__('os').cpu_count()} threads)"
-    print(f"bench serve on {where}: {model.num_parameters():,} parameters, {args.requests} streamed greedy requests "
+    where = engine.device_name if device == "cuda" else f"CPU ({__import__('os').cpu_count()} threads)"
+    print(f"bench serve on {where}: {engine.parameters:,} parameters, {args.requests} streamed greedy requests "
           f"(prompts 16-64 bytes, 16-128 new tokens, seed 0) over loopback HTTP")
     rows, timelines = {}, {}
     for name, concurrent_clients in ((f"{args.clients} concurrent clients", args.clients), ("one at a time", 1)):
-        before = dict(scheduler.seconds), dict(scheduler.counters)
+        before = engine.stats
         rows[name] = _run(clients, url, requests, concurrent_clients)
-        timelines[name] = ({phase: scheduler.seconds[phase] - before[0][phase] for phase in scheduler.seconds},
-                           {key: scheduler.counters[key] - before[1][key] for key in scheduler.counters})
+        after = engine.stats
+        timelines[name] = ({phase: after["seconds"][phase] - before["seconds"][phase] for phase in after["seconds"]},
+                           {key: after["counters"][key] - before["counters"][key] for key in after["counters"]})
     clients.shutdown()
     print(f"{'':<26}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'TPOT p50 ms':>13}{'TPOT p99 ms':>13}")
     for name, row in rows.items():
