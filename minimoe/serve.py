@@ -110,7 +110,8 @@ class EngineProcess:
         self.send_lock = threading.Lock()
         self.config: GPTConfig | None = None
         self.device, self.device_name, self.parameters = "", "", 0  # "cpu" or "cuda"; the GPU's name; the model's size
-        self.alive = False
+        self.alive = False  # ready, and not gone
+        self.stopping = False  # stop() was called
         self.stats: dict[str, Any] = {"counters": {}, "seconds": {}, "running": 0, "waiting": 0, "expert_tokens": []}
         self.reader = threading.Thread(target=self._read, name="minimoe-engine-reader", daemon=True)
 
@@ -135,8 +136,10 @@ class EngineProcess:
         return sum(not request.started for request in self.requests.values())
 
     def submit(self, requests: list[Request]) -> None:
-        if not self.alive:
+        if self.stopping:
             raise RequestError(503, "the server is shutting down", code="shutting_down", kind="server_error")
+        if not self.alive:
+            raise _engine_gone(503)
         if self.queued + len(requests) > self.max_queue:
             raise RequestError(429, f"the queue is full ({self.queued} requests waiting, at most {self.max_queue}); "
                                     f"try again later", code="queue_full", kind="rate_limit_error")
@@ -153,6 +156,7 @@ class EngineProcess:
 
     def stop(self) -> None:
         """End every request with what it has; the engine process exits."""
+        self.stopping = True
         if self.alive:
             self._send("stop", None)
 
@@ -400,9 +404,9 @@ def create_app(engine: EngineProcess, name: str) -> FastAPI:
     return app
 
 
-def _engine_gone() -> RequestError:
-    return RequestError(500, "the engine process stopped; the server cannot finish this request", code="engine_gone",
-                        kind="server_error")
+def _engine_gone(status: int = 500) -> RequestError:
+    return RequestError(status, "the engine process has stopped; the server cannot generate any more",
+                        code="engine_gone", kind="server_error")
 
 
 async def _collect(events: asyncio.Queue, choices: int) -> list[tuple[str, str]]:

@@ -81,6 +81,22 @@ def server(checkpoint):
     running.stop()
 
 
+def spawned_children(pid: int) -> list[int]:
+    """The processes that `pid` started through multiprocessing's spawn (its resource tracker aside), from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                spawned = b"spawn_main" in cmdline.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and spawned:
+            children.append(int(entry))
+    return children
+
+
 def complete(server, **fields):
     return server.client.completions.create(model=NAME, **{"max_tokens": 24, **fields})
 
@@ -221,3 +237,29 @@ def test_a_full_queue_answers_429_and_sigterm_ends_what_runs(checkpoint):
     finally:
         if small.process.poll() is None:
             os.kill(small.process.pid, signal.SIGKILL)
+
+
+def test_a_dead_engine_process_fails_what_runs_and_health_says_so(checkpoint):
+    """The engine process killed mid-stream: the stream ends with OpenAI's error object, later requests get
+    503 with code engine_gone, /health answers 503, and the HTTP process still answers."""
+    small = Server(checkpoint, "--max-batch", "1")
+    try:
+        children = spawned_children(small.process.pid)
+        assert len(children) == 1, children  # the engine process
+        body = {"model": NAME, "prompt": "The", "max_tokens": 10_000, "stream": True, "temperature": 0.5}
+        with httpx.stream("POST", f"{small.url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)
+            os.kill(children[0], signal.SIGKILL)
+            rest = [line for line, _ in zip(lines, range(2000))]  # bounded: the stream ends with the error
+        errors = [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+        assert errors and errors[0]["code"] == "engine_gone"
+        for _ in range(100):
+            if httpx.get(f"{small.url}/health", timeout=10).status_code == 503:
+                break
+            time.sleep(0.1)
+        assert httpx.get(f"{small.url}/health", timeout=10).status_code == 503
+        later = small.post("/v1/completions", {"model": NAME, "prompt": "The", "max_tokens": 3})
+        assert later.status_code == 503 and later.json()["error"]["code"] == "engine_gone"
+    finally:
+        small.stop()
