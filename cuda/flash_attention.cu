@@ -2,7 +2,9 @@
 // work of FlashAttention-2, Dao 2023). cuda/flash_attention.py is the reference: the same recurrence
 // over blocks of keys in NumPy, and the formulas.
 //
-// q, k, v, out and their gradients: [B*H, T, HEAD] bf16, contiguous; lse and delta: [B*H, T] float32.
+// q, k, v, out and their gradients: [B*H, T, HEAD] bf16 matrices, one per head, wherever a Layout puts
+// them (q, k, v and their gradients share one, out and grad_out another: a packed qkv [B, T, 3, H, HEAD]
+// is read in place, out written as [B, T, H, HEAD]); lse and delta: [B*H, T] float32, contiguous.
 // A block of WARPS warps takes BLOCK rows (queries in the forward and in dq, keys in dk and dv), 16 rows
 // per warp, and walks over the other side in tiles of BLOCK rows staged in shared memory. Every product
 // runs on the tensor cores (tensor_cores.cuh) with float32 sums; a lane holds, of each 16-row piece,
@@ -20,14 +22,31 @@ constexpr int PAD = 8;  // a staged row is 16 bytes longer: the rows start in di
 
 template <int HEAD> using Tile = bf16[BLOCK][HEAD + PAD];
 
-// tile = rows first .. first + BLOCK - 1 of one head's [T, HEAD] matrix, zeros past T (16-byte loads).
+// Where the matrices of an operand lie: row t of head y (= batch * heads + head) at element
+// y / heads * batch + y % heads * head + t * row. Contiguous [B*H, T, HEAD]: row HEAD, batch T * HEAD
+// (heads 1); q of a packed qkv [B, T, 3, H, HEAD]: row 3 * H * HEAD, head HEAD, batch T * row. The
+// kernels take the strides as plain arguments (LAYOUTS below) and make their Layouts of them.
+struct Layout {
+  long long row, head, batch;
+  int heads;
+  __device__ long long offset(long long y) const { return y / heads * batch + y % heads * head; }
+};
+#define LAYOUT_ARGUMENTS                                                                                  \
+  long long in_row, long long in_head, long long in_batch, int in_heads, long long out_row, long long out_head, \
+      long long out_batch, int out_heads
+#define LAYOUTS                                                  \
+  const Layout inputs{in_row, in_head, in_batch, in_heads};       \
+  const Layout outputs{out_row, out_head, out_batch, out_heads}
+
+// tile = rows first .. first + BLOCK - 1 of one head's matrix (rows `row` elements apart), zeros past T
+// (16-byte loads).
 template <int HEAD>
-__device__ void stage(Tile<HEAD>& tile, const bf16* __restrict__ matrix, int first, int length) {
+__device__ void stage(Tile<HEAD>& tile, const bf16* __restrict__ matrix, long long row, int first, int length) {
   constexpr int VECTORS = HEAD / 8;  // 8 bf16 per 16-byte load
   for (int i = threadIdx.x; i < BLOCK * VECTORS; i += blockDim.x) {
     const int r = i / VECTORS, c = i % VECTORS * 8;
     uint4 values = make_uint4(0, 0, 0, 0);
-    if (first + r < length) values = *reinterpret_cast<const uint4*>(matrix + (long long)(first + r) * HEAD + c);
+    if (first + r < length) values = *reinterpret_cast<const uint4*>(matrix + (first + r) * row + c);
     *reinterpret_cast<uint4*>(&tile[r][c]) = values;
   }
 }
@@ -75,16 +94,16 @@ __device__ __forceinline__ int sum_row(int row0, int i, Lane lane) { return row0
 __device__ __forceinline__ int sum_column(int n, int i, Lane lane) { return 8 * n + 2 * lane.q + i % 2; }
 
 // Stores the warp's rows of sums [16, HEAD] times `factor` (or divided by the row's divisor) into rows
-// first + row of one head's [T, HEAD] matrix, those before T.
+// first + row of one head's matrix (rows `stride` elements apart), those before T.
 template <int HEAD>
-__device__ void store_rows(bf16* __restrict__ matrix, const float sums[HEAD / 8][4], int first, int row0,
-                           int length, const float factor[2], Lane lane) {
+__device__ void store_rows(bf16* __restrict__ matrix, long long stride, const float sums[HEAD / 8][4], int first,
+                           int row0, int length, const float factor[2], Lane lane) {
 #pragma unroll
   for (int n = 0; n < HEAD / 8; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = first + sum_row(row0, i, lane);
-      if (row < length) matrix[(long long)row * HEAD + sum_column(n, i, lane)] = from_float<bf16>(sums[n][i] * factor[i / 2]);
+      if (row < length) matrix[row * stride + sum_column(n, i, lane)] = from_float<bf16>(sums[n][i] * factor[i / 2]);
     }
 }
 
@@ -95,18 +114,20 @@ __device__ void store_rows(bf16* __restrict__ matrix, const float sums[HEAD / 8]
 template <int HEAD>
 __global__ void __launch_bounds__(WARPS * 32)
     flash_attention_forward(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
-                            bf16* __restrict__ out, float* __restrict__ lse, int length, float scale) {
+                            bf16* __restrict__ out, float* __restrict__ lse, int length, float scale,
+                            LAYOUT_ARGUMENTS) {
+  LAYOUTS;
   __shared__ __align__(16) Tile<HEAD> q_tile, k_tile, v_tile;
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
-  const long long head = blockIdx.y, offset = head * length * HEAD;
-  stage<HEAD>(q_tile, q + offset, first_query, length);
+  const long long head = blockIdx.y, offset = inputs.offset(head);
+  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);
   float row_max[2] = {-infinity(), -infinity()}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
   float acc[HEAD / 8][4] = {};
   for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
     __syncthreads();  // every warp is done with the previous keys
-    stage<HEAD>(k_tile, k + offset, first_key, length);
-    stage<HEAD>(v_tile, v + offset, first_key, length);
+    stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
+    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);
     __syncthreads();
     float s[BLOCK / 8][4] = {};
     rows_times_rows<HEAD>(s, q_tile, row0, k_tile, lane);
@@ -142,7 +163,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     weights_times_rows<HEAD>(acc, s, v_tile, lane);  // acc += exp(s - m) v
   }
   const float inverse[2] = {1.0f / row_sum[0], 1.0f / row_sum[1]};
-  store_rows<HEAD>(out + offset, acc, first_query, row0, length, inverse, lane);
+  store_rows<HEAD>(out + outputs.offset(head), outputs.row, acc, first_query, row0, length, inverse, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = first_query + row0 + lane.g + 8 * r;
@@ -150,14 +171,18 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-// delta[row] = sum_d grad_out[row, d] out[row, d], the softmax backward's term of each row: one warp per row.
+// delta[row] = sum_d grad_out[row, d] out[row, d], the softmax backward's term of each row (row = head * T
+// + t, both operands in the outputs' layout): one warp per row.
 __global__ void attention_delta(const bf16* __restrict__ grad_out, const bf16* __restrict__ out,
-                                float* __restrict__ delta, long long rows, int head_width) {
+                                float* __restrict__ delta, long long rows, int length, int head_width,
+                                LAYOUT_ARGUMENTS) {
+  LAYOUTS;
   const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
+  const long long start = outputs.offset(row / length) + row % length * outputs.row;
   float sum = 0.0f;
   for (int d = threadIdx.x % 32; d < head_width; d += 32)
-    sum += to_float(grad_out[row * head_width + d]) * to_float(out[row * head_width + d]);
+    sum += to_float(grad_out[start + d]) * to_float(out[start + d]);
   sum = warp_sum(sum);
   if (threadIdx.x % 32 == 0) delta[row] = sum;
 }
@@ -196,19 +221,20 @@ __global__ void __launch_bounds__(WARPS * 32)
     flash_attention_backward_keys(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                   const bf16* __restrict__ grad_out, const float* __restrict__ lse,
                                   const float* __restrict__ delta, bf16* __restrict__ grad_k,
-                                  bf16* __restrict__ grad_v, int length, float scale) {
+                                  bf16* __restrict__ grad_v, int length, float scale, LAYOUT_ARGUMENTS) {
+  LAYOUTS;
   __shared__ __align__(16) Tile<HEAD> k_tile, v_tile, q_tile, grad_out_tile;
   __shared__ float lse_tile[BLOCK], delta_tile[BLOCK];
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_key = blockIdx.x * BLOCK;
-  const long long head = blockIdx.y, offset = head * length * HEAD;
-  stage<HEAD>(k_tile, k + offset, first_key, length);
-  stage<HEAD>(v_tile, v + offset, first_key, length);
+  const long long head = blockIdx.y, offset = inputs.offset(head), out_offset = outputs.offset(head);
+  stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
+  stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);
   float k_sums[HEAD / 8][4] = {}, v_sums[HEAD / 8][4] = {};
   for (int first_query = first_key; first_query < length; first_query += BLOCK) {
     __syncthreads();  // every warp is done with the previous queries
-    stage<HEAD>(q_tile, q + offset, first_query, length);
-    stage<HEAD>(grad_out_tile, grad_out + offset, first_query, length);
+    stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);
+    stage<HEAD>(grad_out_tile, grad_out + out_offset, outputs.row, first_query, length);
     for (int i = threadIdx.x; i < BLOCK; i += blockDim.x) {
       const bool real = first_query + i < length;
       lse_tile[i] = real ? lse[head * length + first_query + i] : 0.0f;
@@ -225,8 +251,8 @@ __global__ void __launch_bounds__(WARPS * 32)
     weights_times_rows<HEAD>(k_sums, dp, q_tile, lane);
   }
   const float by_scale[2] = {scale, scale}, by_one[2] = {1.0f, 1.0f};
-  store_rows<HEAD>(grad_k + offset, k_sums, first_key, row0, length, by_scale, lane);
-  store_rows<HEAD>(grad_v + offset, v_sums, first_key, row0, length, by_one, lane);
+  store_rows<HEAD>(grad_k + offset, inputs.row, k_sums, first_key, row0, length, by_scale, lane);
+  store_rows<HEAD>(grad_v + offset, inputs.row, v_sums, first_key, row0, length, by_one, lane);
 }
 
 // grad_q of a block of queries: block (query block, head); the key tiles up to the diagonal one, as in the
@@ -238,13 +264,14 @@ __global__ void __launch_bounds__(WARPS * 32)
     flash_attention_backward_queries(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                      const bf16* __restrict__ v, const bf16* __restrict__ grad_out,
                                      const float* __restrict__ lse, const float* __restrict__ delta,
-                                     bf16* __restrict__ grad_q, int length, float scale) {
+                                     bf16* __restrict__ grad_q, int length, float scale, LAYOUT_ARGUMENTS) {
+  LAYOUTS;
   __shared__ __align__(16) Tile<HEAD> q_tile, grad_out_tile, k_tile, v_tile;
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
-  const long long head = blockIdx.y, offset = head * length * HEAD;
-  stage<HEAD>(q_tile, q + offset, first_query, length);
-  stage<HEAD>(grad_out_tile, grad_out + offset, first_query, length);
+  const long long head = blockIdx.y, offset = inputs.offset(head);
+  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);
+  stage<HEAD>(grad_out_tile, grad_out + outputs.offset(head), outputs.row, first_query, length);
   float row_lse[2], row_delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -255,8 +282,8 @@ __global__ void __launch_bounds__(WARPS * 32)
   float q_sums[HEAD / 8][4] = {};
   for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
     __syncthreads();
-    stage<HEAD>(k_tile, k + offset, first_key, length);
-    stage<HEAD>(v_tile, v + offset, first_key, length);
+    stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
+    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);
     __syncthreads();
     float p[BLOCK / 8][4] = {};
     rows_times_rows<HEAD>(p, q_tile, row0, k_tile, lane);
@@ -267,5 +294,5 @@ __global__ void __launch_bounds__(WARPS * 32)
     weights_times_rows<HEAD>(q_sums, dp, k_tile, lane);
   }
   const float by_scale[2] = {scale, scale};
-  store_rows<HEAD>(grad_q + offset, q_sums, first_query, row0, length, by_scale, lane);
+  store_rows<HEAD>(grad_q + offset, inputs.row, q_sums, first_query, row0, length, by_scale, lane);
 }

@@ -49,10 +49,12 @@ def runs_on_kernels(q: Any) -> bool:
     return is_gpu(q) and build.KERNEL_TYPES.get(q.dtype.name) == "bf16" and q.shape[-1] in HEAD_WIDTHS
 
 
-def flash_attention_forward(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
-    """(out [..., T, D], lse [..., T], float32 at least) of causal attention over q, k, v [..., T, D]."""
+def flash_attention_forward(q: Any, k: Any, v: Any, out: Any = None) -> tuple[Any, Any]:
+    """(out [..., T, D], lse [..., T], float32 at least) of causal attention over q, k, v [..., T, D]. On
+    the GPU, `out` (optional) is the array to write, and q, k, v and out may be strided views, read and
+    written in place: q, k, v of one packed qkv [B, T, 3, H, D] as [B, H, T, D], out of a [B, T, H, D]."""
     if is_gpu(q):
-        return _gpu_forward(q, k, v)
+        return _gpu_forward(q, k, v, out)
     xp = array_module(q)
     length, width = q.shape[-2:]
     dtype, compute = q.dtype, np.promote_types(q.dtype, np.float32)
@@ -75,10 +77,12 @@ def flash_attention_forward(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
     return (acc / row_sum[..., None]).astype(dtype), row_max + xp.log(row_sum)
 
 
-def flash_attention_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any) -> tuple[Any, Any, Any]:
-    """(grad q, grad k, grad v) from the output's gradient, the inputs, and the forward's out and lse."""
+def flash_attention_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any,
+                             grads: tuple[Any, Any, Any] | None = None) -> tuple[Any, Any, Any]:
+    """(grad q, grad k, grad v) from the output's gradient, the inputs, and the forward's out and lse. On the
+    GPU, `grads` (optional) are the three arrays to write, e.g. views of one packed [B, T, 3, H, D]."""
     if is_gpu(q):
-        return _gpu_backward(grad_out, q, k, v, out, lse)
+        return _gpu_backward(grad_out, q, k, v, out, lse, grads)
     xp = array_module(q)
     length, width = q.shape[-2:]
     dtype, compute = q.dtype, np.promote_types(q.dtype, np.float32)
@@ -102,45 +106,83 @@ def flash_attention_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, ls
 # ----------------------------------------------------------------------------- GPU paths
 
 
-def _heads(*arrays: Any) -> list[Any]:
-    """Each array as [B*H, T, D], contiguous (the kernels' layout)."""
+def _layout(a: Any) -> tuple[int, int, int, int] | None:
+    """(row, head, batch, heads): where the kernels find the [T, D] matrices of a [B, H, T, D] or [N, T, D]
+    array, in elements (flash_attention.cu's Layout), when they can read it in place: unit stride along D
+    and every row 16 bytes aligned. Else None."""
+    strides = a.strides
+    if a.ndim not in (3, 4) or strides[-1] != a.itemsize or a.data.ptr % 16 or any(s % 16 for s in strides[:-1]):
+        return None
+    row, head, batch = strides[-2], strides[1] if a.ndim == 4 else 0, strides[0]
+    return row // a.itemsize, head // a.itemsize, batch // a.itemsize, a.shape[1] if a.ndim == 4 else 1
+
+
+def _in_place(*arrays: Any) -> tuple[list[Any], tuple[int, int, int, int]]:
+    """The arrays as the kernels take them, all in one layout: as they are where they share one the kernels
+    can read (views of one packed qkv [B, T, 3, H, D] do), else contiguous copies [N, T, D]; and the layout."""
     import cupy
 
-    return [cupy.ascontiguousarray(a).reshape(-1, *a.shape[-2:]) for a in arrays]
+    layouts = {_layout(a) for a in arrays}
+    if len(layouts) == 1 and None not in layouts:
+        return list(arrays), layouts.pop()
+    copies = [cupy.ascontiguousarray(a).reshape(-1, *a.shape[-2:]) for a in arrays]
+    return copies, _layout(copies[0])
 
 
-def _gpu_forward(q: Any, k: Any, v: Any) -> tuple[Any, Any]:
+def _launch_layouts(*layouts: tuple[int, int, int, int]) -> tuple[Any, ...]:
+    """The kernels' LAYOUT_ARGUMENTS: the inputs' layout, then the outputs'."""
+    return tuple(cast(value) for layout in layouts for value, cast in zip(layout, (np.int64,) * 3 + (np.int32,)))
+
+
+def _write_back(targets: Any, written: list[Any]) -> None:
+    """Copy what the kernels wrote into copies (when a target's layout was not theirs) into the targets."""
+    for target, result in zip(targets, written):
+        if result is not target:
+            target[...] = result.reshape(target.shape)
+
+
+def _gpu_forward(q: Any, k: Any, v: Any, out: Any) -> tuple[Any, Any]:
     import cupy
 
     if not runs_on_kernels(q):
         raise ValueError(f"flash attention's kernels take bf16 with a head width in {HEAD_WIDTHS}, "
                          f"got {q.dtype} and {q.shape[-1]}")
-    heads, length, width = len(q.reshape(-1, *q.shape[-2:])), *q.shape[-2:]
-    q3, k3, v3 = _heads(q, k, v)
-    out = cupy.empty_like(q3)
+    length, width = q.shape[-2:]
+    heads = q.size // (length * width)
+    out = cupy.empty(q.shape, dtype=q.dtype) if out is None else out
+    (q3, k3, v3), inputs = _in_place(q, k, v)
+    (out3,), outputs = _in_place(out)
     lse = cupy.empty((heads, length), dtype=cupy.float32)
     if heads and length:
         build.kernel("flash_attention.cu", f"flash_attention_forward<{width}>")(
             (-(-length // BLOCK), heads), (32 * WARPS,),
-            (q3, k3, v3, out, lse, np.int32(length), np.float32(1.0 / width**0.5)))
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+            (q3, k3, v3, out3, lse, np.int32(length), np.float32(1.0 / width**0.5), *_launch_layouts(inputs, outputs)))
+    _write_back([out], [out3])
+    return out, lse.reshape(q.shape[:-1])
 
 
-def _gpu_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any) -> tuple[Any, Any, Any]:
+def _gpu_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, grads: Any) -> tuple[Any, Any, Any]:
     import cupy
 
-    heads, length, width = len(q.reshape(-1, *q.shape[-2:])), *q.shape[-2:]
-    grad_out3, q3, k3, v3, out3 = _heads(grad_out.astype(q.dtype, copy=False), q, k, v, out)
+    length, width = q.shape[-2:]
+    heads = q.size // (length * width)
+    if grads is None:  # gradients of their own, contiguous, and q, k, v read in that layout too
+        q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
+        grads = tuple(cupy.empty(q.shape, dtype=q.dtype) for _ in range(3))
+    (q3, k3, v3, grad_q, grad_k, grad_v), inputs = _in_place(q, k, v, *grads)
+    (grad_out3, out3), outputs = _in_place(grad_out.astype(q.dtype, copy=False), out)
     lse = cupy.ascontiguousarray(lse, dtype=cupy.float32)
-    grad_q, grad_k, grad_v = (cupy.empty_like(q3) for _ in range(3))
     if heads and length:
         rows = heads * length
+        layouts = _launch_layouts(inputs, outputs)
         delta = cupy.empty(rows, dtype=cupy.float32)
         build.kernel("flash_attention.cu", "attention_delta")(
-            (-(-rows // DELTA_WARPS),), (32 * DELTA_WARPS,), (grad_out3, out3, delta, np.int64(rows), np.int32(width)))
+            (-(-rows // DELTA_WARPS),), (32 * DELTA_WARPS,),
+            (grad_out3, out3, delta, np.int64(rows), np.int32(length), np.int32(width), *layouts))
         grid, scale = (-(-length // BLOCK), heads), np.float32(1.0 / width**0.5)
         build.kernel("flash_attention.cu", f"flash_attention_backward_keys<{width}>")(
-            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_k, grad_v, np.int32(length), scale))
+            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_k, grad_v, np.int32(length), scale, *layouts))
         build.kernel("flash_attention.cu", f"flash_attention_backward_queries<{width}>")(
-            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_q, np.int32(length), scale))
-    return tuple(g.reshape(q.shape) for g in (grad_q, grad_k, grad_v))
+            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_q, np.int32(length), scale, *layouts))
+    _write_back(grads, [grad_q, grad_k, grad_v])
+    return tuple(grads)

@@ -179,8 +179,7 @@ class CausalSelfAttention(Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
         head_width = width // self.n_head
-        # [B, T, 3d] -> [3, B, H, T, D]: q, k, v for every head in one transpose.
-        qkv = self.qkv(x).reshape(batch, length, 3, self.n_head, head_width).transpose(2, 0, 3, 1, 4)
-        out = ops.causal_attention(qkv[0], qkv[1], qkv[2])
-        out = out.transpose(0, 2, 1, 3).reshape(batch, length, width)
+        # [B, T, 3d] -> [B, T, 3, H, D]: q, k, v of every head, attended where they lie (ops.CausalAttention)
+        qkv = self.qkv(x).reshape(batch, length, 3, self.n_head, head_width)
+        out = ops.causal_attention(qkv).reshape(batch, length, width)  # the heads side by side
         return ops.dropout(self.proj(out), self.dropout, self.training)

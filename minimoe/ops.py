@@ -529,26 +529,47 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class CausalAttention(Function):
-    """Flash attention's kernels where they apply (bf16 on the GPU, head widths they are built for: the
-    backward recomputes the probabilities from the saved log-sum-exp [B, H, T]); else the probabilities
-    [B, H, T, T] are kept for the backward (cuda/attention.py)."""
+    """Causal self-attention of every head of a packed qkv [B, T, 3, H, D] (the qkv Linear's output,
+    reshaped), out [B, T, H, D] (the heads side by side: [B, T, H * D] without a copy). Flash attention's
+    kernels where they apply (bf16 on the GPU, head widths they are built for) read q, k and v where they
+    lie and write the gradient straight into one packed [B, T, 3, H, D], so no head is transposed into a
+    copy either way; their backward recomputes the probabilities from the saved log-sum-exp [B, H, T].
+    Else the probabilities [B, H, T, T] are kept for the backward (cuda/attention.py)."""
 
-    def forward(ctx, q, k, v):
+    def forward(ctx, qkv):
+        q, k, v = _heads(qkv)
         ctx.flash = flash_attention_kernels.runs_on_kernels(q)
         if ctx.flash:
-            out, lse = flash_attention_kernels.flash_attention_forward(q, k, v)
-            ctx.save(q, k, v, out, lse)
+            batch, length, _, heads, width = qkv.shape
+            out = array_module(qkv).empty((batch, length, heads, width), dtype=qkv.dtype)
+            _, lse = flash_attention_kernels.flash_attention_forward(q, k, v, out=out.transpose(0, 2, 1, 3))
+            ctx.save(qkv, out, lse)
             return out
         out, probs = attention_kernels.causal_attention_forward(q, k, v)
         # Only a backward needs probs [B, H, T, T]; without a tape (generation) it is not kept.
-        ctx.save(q, k, v, probs if is_grad_enabled() else None)
-        return out
+        ctx.save(qkv, probs if is_grad_enabled() else None)
+        return out.transpose(0, 2, 1, 3)
 
     def backward(ctx, grad):
+        qkv = ctx.saved[0]
+        grad_qkv = array_module(qkv).empty_like(qkv)
+        grads, heads_grad = _heads(grad_qkv), grad.transpose(0, 2, 1, 3)
         if ctx.flash:
-            return flash_attention_kernels.flash_attention_backward(grad, *ctx.saved)
-        return attention_kernels.causal_attention_backward(grad, *ctx.saved)
+            _, out, lse = ctx.saved
+            flash_attention_kernels.flash_attention_backward(heads_grad, *_heads(qkv), out.transpose(0, 2, 1, 3), lse,
+                                                             grads=grads)
+        else:
+            head_grads = attention_kernels.causal_attention_backward(heads_grad, *_heads(qkv), ctx.saved[1])
+            for target, head_grad in zip(grads, head_grads):
+                target[...] = head_grad
+        return grad_qkv
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return CausalAttention.apply(q, k, v)
+def _heads(qkv: Any) -> tuple[Any, Any, Any]:
+    """q, k, v [B, H, T, D] of a packed [B, T, 3, H, D], as views."""
+    return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def causal_attention(qkv: Tensor) -> Tensor:
+    """[B, T, H, D] from the packed qkv [B, T, 3, H, D]."""
+    return CausalAttention.apply(qkv)

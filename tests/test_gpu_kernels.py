@@ -407,22 +407,34 @@ def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, dat
 
 
 @given(batch=st.integers(1, 2), heads=st.integers(1, 3), length=st.sampled_from([1, 5, 63, 64, 65, 200, 300]),
-       width=st.sampled_from([16, 32, 48, 64]), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
-def test_flash_attention_matches_reference(batch, heads, length, width, seed, poison):
+       width=st.sampled_from([16, 32, 48, 64]), packed=st.booleans(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_flash_attention_matches_reference(batch, heads, length, width, packed, seed, poison):
     """The flash-attention kernels (bf16) against the float64 recurrence: out, lse and the three
-    gradients, over one query block and several, with partial last blocks."""
+    gradients, over one query block and several, with partial last blocks; with `packed`, q, k, v read in
+    place from one [B, T, 3, H, D], out written into a [B, T, H, D] and the gradients into one packed
+    [B, T, 3, H, D], as the model's attention runs them (poisoned, so an unwritten element shows)."""
     from minimoe.cuda.flash_attention import flash_attention_backward, flash_attention_forward
+    from minimoe.ops import _heads
 
+    cupy = cupy_module()
     rng = np.random.default_rng(seed)
-    (q, q_values), (k, k_values), (v, v_values), (grad, grad_values) = (
-        to_gpu(rng.standard_normal((batch, heads, length, width)), "bfloat16") for _ in range(4))
+    if packed:
+        qkv, qkv_values = to_gpu(rng.standard_normal((batch, length, 3, heads, width)), "bfloat16")
+        (q, k, v), (q_values, k_values, v_values) = _heads(qkv), _heads(qkv_values)
+        grad, grad_values = to_gpu(rng.standard_normal((batch, length, heads, width)), "bfloat16")
+        grad, grad_values = grad.transpose(0, 2, 1, 3), grad_values.transpose(0, 2, 1, 3)
+    else:
+        (q, q_values), (k, k_values), (v, v_values), (grad, grad_values) = (
+            to_gpu(rng.standard_normal((batch, heads, length, width)), "bfloat16") for _ in range(4))
     poison_pool(poison)
-    out, lse = flash_attention_forward(q, k, v)
+    out = cupy.empty((batch, length, heads, width), dtype=q.dtype).transpose(0, 2, 1, 3) if packed else None
+    out, lse = flash_attention_forward(q, k, v, out=out)
     expected_out, expected_lse = flash_attention_forward(q_values, k_values, v_values)
     assert_close(to_host(out), expected_out, "bfloat16", "flash attention output")
     assert_close(to_host(lse), expected_lse, "bfloat16", "flash attention log-sum-exp")
     poison_pool(poison)
-    grads = flash_attention_backward(grad, q, k, v, out, lse)
+    grads = _heads(cupy.empty((batch, length, 3, heads, width), dtype=q.dtype)) if packed else None
+    grads = flash_attention_backward(grad, q, k, v, out, lse, grads=grads)
     expected_grads = flash_attention_backward(grad_values, q_values, k_values, v_values, expected_out, expected_lse)
     for name, actual, expected in zip(("q", "k", "v"), grads, expected_grads):
         assert_close(to_host(actual), expected, "bfloat16", f"flash attention grad {name}")

@@ -164,8 +164,13 @@ def test_dropout_keeps_expected_fraction_and_scales():
 @given(batch=st.integers(1, 2), heads=st.integers(1, 2), length=st.integers(1, 5), width=st.integers(1, 4),
        seed=seeds)
 def test_causal_attention_gradients(batch, heads, length, width, seed):
-    q, k, v = (randn(seed + i, (batch, heads, length, width)) for i in range(3))
-    check_gradients(ops.causal_attention, [q, k, v])
+    qkv = randn(seed, (batch, length, 3, heads, width))  # packed, as the qkv Linear makes it
+    check_gradients(ops.causal_attention, [qkv])
+    from minimoe.cuda.attention import causal_attention_forward
+
+    out = ops.causal_attention(Tensor(qkv)).data  # [B, T, H, D]: each head's attention, heads side by side
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    np.testing.assert_array_equal(out, causal_attention_forward(q, k, v)[0].transpose(0, 2, 1, 3))
 
 
 @given(heads=st.integers(1, 3), length=st.sampled_from([1, 2, 63, 64, 65, 150]), width=st.integers(1, 8), seed=seeds)
@@ -211,15 +216,13 @@ def test_lm_head_cross_entropy_gradients_and_plain_equality(rows, width, vocab, 
 
 @given(length=st.integers(2, 6), width=st.integers(1, 4), seed=seeds)
 def test_causal_attention_never_looks_ahead(length, width, seed):
-    q, k, v = (randn(seed + i, (1, 1, length, width)) for i in range(3))
-    out = ops.causal_attention(Tensor(q), Tensor(k), Tensor(v)).data
-    k2, v2 = k.copy(), v.copy()
-    k2[..., -1, :] += 5.0
-    v2[..., -1, :] -= 5.0
-    changed = ops.causal_attention(Tensor(q), Tensor(k2), Tensor(v2)).data
-    np.testing.assert_array_equal(out[..., :-1, :], changed[..., :-1, :])
+    qkv = randn(seed, (1, length, 3, 1, width))
+    out = ops.causal_attention(Tensor(qkv)).data
+    changed = qkv.copy()
+    changed[:, -1, 1:] += 5.0  # the last token's key and value
+    np.testing.assert_array_equal(out[:, :-1], ops.causal_attention(Tensor(changed)).data[:, :-1])
     # The first token can only attend to itself.
-    np.testing.assert_allclose(out[..., 0, :], v[..., 0, :], rtol=1e-12)
+    np.testing.assert_allclose(out[:, 0], qkv[:, 0, 2], rtol=1e-12)
 
 
 def test_tensor_used_twice_accumulates_gradient():
