@@ -35,10 +35,10 @@
 #include "common.cuh"
 
 // The constants this file shares with its launcher are defined once, in cuda/gating.py, and arrive as
-// -D defines (build.py's compile_options): TOKENS_PER_WARP, EXPERTS_PER_PASS, GRAD_TOKENS, GRAD_TILE,
-// PER_LANE, STAGE_ENTRIES, ROUTE_THREADS, CHUNKS. Each is explained where it is used.
-#if !defined(TOKENS_PER_WARP) || !defined(EXPERTS_PER_PASS) || !defined(GRAD_TOKENS) || !defined(GRAD_TILE) || \
-    !defined(PER_LANE) || !defined(STAGE_ENTRIES) || !defined(ROUTE_THREADS) || !defined(CHUNKS)
+// -D defines (build.py's compile_options): GATE_TOKENS, LOGITS_THREADS, EXPERTS_PER_PASS, GRAD_TOKENS,
+// GRAD_TILE, PER_LANE, STAGE_ENTRIES, ROUTE_THREADS, CHUNKS. Each is explained where it is used.
+#if !defined(GATE_TOKENS) || !defined(LOGITS_THREADS) || !defined(EXPERTS_PER_PASS) || !defined(GRAD_TOKENS) || \
+    !defined(GRAD_TILE) || !defined(PER_LANE) || !defined(STAGE_ENTRIES) || !defined(ROUTE_THREADS) || !defined(CHUNKS)
 #error "gating.cu's constants come from cuda/gating.py: compile it through minimoe.cuda.build"
 #endif
 
@@ -47,20 +47,25 @@ constexpr int WARP = 32;
 // The gate's logits [T, E] = x [T, d] @ weight [d, E] in float32. DeepSpeed's gate casts its input to
 // float32 and keeps its weight in float32; here the cast happens in registers as x is read, instead of a
 // float32 copy of x being written and read back by a GEMM (E is far too narrow for the tensor cores to
-// matter: reading x is the cost). A warp takes TOKENS_PER_WARP tokens and EXPERTS_PER_PASS experts at a
-// time: lane l reads elements l, l + 32, ... of each row (every warp load of x coalesced) and the same
-// weight rows serve the warp's tokens; the lanes' partial sums then meet in warp_sum. `vector`: E is a
-// multiple of 4 and the weight 16-byte aligned, so a weight row's experts load as float4.
+// matter: reading x is the cost). A block of LOGITS_THREADS threads takes GATE_TOKENS tokens, and
+// EXPERTS_PER_PASS experts at a time: thread t reads elements t, t + LOGITS_THREADS, ... of each token's
+// row (coalesced), and the same weight rows serve the block's tokens; the threads' partial sums meet in
+// warp_sum, then the warps' in shared memory, added in warp order. So every token's logits take the same
+// sums in the same order whatever the number of tokens (inference needs a sequence's logits the same alone
+// or in a batch), and even one token is spread over the whole block (a decode step of one sequence).
+// `vector`: E is a multiple of 4 and the weight 16-byte aligned, so a weight row's experts load as float4.
 template <typename T>
-__global__ void gate_logits(const T* __restrict__ x, const float* __restrict__ weight, float* __restrict__ logits,
-                            int tokens, int width, int experts, int vector) {
-  const int lane = threadIdx.x % WARP;
-  const long long first_token = ((long long)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP) * TOKENS_PER_WARP;
-  if (first_token >= tokens) return;  // the whole warp
-  const int rows = (int)min((long long)TOKENS_PER_WARP, tokens - first_token);
+__global__ void __launch_bounds__(LOGITS_THREADS)
+    gate_logits(const T* __restrict__ x, const float* __restrict__ weight, float* __restrict__ logits, int tokens,
+                int width, int experts, int vector) {
+  constexpr int WARPS = LOGITS_THREADS / WARP;
+  __shared__ float warp_sums[WARPS][GATE_TOKENS][EXPERTS_PER_PASS];
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+  const long long first_token = (long long)blockIdx.x * GATE_TOKENS;
+  const int rows = (int)min((long long)GATE_TOKENS, tokens - first_token);
   for (int first_expert = 0; first_expert < experts; first_expert += EXPERTS_PER_PASS) {
-    float sums[TOKENS_PER_WARP][EXPERTS_PER_PASS] = {};
-    for (int i = lane; i < width; i += WARP) {
+    float sums[GATE_TOKENS][EXPERTS_PER_PASS] = {};
+    for (int i = threadIdx.x; i < width; i += LOGITS_THREADS) {
       const float* weight_row = weight + (long long)i * experts + first_expert;
       float w[EXPERTS_PER_PASS];
 #pragma unroll
@@ -74,20 +79,27 @@ __global__ void gate_logits(const T* __restrict__ x, const float* __restrict__ w
         }
       }
 #pragma unroll
-      for (int r = 0; r < TOKENS_PER_WARP; ++r) {
+      for (int r = 0; r < GATE_TOKENS; ++r) {
         const float value = r < rows ? to_float(x[(first_token + r) * width + i]) : 0.0f;
 #pragma unroll
         for (int e = 0; e < EXPERTS_PER_PASS; ++e) sums[r][e] += value * w[e];
       }
     }
+    __syncthreads();  // the previous pass's warp_sums are read
 #pragma unroll
-    for (int r = 0; r < TOKENS_PER_WARP; ++r)
+    for (int r = 0; r < GATE_TOKENS; ++r)
 #pragma unroll
       for (int e = 0; e < EXPERTS_PER_PASS; ++e) {
         const float sum = warp_sum(sums[r][e]);
-        if (lane == 0 && r < rows && first_expert + e < experts)
-          logits[(first_token + r) * experts + first_expert + e] = sum;
+        if (lane == 0) warp_sums[warp][r][e] = sum;
       }
+    __syncthreads();
+    for (int entry = threadIdx.x; entry < GATE_TOKENS * EXPERTS_PER_PASS; entry += LOGITS_THREADS) {
+      const int r = entry / EXPERTS_PER_PASS, e = entry % EXPERTS_PER_PASS;
+      float sum = 0.0f;
+      for (int w = 0; w < WARPS; ++w) sum += warp_sums[w][r][e];
+      if (r < rows && first_expert + e < experts) logits[(first_token + r) * experts + first_expert + e] = sum;
+    }
   }
 }
 

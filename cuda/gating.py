@@ -68,7 +68,7 @@ LOGITS_THREADS = 256  # threads of one gate_logits block
 MIN_TILE = 64  # tokens per block at least: small T takes fewer blocks
 # Constants that gating.cu shares with the launchers below: defined here once, given to the compiler as
 # -D defines (build.register); gating.cu explains each where it uses it.
-TOKENS_PER_WARP, EXPERTS_PER_PASS = 4, 8  # gate_logits: tokens per warp, experts per pass over x
+GATE_TOKENS, EXPERTS_PER_PASS = 4, 8  # gate_logits: tokens per block, experts per pass over x
 GRAD_TOKENS, GRAD_TILE = 8, 64  # tokens per block of gate_logits_grad_x and gate_logits_grad_weight
 ROUTE_THREADS = 512  # threads of one gate_route block: 16 warps (its launch bound)
 PER_LANE = 16  # experts per lane in gate_route: E up to 16 * 32
@@ -77,7 +77,7 @@ CHUNKS = 8  # chunks of 32 tiles that one warp of gate_route's tile_offsets scan
 MAX_TILES = WARP * CHUNKS  # gate_route's blocks at most
 build.register("gating.cu", *(f"{name}<{t}>" for t in ("float", "bf16")
                                for name in ("gate_logits", "gate_logits_grad_x", "gate_logits_grad_weight")),
-               constants=dict(TOKENS_PER_WARP=TOKENS_PER_WARP, EXPERTS_PER_PASS=EXPERTS_PER_PASS,
+               constants=dict(GATE_TOKENS=GATE_TOKENS, LOGITS_THREADS=LOGITS_THREADS, EXPERTS_PER_PASS=EXPERTS_PER_PASS,
                               GRAD_TOKENS=GRAD_TOKENS, GRAD_TILE=GRAD_TILE, ROUTE_THREADS=ROUTE_THREADS,
                               PER_LANE=PER_LANE, STAGE_ENTRIES=STAGE_ENTRIES, CHUNKS=CHUNKS))
 DROP_POLICIES = ("probs", "position")  # k >= 3: which choices an over-full expert keeps
@@ -441,10 +441,9 @@ def _gpu_gate_logits(x: Any, weight: Any) -> Any:
     logits = cupy.empty((num_tokens, num_experts), dtype=cupy.float32)
     if num_tokens == 0:
         return logits
-    tokens_per_block = LOGITS_THREADS // WARP * TOKENS_PER_WARP
     vector = num_experts % 4 == 0 and weight.data.ptr % 16 == 0
     build.kernel("gating.cu", f"gate_logits<{build.type_name(x)}>")(
-        (-(-num_tokens // tokens_per_block),), (LOGITS_THREADS,),
+        (-(-num_tokens // GATE_TOKENS),), (LOGITS_THREADS,),
         (x, weight, logits, np.int32(num_tokens), np.int32(width), np.int32(num_experts), np.int32(vector)))
     return logits
 

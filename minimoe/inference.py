@@ -160,8 +160,8 @@ def moe(x: Any, layer: MoE, token_mask: Any, expert_tokens: Any) -> Any:
     """The MoE layer with room for every token: each real token's k experts (DeepSpeed-MoE sec. 5:
     inference never drops a token), padding tokens routed nowhere; expert_tokens [E] counts them."""
     rows = x.reshape(-1, x.shape[-1])
-    gate = layer.gate.weight.data  # float32, as the gate computes in training (gate.py)
-    logits = dense(rows.astype(gate.dtype), gate)  # row-independent kernels, like every decode product
+    # float32, as the gate computes in training, by the training gate's kernel, whose rows are independent
+    logits = gating_kernels.gate_logits(rows, layer.gate.weight.data)
     expert_index, weight = gating_kernels.dropless_choices(logits, layer.settings.k, token_mask.reshape(-1))
     grouping = grouped_kernels.group_rows(expert_index, len(expert_tokens), counter=expert_tokens)
     experts = layer.experts

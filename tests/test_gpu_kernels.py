@@ -135,6 +135,8 @@ def test_gate_logits_and_backward_match_reference(tokens, width, num_experts, mi
     assert logits.dtype == cupy.float32 and logits.shape == (tokens, num_experts)
     assert_close(to_host(logits), x_values @ weight_values, "float32", "gate logits",
                  scale=np.abs(x_values) @ np.abs(weight_values))
+    last = tokens - 1  # a token's logits are the same bits alone as among the others (decode batches need it)
+    np.testing.assert_array_equal(to_host(gate_logits(x[last:], weight)), to_host(logits[last:]))
     assert grad_x.dtype == x.dtype and grad_weight.dtype == cupy.float32 and grad_weight.shape == weight.shape
     assert_close(to_host(grad_x), grad_values @ weight_values.T, dtype, "gate logits grad x",
                  scale=np.abs(grad_values) @ np.abs(weight_values.T))
