@@ -23,6 +23,7 @@
 #   bench        bench moe-layer, gating, dispatch, train-step
 #   train-step   bench train-step alone (minimoe against the PyTorch peers, torch.compile included)
 #   serve-before-after  bench serve at the commit in .whl/before (as for before-after), then at this tree
+#   train-before-after  bench train-step --no-peers likewise
 #   before-after bench moe-layer --no-peers twice, interleaved, at the commit in .whl/before (a git archive
 #                of it: git archive COMMIT | tar -x -C .whl/before) and at this tree
 #   train        the README's MoE example on the GPU
@@ -113,6 +114,14 @@ for what in "$@"; do
         grep -v Warning | tee -a "$out/bench_serve_before_after.log"
       echo "== after (this tree)" | tee -a "$out/bench_serve_before_after.log"
       timeout 240 python3 -m minimoe.cli bench serve 2>&1 | grep -v Warning | tee -a "$out/bench_serve_before_after.log" ;;
+    train-before-after)  # bench train-step --no-peers at the commit in .whl/before, then at this tree
+      before_tree
+      echo "== before (.whl/before)" | tee -a "$out/bench_train_before_after.log"
+      (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout 150 python3 -m minimoe.cli bench train-step --no-peers) 2>&1 |
+        grep -v Warning | tee -a "$out/bench_train_before_after.log"
+      echo "== after (this tree)" | tee -a "$out/bench_train_before_after.log"
+      timeout 150 python3 -m minimoe.cli bench train-step --no-peers 2>&1 | grep -v Warning |
+        tee -a "$out/bench_train_before_after.log" ;;
     train)
       timeout 300 python3 -m minimoe.cli train --config examples/moe.toml --set train.device=cuda \
         --set train.out_dir=/tmp/runs/moe-gpu --overwrite 2>&1 | tee "$out/train_moe_gpu.log" | grep -v "^\[" | tail -12 ;;
