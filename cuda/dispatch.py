@@ -211,11 +211,11 @@ def _gpu_combine_backward(grad_y: Any, buffer: Any, expert_index: Any, position:
     grad_buffer = cupy.zeros_like(buffer)
     grad_weight = cupy.empty((tokens, k), dtype=cupy.float32)
     if tokens == 0:
-        return grad_buffer, grad_weight.astype(weight.dtype)
+        return grad_buffer, grad_weight.astype(weight.dtype, copy=False)
     type_name, vectorised = build.type_name(buffer), build.row_vectors(buffer)
     build.kernel("dispatch.cu", f"combine_backward<{type_name}, {vectorised}>")(
         (tokens,), (THREADS,),
         (cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(buffer), expert_index, position,
          cupy.ascontiguousarray(weight, dtype=cupy.float32), grad_buffer, grad_weight, np.int32(k),
          np.int32(capacity), np.int32(width)))
-    return grad_buffer, grad_weight.astype(weight.dtype)
+    return grad_buffer, grad_weight.astype(weight.dtype, copy=False)

@@ -73,7 +73,7 @@ def _gpu_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float) -> tup
 
     width = x.shape[-1]
     rows = x.size // width
-    x, weight, bias = (cupy.ascontiguousarray(a) for a in (x, weight.astype(x.dtype), bias.astype(x.dtype)))
+    x, weight, bias = (cupy.ascontiguousarray(a, dtype=x.dtype) for a in (x, weight, bias))  # no copy when they fit
     y = cupy.empty(x.shape, x.dtype)
     total = None if addend is None else cupy.empty(x.shape, x.dtype)
     mean = cupy.empty((*x.shape[:-1], 1), dtype=cupy.float32)
@@ -103,7 +103,7 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_s
     type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_backward_input<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
-        (grad_y, x, cupy.ascontiguousarray(weight.astype(x.dtype)), mean, rstd, _or_null(grad_sum, x.dtype), grad_x,
+        (grad_y, x, cupy.ascontiguousarray(weight, dtype=x.dtype), mean, rstd, _or_null(grad_sum, x.dtype), grad_x,
          np.int32(rows), np.int32(width)))
     slices = min(PARAMETER_SLICES, max(rows, 1))
     partial_weight = cupy.empty((slices, width), dtype=cupy.float32)
@@ -111,4 +111,4 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_s
     build.kernel("layernorm.cu", f"layernorm_backward_params<{type_name}>")(
         ((width + 255) // 256, slices), (256,),
         (grad_y, x, mean, rstd, partial_weight, partial_bias, np.int32(rows), np.int32(width)))
-    return grad_x, partial_weight.sum(axis=0).astype(weight.dtype), partial_bias.sum(axis=0).astype(weight.dtype)
+    return grad_x, *(partial.sum(axis=0).astype(weight.dtype, copy=False) for partial in (partial_weight, partial_bias))
