@@ -139,7 +139,7 @@ def bench_serve(args: argparse.Namespace) -> None:
               f"{1e3 * row['tpot p50']:>13.2f}{1e3 * row['tpot p99']:>13.2f}")
     ratio = rows[f"{args.clients} concurrent clients"]["tokens/s"] / rows["one at a time"]["tokens/s"]
     print(f"throughput with {args.clients} clients: {ratio:.1f}x one at a time")
-    print("the scheduler thread meanwhile (wall seconds by phase; a decode step's mean batch):")
+    print("the engine process's scheduler meanwhile (wall seconds by phase; a decode step's mean batch):")
     for name, (seconds, counts) in timelines.items():
         steps = max(counts["decode_steps"], 1)
         phases = ", ".join(f"{phase} {value:.2f}" for phase, value in seconds.items())
