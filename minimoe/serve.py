@@ -488,7 +488,9 @@ def serve(load_model: Callable[[], GPT], name: str, host: str, port: int, max_ba
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            engine.stop()  # the running requests end now, with what they have
+            # The running requests end now, with what they have. From a thread of its own: this handler may
+            # interrupt the event loop in the middle of a message to the engine, which holds the send lock.
+            threading.Thread(target=engine.stop, name="minimoe-stop", daemon=True).start()
             super().handle_exit(sig, frame)
 
     print(f"minimoe serve: {name} on http://{host}:{port} ({engine.device}; up to {max_batch} sequences at once, "
