@@ -151,6 +151,8 @@ class EngineProcess:
     def cancel(self, requests: list[Request]) -> None:
         """Their clients went away: the engine frees their slots at its next step."""
         unfinished = [request.key for request in requests if not request.finished and request.key >= 0]
+        for key in unfinished:
+            self.requests.pop(key, None)  # no news of them will come
         if unfinished:
             self._send("cancel", unfinished)
 
@@ -195,7 +197,7 @@ class EngineProcess:
             request.started = True
             if finish_reason is not None:
                 request.finished = True
-                del self.requests[key]
+                self.requests.pop(key, None)
             batches.setdefault(request.loop, []).append((request.events, (request.index, delta, finish_reason)))
         for loop, batch in batches.items():  # one wake-up of each event loop, with all of its events
             loop.call_soon_threadsafe(_deliver, batch)

@@ -171,6 +171,35 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert complete(server, prompt="Still serving", max_tokens=3).choices[0].finish_reason == "length"
 
 
+def test_requests_cancelled_while_they_wait_leave_the_queue(checkpoint):
+    """One slot and four streams at once, whose clients give up after half a second without a chunk: the
+    three that waited for the slot are cancelled before they started, and the queue is empty after."""
+    small = Server(checkpoint, "--max-batch", "1")
+    body = {"model": NAME, "prompt": "The", "max_tokens": 10_000, "stream": True, "temperature": 0.5}
+
+    def impatient(_) -> str:
+        try:
+            with httpx.stream("POST", f"{small.url}/v1/completions", json=body,
+                              timeout=httpx.Timeout(60, read=0.5)) as response:
+                for _ in zip(response.iter_lines(), range(2000)):  # bounded: at most the context's tokens
+                    pass
+            return "finished"
+        except httpx.ReadTimeout:
+            return "gave up"
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(impatient, range(4)))
+        assert "gave up" in outcomes
+        for _ in range(100):
+            if small.metric("minimoe_queue_length") == 0 and small.metric("minimoe_running_sequences") == 0:
+                break
+            time.sleep(0.1)
+        assert small.metric("minimoe_queue_length") == 0 and small.metric("minimoe_running_sequences") == 0
+    finally:
+        small.stop()
+
+
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("max_tokens", "ten"), ("temperature", -1), ("temperature", "hot"), ("top_p", 0),
     ("top_p", 1.5), ("top_k", -3), ("n", 0), ("n", 17), ("seed", -1), ("stop", ""), ("stop", ["a"] * 5),
