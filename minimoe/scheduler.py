@@ -174,7 +174,7 @@ class Scheduler:
             self.expert_tokens = [backend.to_numpy(counts).tolist() for counts in self.engine.cache.expert_tokens]
             self.snapshot_at = time.perf_counter()
         return {"counters": dict(self.counters), "seconds": dict(self.seconds), "running": len(self.engine.running),
-                "waiting": len(self.engine.waiting), "expert_tokens": self.expert_tokens}
+                "expert_tokens": self.expert_tokens}
 
     def _account(self, phase: str, since: float) -> float:
         now = time.perf_counter()

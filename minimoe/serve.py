@@ -112,7 +112,7 @@ class EngineProcess:
         self.device, self.device_name, self.parameters = "", "", 0  # "cpu" or "cuda"; the GPU's name; the model's size
         self.alive = False  # ready, and not gone
         self.stopping = False  # stop() was called
-        self.stats: dict[str, Any] = {"counters": {}, "seconds": {}, "running": 0, "waiting": 0, "expert_tokens": []}
+        self.stats: dict[str, Any] = {"counters": {}, "seconds": {}, "running": 0, "expert_tokens": []}
         self.reader = threading.Thread(target=self._read, name="minimoe-engine-reader", daemon=True)
 
     def start(self) -> None:
@@ -133,7 +133,7 @@ class EngineProcess:
     @property
     def queued(self) -> int:
         """Requests not yet started (waiting for a slot, or on their way to the engine)."""
-        return sum(not request.started for request in self.requests.values())
+        return sum(not request.started for request in list(self.requests.values()))  # (the reader thread edits it)
 
     def submit(self, requests: list[Request]) -> None:
         if self.stopping:
