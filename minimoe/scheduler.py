@@ -50,7 +50,8 @@ class TextStream:
         self.streamed = ""  # the text handed out so far
 
     def advance(self) -> tuple[int, str, str | None] | None:
-        """(new tokens, the text they settle, the finish reason) since the last call; None when there
+        """(new tokens, the text they settle, the finish reason) since the last call, the text "" while
+        they settle none (part of a character, or what may be the start of a stop string); None when there
         is nothing new."""
         sequence = self.sequence
         finished = sequence.finish_reason is not None

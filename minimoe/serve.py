@@ -198,7 +198,8 @@ class EngineProcess:
             if finish_reason is not None:
                 request.finished = True
                 self.requests.pop(key, None)
-            batches.setdefault(request.loop, []).append((request.events, (request.index, delta, finish_reason)))
+            if delta or finish_reason is not None:  # (tokens that settle no text yet only count)
+                batches.setdefault(request.loop, []).append((request.events, (request.index, delta, finish_reason)))
         for loop, batch in batches.items():  # one wake-up of each event loop, with all of its events
             loop.call_soon_threadsafe(_deliver, batch)
 
