@@ -116,7 +116,13 @@ def test_streamed_chunks_joined_are_the_whole_text(server):
     chunks = list(complete(server, prompt="A knight", temperature=0.9, seed=7, stream=True))
     assert "".join(chunk.choices[0].text for chunk in chunks) == whole
     assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 2
-    assert all(chunk.choices[0].text for chunk in chunks[:-1])  # only the finishing chunk may carry no text
+    # A stop string's first character held back whenever the text ends with it: those tokens settle no
+    # text, and no chunk goes out for them (only the finishing chunk may carry no text).
+    stop = {"stop": "e#", "max_tokens": 60}
+    held = complete(server, prompt="A knight", temperature=0.9, seed=7, **stop).choices[0].text
+    chunks = list(complete(server, prompt="A knight", temperature=0.9, seed=7, stream=True, **stop))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == held and "e" in held
+    assert all(chunk.choices[0].text for chunk in chunks[:-1])
     chat = {"messages": [{"role": "user", "content": "Speak"}], "max_tokens": 20, "temperature": 0.7, "seed": 3}
     reply = server.client.chat.completions.create(model=NAME, **chat).choices[0].message.content
     streamed = server.client.chat.completions.create(model=NAME, stream=True, **chat)
