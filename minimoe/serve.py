@@ -52,6 +52,11 @@ CHAT_TEMPLATE = "{role}: {content}\n"  # each message in turn; then "assistant:"
 CHAT_STOP = "\nuser:"  # the model beginning the next user turn ends the reply
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_TEMPERATURE = 100.0
+# OpenAI's parameters that minimoe does not implement, with the value that asks for nothing: any other
+# value is refused (400) rather than silently ignored.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "logit_bias": (None, {}), "tools": (None, []), "response_format": (None, {"type": "text"})}
 ENGINE_GONE = "error"  # the finish reason of requests whose engine process died
 
 
@@ -270,7 +275,13 @@ def completion_request(body: Any, tokenizer: ByteTokenizer, context: int, prompt
             raise RequestError(400, f"prompt is {len(tokens)} tokens long, more than the model's context ({context})",
                                param="prompt")
         encoded.append(tokens)
-    max_tokens = _integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 1)
+    for name, harmless in UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(value is h if h is None or isinstance(h, bool) else value == h for h in harmless):
+            raise RequestError(400, f"{name} is not supported by minimoe serve (got {value!r})", param=name)
+    # Chat clients now send max_completion_tokens, OpenAI's newer name for max_tokens there.
+    length_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, length_name, DEFAULT_MAX_TOKENS, 1)
     temperature = _number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     top_k = _integer(body, "top_k", 0, 0)

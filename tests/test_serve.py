@@ -127,6 +127,9 @@ def test_streamed_chunks_joined_are_the_whole_text(server):
     reply = server.client.chat.completions.create(model=NAME, **chat).choices[0].message.content
     streamed = server.client.chat.completions.create(model=NAME, stream=True, **chat)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == reply
+    # the chat endpoint's newer name for the length limit
+    limited = server.client.chat.completions.create(model=NAME, **{**chat, "max_tokens": None}, max_completion_tokens=3)
+    assert limited.usage.completion_tokens <= 3 and limited.choices[0].finish_reason in ("length", "stop")
     # Two prompts, two choices each: four interleaved streams in one response, told apart by index.
     several = {"prompt": ["A knight", "The sea"], "n": 2, "temperature": 0.9, "seed": 7, "max_tokens": 12}
     wholes = [choice.text for choice in complete(server, **several).choices]
@@ -211,6 +214,8 @@ def test_requests_cancelled_while_they_wait_leave_the_queue(checkpoint):
     ("max_tokens", 0), ("max_tokens", "ten"), ("temperature", -1), ("temperature", "hot"), ("top_p", 0),
     ("top_p", 1.5), ("top_k", -3), ("n", 0), ("n", 17), ("seed", -1), ("stop", ""), ("stop", ["a"] * 5),
     ("stream", "yes"), ("prompt", ""), ("prompt", 5), ("prompt", []), ("prompt", "x" * 513),
+    ("logprobs", 0), ("logprobs", 2), ("echo", True), ("best_of", 3), ("presence_penalty", 0.5),
+    ("logit_bias", {"65": 5}),  # OpenAI's, not implemented: refused rather than ignored
 ])
 def test_every_bad_parameter_is_a_400_naming_it(server, field, value):
     response = server.post("/v1/completions", {"model": NAME, "prompt": "The", field: value})
