@@ -8,8 +8,8 @@
                               the model over its own cache, the next token sampled on the device
     finished sequences leave their slots at once (stop string, max_new_tokens, or the context full)
 
-generate() drives it for a list of prompts; the server (scheduler.py) drives it from a loop of its own (continuous
-batching: admit between steps). On a GPU each decode step is a CUDA graph captured once per batch
+generate() drives it for a list of prompts; the server (scheduler.py) drives it from a loop of its own
+(continuous batching: admit between steps). On a GPU each decode step is a CUDA graph captured once per batch
 bucket (1, 2, 4, ... rows): what changes between steps (the tokens, their positions, the sampling
 counters) lives in device arrays that the graph reads and advances itself, so a step costs the host
 one launch and the copy of the new tokens back (only the tokens: the logits never leave the device).
