@@ -88,7 +88,6 @@ class Request:
     key: int = -1  # its id between the two processes
     generated: int = 0  # tokens made so far
     started: bool = False  # its prompt has been prefilled (it had news)
-    finished: bool = False
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -110,7 +109,7 @@ class EngineProcess:
         self.process = context.Process(target=run_scheduler, args=(self.child_end, load_model, max_batch),
                                        name="minimoe-engine", daemon=True)
         self.max_queue = max_queue
-        self.requests: dict[int, Request] = {}  # key -> request, until it finishes
+        self.requests: dict[int, Request] = {}  # key -> request, until it finishes or is cancelled
         self.keys = itertools.count()
         self.send_lock = threading.Lock()
         self.config: GPTConfig | None = None
@@ -155,7 +154,7 @@ class EngineProcess:
 
     def cancel(self, requests: list[Request]) -> None:
         """Their clients went away: the engine frees their slots at its next step."""
-        unfinished = [request.key for request in requests if not request.finished and request.key >= 0]
+        unfinished = [request.key for request in requests if request.key in self.requests]
         for key in unfinished:
             self.requests.pop(key, None)  # no news of them will come
         if unfinished:
@@ -201,7 +200,6 @@ class EngineProcess:
             request.generated += new_tokens
             request.started = True
             if finish_reason is not None:
-                request.finished = True
                 self.requests.pop(key, None)
             if delta or finish_reason is not None:  # (tokens that settle no text yet only count)
                 batches.setdefault(request.loop, []).append((request.events, (request.index, delta, finish_reason)))
@@ -445,11 +443,14 @@ async def _stream(http: HTTPRequest, engine: EngineProcess, runs: list[Request],
     kind = "chat.completion.chunk" if chat else "text_completion"
     events = runs[0].events
     running = set(range(len(runs)))
+
+    def chunk(choice: dict[str, Any]) -> str:
+        return _event({"id": identifier, "object": kind, "created": created, "model": name, "choices": [choice]})
+
     try:
         if chat:  # OpenAI's first chat chunk announces the role
             for index in range(len(runs)):
-                yield _event({"id": identifier, "object": kind, "created": created, "model": name,
-                              "choices": [{"index": index, "delta": {"role": "assistant"}, "finish_reason": None}]})
+                yield chunk({"index": index, "delta": {"role": "assistant"}, "finish_reason": None})
         while running:
             try:
                 waiting = [await asyncio.wait_for(events.get(), timeout=1.0)]
@@ -468,7 +469,7 @@ async def _stream(http: HTTPRequest, engine: EngineProcess, runs: list[Request],
             for index, (delta, finish_reason) in merged.items():
                 choice = ({"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish_reason}
                           if chat else _choice_text(False, delta, finish_reason, index))
-                yield _event({"id": identifier, "object": kind, "created": created, "model": name, "choices": [choice]})
+                yield chunk(choice)
                 if finish_reason is not None:
                     running.discard(index)
         yield "data: [DONE]\n\n"
