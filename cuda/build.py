@@ -37,6 +37,15 @@ def type_name(array: Any) -> str:
     return KERNEL_TYPES[array.dtype.name]
 
 
+def optional_array(array: Any, dtype: Any) -> Any:
+    """A kernel's optional array argument: the array, contiguous in `dtype` (no copy when it already is), or
+    a null pointer when it is None (the kernel's "not given")."""
+    import cupy
+    import numpy as np
+
+    return np.uint64(0) if array is None else cupy.ascontiguousarray(array, dtype=dtype)
+
+
 def row_vectors(array: Any) -> str:
     """common.cuh's Row<T, VEC> flag for rows along the last axis: "true" when a row is a whole number of
     16-byte vectors (rows of a contiguous allocation then start 16-byte aligned)."""

@@ -194,7 +194,7 @@ def _gpu_combine(buffer: Any, expert_index: Any, position: Any, weight: Any) -> 
         return y
     type_name, vectorised = build.type_name(buffer), build.row_vectors(buffer)
     # A null weight pointer means unit weights (the backward of dispatch).
-    weight = np.uint64(0) if weight is None else cupy.ascontiguousarray(weight, dtype=cupy.float32)
+    weight = build.optional_array(weight, cupy.float32)
     build.kernel("dispatch.cu", f"combine_rows<{type_name}, {vectorised}>")(
         (tokens,), (THREADS,),
         (cupy.ascontiguousarray(buffer), expert_index, position, weight, y, np.int32(k), np.int32(capacity),

@@ -81,16 +81,9 @@ def _gpu_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float) -> tup
     type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_forward<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
-        (x, _or_null(addend, x.dtype), weight, bias, y, _or_null(total, x.dtype), mean, rstd, np.int32(rows),
-         np.int32(width), np.float32(eps)))
+        (x, build.optional_array(addend, x.dtype), weight, bias, y, build.optional_array(total, x.dtype), mean, rstd,
+         np.int32(rows), np.int32(width), np.float32(eps)))
     return y, mean, rstd, total
-
-
-def _or_null(array: Any, dtype: Any) -> Any:
-    """A contiguous array of `dtype` for a kernel's optional pointer, or a null pointer."""
-    import cupy
-
-    return np.uint64(0) if array is None else cupy.ascontiguousarray(array, dtype=dtype)
 
 
 def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_sum: Any) -> tuple[Any, Any, Any]:
@@ -103,8 +96,8 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_s
     type_name, vectorised = build.type_name(x), build.row_vectors(x)
     build.kernel("layernorm.cu", f"layernorm_backward_input<{type_name}, {vectorised}>")(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
-        (grad_y, x, cupy.ascontiguousarray(weight, dtype=x.dtype), mean, rstd, _or_null(grad_sum, x.dtype), grad_x,
-         np.int32(rows), np.int32(width)))
+        (grad_y, x, cupy.ascontiguousarray(weight, dtype=x.dtype), mean, rstd, build.optional_array(grad_sum, x.dtype),
+         grad_x, np.int32(rows), np.int32(width)))
     slices = min(PARAMETER_SLICES, max(rows, 1))
     partial_weight = cupy.empty((slices, width), dtype=cupy.float32)
     partial_bias = cupy.empty(partial_weight.shape, partial_weight.dtype)
