@@ -150,72 +150,106 @@ __global__ void __launch_bounds__(WARPS * 32)
 // columns 16w .. 16w + 15 of the tile (two 8-column halves). The block takes its expert's rows MMA_ROWS =
 // 64 at a time, each warp holding the float32 sums of its columns for every 16 of them. Per chunk of
 // MMA_CHUNK rows of K, the block stages the rows' x [64, MMA_CHUNK] and the weight's [MMA_CHUNK, 64] in
-// shared memory with 16-byte loads (zeros past the rows, the slice and the columns, which add nothing),
-// then each warp multiplies its strip of the weight by every tile of 16 rows. A row's sums depend on its
-// own x and on the fixed tiling of K alone, never on the other rows of its tile: results do not depend on
-// the batch.
+// shared memory (zeros past the rows, the slice and the columns, which add nothing), then each warp
+// multiplies its strip of the weight by every tile of 16 rows. A row's sums depend on its own x and on the
+// fixed tiling of K alone, never on the other rows of its tile: results do not depend on the batch.
+//
+// The block's time is memory latency, not arithmetic, so the chunks are copied by cp.async (sm_80 and
+// later: global to shared memory with no registers in between) into two buffers: the next chunk's copies
+// are in flight while the tensor cores multiply this one. The pairs' source rows are looked up once per
+// 64 rows, not once per load.
 constexpr int MMA_ROWS = 64, TILE = 16, VECTOR = 8;  // TILE: the rows and K of one product; VECTOR: bf16 per 16 bytes
 constexpr int PAD = 8;  // a row of a staged tile is 16 bytes longer: its rows start in different banks
+constexpr int MMA_THREADS = MMA_WARPS * 32;
 static_assert(MMA_WARPS * TILE == MMA_COLUMNS && MMA_CHUNK % TILE == 0, "a warp per 16 columns; whole products of K");
 
-__global__ void __launch_bounds__(MMA_WARPS * 32)
+struct Staged {  // one chunk in shared memory
+  bf16 x[MMA_ROWS][MMA_CHUNK + PAD];
+  bf16 w[MMA_CHUNK][MMA_COLUMNS + PAD];
+};
+
+// Copy 16 bytes from global to shared memory asynchronously, or write 16 zero bytes (reading nothing)
+// where `real` is false; the copies issued since the last commit_copies form one group.
+__device__ __forceinline__ void copy_async(void* shared, const void* global, bool real) {
+  unsigned address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(real ? 16 : 0));
+}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>  // wait until at most PENDING of this thread's latest groups are still in flight
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
+// Start copying the chunk at K rows k0 .. into `staged`: the `rows` rows of x are x + source[r] * width
+// (source in shared memory); w_tile points at K row 0 of the tile's first column, columns_left columns
+// on. Zeros past the rows, the slice and the columns.
+__device__ __forceinline__ void stage_chunk(Staged& staged, const bf16* x, const long long* source, int rows,
+                                            const bf16* w_tile, int k0, int k_end, int width, int columns_left,
+                                            int features) {
+  for (int i = threadIdx.x; i < MMA_ROWS * MMA_CHUNK / VECTOR; i += MMA_THREADS) {
+    const int r = i / (MMA_CHUNK / VECTOR), c = i % (MMA_CHUNK / VECTOR) * VECTOR;
+    const bool real = r < rows && k0 + c < k_end;
+    copy_async(&staged.x[r][c], real ? x + source[r] * width + k0 + c : x, real);
+  }
+  for (int i = threadIdx.x; i < MMA_CHUNK * MMA_COLUMNS / VECTOR; i += MMA_THREADS) {
+    const int r = i / (MMA_COLUMNS / VECTOR), c = i % (MMA_COLUMNS / VECTOR) * VECTOR;
+    const bool real = k0 + r < k_end && c < columns_left;
+    copy_async(&staged.w[r][c], real ? w_tile + (long long)(k0 + r) * features + c : w_tile, real);
+  }
+  commit_copies();
+}
+
+__global__ void __launch_bounds__(MMA_THREADS, 6)  // six blocks to an SM, as many as shared memory holds
     grouped_linear_mma(const bf16* __restrict__ x, const long long* __restrict__ order, int choices,
                        const long long* __restrict__ offsets, const bf16* __restrict__ weight,
                        const bf16* __restrict__ bias, bf16* __restrict__ y, float* __restrict__ partial,
                        long long rows_total, int width, int features, int slice, int gelu) {
-  // The staged inputs and, after the last chunk, the float32 sums share one piece of shared memory.
+  // The two staged chunks and, after the last chunk, the float32 sums share one piece of shared memory.
   __shared__ __align__(16) union {
-    struct {
-      bf16 x[MMA_ROWS][MMA_CHUNK + PAD];
-      bf16 w[MMA_CHUNK][MMA_COLUMNS + PAD];
-    } staged;
+    Staged staged[2];
     float sums[MMA_ROWS][MMA_COLUMNS + PAD];
   } tile;
+  __shared__ long long source[MMA_ROWS];  // the x row of each of the 64 rows
   const int expert = blockIdx.y, warp = threadIdx.x / 32;
   const Lane lane;
   const long long first_row = offsets[expert], end_row = offsets[expert + 1];
   if (first_row == end_row) return;
   const int first_column = blockIdx.x * MMA_COLUMNS;
   const int k_begin = blockIdx.z * slice, k_end = min(width, k_begin + slice);
-  const bf16* w = weight + (long long)expert * width * features;
+  const bf16* w = weight + (long long)expert * width * features + first_column;
   for (long long row0 = first_row; row0 < end_row; row0 += MMA_ROWS) {
     const int rows = (int)min((long long)MMA_ROWS, end_row - row0), row_tiles = (rows + TILE - 1) / TILE;
+    __syncthreads();  // the previous rows' epilogue is done with `tile`
+    for (int r = threadIdx.x; r < rows; r += MMA_THREADS) source[r] = order ? order[row0 + r] / choices : row0 + r;
+    __syncthreads();
+    const int columns_left = features - first_column;
+    stage_chunk(tile.staged[0], x, source, rows, w, k_begin, k_end, width, columns_left, features);
     float sums[MMA_ROWS / TILE][2][4] = {};  // [tile of 16 rows][8-column half of the warp's strip][piece]
-    for (int chunk = k_begin; chunk < k_end; chunk += MMA_CHUNK) {
-      __syncthreads();  // every warp is done with the previous chunk (or the previous rows' epilogue)
-      for (int i = threadIdx.x; i < MMA_ROWS * MMA_CHUNK / VECTOR; i += blockDim.x) {
-        const int r = i / (MMA_CHUNK / VECTOR), c = i % (MMA_CHUNK / VECTOR) * VECTOR;
-        uint4 values = make_uint4(0, 0, 0, 0);
-        if (r < rows && chunk + c < k_end) {
-          const long long source = order ? order[row0 + r] / choices : row0 + r;
-          values = *reinterpret_cast<const uint4*>(x + source * width + chunk + c);
-        }
-        *reinterpret_cast<uint4*>(&tile.staged.x[r][c]) = values;
+    for (int chunk = k_begin, buffer = 0; chunk < k_end; chunk += MMA_CHUNK, buffer ^= 1) {
+      if (chunk + MMA_CHUNK < k_end) {  // the next chunk's copies fly while this one is multiplied
+        stage_chunk(tile.staged[buffer ^ 1], x, source, rows, w, chunk + MMA_CHUNK, k_end, width, columns_left,
+                    features);
+        wait_copies<1>();
+      } else {
+        wait_copies<0>();
       }
-      for (int i = threadIdx.x; i < MMA_CHUNK * MMA_COLUMNS / VECTOR; i += blockDim.x) {
-        const int r = i / (MMA_COLUMNS / VECTOR), c = i % (MMA_COLUMNS / VECTOR) * VECTOR;
-        uint4 values = make_uint4(0, 0, 0, 0);
-        if (chunk + r < k_end && first_column + c < features)
-          values = *reinterpret_cast<const uint4*>(w + (long long)(chunk + r) * features + first_column + c);
-        *reinterpret_cast<uint4*>(&tile.staged.w[r][c]) = values;
-      }
-      __syncthreads();
+      __syncthreads();  // every thread's copies of this chunk have landed
+      const Staged& staged = tile.staged[buffer];
 #pragma unroll
       for (int kk = 0; kk < MMA_CHUNK; kk += TILE) {
         unsigned strip[2][2];  // the warp's two 16 x 8 pieces of the weight at rows kk .. kk + 15
-        load_b(strip[0], tile.staged.w, kk, TILE * warp, lane);
-        load_b(strip[1], tile.staged.w, kk, TILE * warp + 8, lane);
+        load_b(strip[0], staged.w, kk, TILE * warp, lane);
+        load_b(strip[1], staged.w, kk, TILE * warp + 8, lane);
 #pragma unroll
         for (int t = 0; t < MMA_ROWS / TILE; ++t) {
           if (t >= row_tiles) break;
           unsigned rows_x[4];
-          load_a(rows_x, tile.staged.x, TILE * t, kk, lane);
+          load_a(rows_x, staged.x, TILE * t, kk, lane);
           mma_16x8x16(sums[t][0], rows_x, strip[0]);
           mma_16x8x16(sums[t][1], rows_x, strip[1]);
         }
       }
+      __syncthreads();  // every warp is done with this buffer before the next chunk but one is copied into it
     }
-    __syncthreads();  // the last chunk's tiles are read: their memory now takes the sums
 #pragma unroll
     for (int t = 0; t < MMA_ROWS / TILE; ++t)
 #pragma unroll
@@ -227,7 +261,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
         tile.sums[r + 8][c + 1] = sums[t][half][3];
       }
     __syncthreads();
-    for (int i = threadIdx.x; i < rows * MMA_COLUMNS; i += blockDim.x) {
+    for (int i = threadIdx.x; i < rows * MMA_COLUMNS; i += MMA_THREADS) {
       const int r = i / MMA_COLUMNS, c = i % MMA_COLUMNS, out_column = first_column + c;
       if (out_column >= features) continue;
       store_sum(tile.sums[r][c], row0 + r, out_column, expert, bias, y, partial, rows_total, features, gelu);
