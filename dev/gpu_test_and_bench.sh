@@ -19,11 +19,14 @@
 #   decode       bench decode (the engine against transformers' Mixtral; DECODE_FLAGS=--no-peers: the engine alone)
 #   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py;
 #                PROFILE_BATCHES="64": those batches only)
+#   profile-detail  Nsight Compute's full set on a few launches of one kernel in that step (PROFILE_KERNEL,
+#                PROFILE_SKIP, PROFILE_COUNT; by default the experts' two products of the first layer at batch 64)
 #   gating       bench gating alone
 #   bench        bench moe-layer, gating, dispatch, train-step
 #   train-step   bench train-step alone (minimoe against the PyTorch peers, torch.compile included)
 #   serve-before-after  bench serve at the commit in .whl/before (as for before-after), then at this tree
 #   train-before-after  bench train-step --no-peers likewise
+#   decode-before-after  bench decode likewise (DECODE_FLAGS, by default --no-peers --batches 1,64)
 #   before-after bench moe-layer --no-peers twice, interleaved, at the commit in .whl/before (a git archive
 #                of it: git archive COMMIT | tar -x -C .whl/before) and at this tree
 #   train        the README's MoE example on the GPU
@@ -46,6 +49,15 @@ before_tree() {  # .whl/before as build.py expects the package: minimoe/ with cu
   rm -rf /tmp/before && mkdir -p /tmp/before && cp -r .whl/before/minimoe /tmp/before/ &&
     cp -r .whl/before/cuda /tmp/before/minimoe/cuda && cp -r .whl/before/comm /tmp/before/minimoe/comm
   (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site python3 -c "import minimoe.cuda.build as b; print('before:', b.__file__)")
+}
+before_and_after() {  # LOG LIMIT ARGS...: minimoe.cli ARGS at the commit in .whl/before, then at this tree
+  local log=$out/$1 limit=$2
+  shift 2
+  echo "== before (.whl/before)" | tee -a "$log"
+  (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout "$limit" python3 -m minimoe.cli "$@") 2>&1 | grep -v Warning |
+    tee -a "$log"
+  echo "== after (this tree)" | tee -a "$log"
+  timeout "$limit" python3 -m minimoe.cli "$@" 2>&1 | grep -v Warning | tee -a "$log"
 }
 for what in "$@"; do
   case $what in
@@ -89,6 +101,13 @@ for what in "$@"; do
           python3 dev/profile_decode.py $batch > "$out/profile_$batch.csv" 2> "$out/profile_$batch.err"
         echo "== one decode step at batch $batch"; python3 dev/profile_decode.py --summary "$out/profile_$batch.csv" | head -30
       done ;;
+    profile-detail)  # Nsight Compute's full set on PROFILE_COUNT launches of PROFILE_KERNEL after PROFILE_SKIP of them
+      timeout 300 ncu --clock-control none --profile-from-start off --set full -k "${PROFILE_KERNEL:-grouped_linear_mma}" \
+        --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-2}" -o "$out/detail" \
+        python3 dev/profile_decode.py "${PROFILE_BATCHES:-64}" > "$out/profile_detail.err" 2>&1
+      ncu --import "$out/detail.ncu-rep" --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section WarpStateStats --section LaunchStats 2>&1 | tee "$out/profile_detail.txt" |
+        grep -v "^    ---\|^$" | head -150 ;;
     gating)
       timeout 200 python3 -m minimoe.cli bench gating 2>&1 | grep -v Warning | tee "$out/bench_gating.log" ;;
     bench)
@@ -97,31 +116,19 @@ for what in "$@"; do
       done ;;
     train-step)
       timeout 420 python3 -m minimoe.cli bench train-step 2>&1 | grep -v Warning | tee "$out/bench_train-step.log" ;;
-    before-after)
+    before-after)  # bench moe-layer --no-peers, twice each, interleaved
       before_tree
-      for round in 1 2; do
-        echo "== round $round: before (.whl/before)" | tee -a "$out/bench_before_after.log"
-        (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout 200 python3 -m minimoe.cli bench moe-layer --no-peers) \
-          2>&1 | grep -v Warning | tee -a "$out/bench_before_after.log"
-        echo "== round $round: after (this tree)" | tee -a "$out/bench_before_after.log"
-        timeout 200 python3 -m minimoe.cli bench moe-layer --no-peers 2>&1 | grep -v Warning | tee -a "$out/bench_before_after.log"
-      done ;;
-    serve-before-after)  # bench serve at the commit in .whl/before, then at this tree
+      for round in 1 2; do before_and_after bench_before_after.log 200 bench moe-layer --no-peers; done ;;
+    serve-before-after)
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/serve/*.whl || exit 1
       before_tree
-      echo "== before (.whl/before)" | tee -a "$out/bench_serve_before_after.log"
-      (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout 240 python3 -m minimoe.cli bench serve) 2>&1 |
-        grep -v Warning | tee -a "$out/bench_serve_before_after.log"
-      echo "== after (this tree)" | tee -a "$out/bench_serve_before_after.log"
-      timeout 240 python3 -m minimoe.cli bench serve 2>&1 | grep -v Warning | tee -a "$out/bench_serve_before_after.log" ;;
-    train-before-after)  # bench train-step --no-peers at the commit in .whl/before, then at this tree
+      before_and_after bench_serve_before_after.log 240 bench serve ;;
+    train-before-after)
       before_tree
-      echo "== before (.whl/before)" | tee -a "$out/bench_train_before_after.log"
-      (cd /tmp && PYTHONPATH=/tmp/before:/tmp/site timeout 150 python3 -m minimoe.cli bench train-step --no-peers) 2>&1 |
-        grep -v Warning | tee -a "$out/bench_train_before_after.log"
-      echo "== after (this tree)" | tee -a "$out/bench_train_before_after.log"
-      timeout 150 python3 -m minimoe.cli bench train-step --no-peers 2>&1 | grep -v Warning |
-        tee -a "$out/bench_train_before_after.log" ;;
+      before_and_after bench_train_before_after.log 150 bench train-step --no-peers ;;
+    decode-before-after)
+      before_tree
+      before_and_after bench_decode_before_after.log 300 bench decode ${DECODE_FLAGS:---no-peers --batches 1,64} ;;
     train)
       timeout 300 python3 -m minimoe.cli train --config examples/moe.toml --set train.device=cuda \
         --set train.out_dir=/tmp/runs/moe-gpu --overwrite 2>&1 | tee "$out/train_moe_gpu.log" | grep -v "^\[" | tail -12 ;;
