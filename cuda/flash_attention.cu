@@ -12,6 +12,7 @@
 // warp_max(value, 4) and warp_sum(value, 4) reduce.
 #include "common.cuh"
 #include "tensor_cores.cuh"
+#include "async_copy.cuh"
 
 // -D defines (build.py's compile_options) from cuda/flash_attention.py, which sizes the grids with them.
 #if !defined(BLOCK) || !defined(WARPS)
@@ -38,16 +39,16 @@ struct Layout {
   const Layout inputs{in_row, in_head, in_batch, in_heads};       \
   const Layout outputs{out_row, out_head, out_batch, out_heads}
 
-// tile = rows first .. first + BLOCK - 1 of one head's matrix (rows `row` elements apart), zeros past T
-// (16-byte loads).
+// tile = rows first .. first + BLOCK - 1 of one head's matrix (rows `row` elements apart), zeros past T:
+// the copies are issued (async_copy.cuh), all of a thread's at once; the caller commits and waits for them.
 template <int HEAD>
 __device__ void stage(Tile<HEAD>& tile, const bf16* __restrict__ matrix, long long row, int first, int length) {
-  constexpr int VECTORS = HEAD / 8;  // 8 bf16 per 16-byte load
-  for (int i = threadIdx.x; i < BLOCK * VECTORS; i += blockDim.x) {
+  constexpr int VECTORS = HEAD / 8;  // 8 bf16 per 16 bytes
+#pragma unroll
+  for (int i = threadIdx.x; i < BLOCK * VECTORS; i += WARPS * 32) {
     const int r = i / VECTORS, c = i % VECTORS * 8;
-    uint4 values = make_uint4(0, 0, 0, 0);
-    if (first + r < length) values = *reinterpret_cast<const uint4*>(matrix + (first + r) * row + c);
-    *reinterpret_cast<uint4*>(&tile[r][c]) = values;
+    const bool real = first + r < length;
+    copy_async(&tile[r][c], real ? matrix + (first + r) * row + c : matrix, real);
   }
 }
 
@@ -121,13 +122,16 @@ __global__ void __launch_bounds__(WARPS * 32)
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
   const long long head = blockIdx.y, offset = inputs.offset(head);
-  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);
+  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);  // lands with the first keys
   float row_max[2] = {-infinity(), -infinity()}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
   float acc[HEAD / 8][4] = {};
   for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
     __syncthreads();  // every warp is done with the previous keys
     stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
-    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);
+    commit_copies();
+    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);  // on its way during the scores
+    commit_copies();
+    wait_copies<1>();
     __syncthreads();
     float s[BLOCK / 8][4] = {};
     rows_times_rows<HEAD>(s, q_tile, row0, k_tile, lane);
@@ -160,6 +164,8 @@ __global__ void __launch_bounds__(WARPS * 32)
     for (int n = 0; n < HEAD / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[n][i] *= rescale[i / 2];
+    wait_copies<0>();
+    __syncthreads();  // the values have landed
     weights_times_rows<HEAD>(acc, s, v_tile, lane);  // acc += exp(s - m) v
   }
   const float inverse[2] = {1.0f / row_sum[0], 1.0f / row_sum[1]};
@@ -228,22 +234,27 @@ __global__ void __launch_bounds__(WARPS * 32)
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_key = blockIdx.x * BLOCK;
   const long long head = blockIdx.y, offset = inputs.offset(head), out_offset = outputs.offset(head);
-  stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
+  stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);  // these land with the first queries
   stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);
   float k_sums[HEAD / 8][4] = {}, v_sums[HEAD / 8][4] = {};
   for (int first_query = first_key; first_query < length; first_query += BLOCK) {
     __syncthreads();  // every warp is done with the previous queries
     stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);
-    stage<HEAD>(grad_out_tile, grad_out + out_offset, outputs.row, first_query, length);
+    commit_copies();
+    stage<HEAD>(grad_out_tile, grad_out + out_offset, outputs.row, first_query, length);  // during p
+    commit_copies();
     for (int i = threadIdx.x; i < BLOCK; i += blockDim.x) {
       const bool real = first_query + i < length;
       lse_tile[i] = real ? lse[head * length + first_query + i] : 0.0f;
       delta_tile[i] = real ? delta[head * length + first_query + i] : 0.0f;
     }
+    wait_copies<1>();
     __syncthreads();
     float p[BLOCK / 8][4] = {};
     rows_times_rows<HEAD>(p, k_tile, row0, q_tile, lane);
     probabilities(p, first_key, row0, first_query, true, length, scale, nullptr, lse_tile, lane);
+    wait_copies<0>();
+    __syncthreads();  // grad_out has landed
     weights_times_rows<HEAD>(v_sums, p, grad_out_tile, lane);
     float dp[BLOCK / 8][4] = {};
     rows_times_rows<HEAD>(dp, v_tile, row0, grad_out_tile, lane);
@@ -270,7 +281,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
   const long long head = blockIdx.y, offset = inputs.offset(head);
-  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);
+  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);  // these land with the first keys
   stage<HEAD>(grad_out_tile, grad_out + outputs.offset(head), outputs.row, first_query, length);
   float row_lse[2], row_delta[2];
 #pragma unroll
@@ -281,13 +292,18 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
   float q_sums[HEAD / 8][4] = {};
   for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
-    __syncthreads();
+    __syncthreads();  // every warp is done with the previous keys
     stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
-    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);
+    commit_copies();
+    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);  // on its way during p
+    commit_copies();
+    wait_copies<1>();
     __syncthreads();
     float p[BLOCK / 8][4] = {};
     rows_times_rows<HEAD>(p, q_tile, row0, k_tile, lane);
     probabilities(p, first_query, row0, first_key, false, length, scale, row_lse, nullptr, lane);
+    wait_copies<0>();
+    __syncthreads();  // the values have landed
     float dp[BLOCK / 8][4] = {};
     rows_times_rows<HEAD>(dp, grad_out_tile, row0, v_tile, lane);
     score_gradients(dp, p, false, row_delta, nullptr, lane);

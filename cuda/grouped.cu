@@ -3,6 +3,7 @@
 // combine of each row's choices.
 #include "common.cuh"
 #include "tensor_cores.cuh"
+#include "async_copy.cuh"
 
 // -D defines (build.py's compile_options) from cuda/grouped.py, which sizes the launches with them:
 // COLUMNS and WARPS of grouped_linear, MMA_COLUMNS, MMA_WARPS and MMA_CHUNK of grouped_linear_mma.
@@ -154,10 +155,9 @@ __global__ void __launch_bounds__(WARPS * 32)
 // multiplies its strip of the weight by every tile of 16 rows. A row's sums depend on its own x and on the
 // fixed tiling of K alone, never on the other rows of its tile: results do not depend on the batch.
 //
-// The block's time is memory latency, not arithmetic, so the chunks are copied by cp.async (sm_80 and
-// later: global to shared memory with no registers in between) into two buffers: the next chunk's copies
-// are in flight while the tensor cores multiply this one. The pairs' source rows are looked up once per
-// 64 rows, not once per load.
+// The block's time is memory latency, not arithmetic, so the chunks are copied by cp.async (async_copy.cuh)
+// into two buffers: the next chunk's copies are in flight while the tensor cores multiply this one. The
+// pairs' source rows are looked up once per 64 rows, not once per load.
 constexpr int MMA_ROWS = 64, TILE = 16, VECTOR = 8;  // TILE: the rows and K of one product; VECTOR: bf16 per 16 bytes
 constexpr int PAD = 8;  // a row of a staged tile is 16 bytes longer: its rows start in different banks
 constexpr int MMA_THREADS = MMA_WARPS * 32;
@@ -167,17 +167,6 @@ struct Staged {  // one chunk in shared memory
   bf16 x[MMA_ROWS][MMA_CHUNK + PAD];
   bf16 w[MMA_CHUNK][MMA_COLUMNS + PAD];
 };
-
-// Copy 16 bytes from global to shared memory asynchronously, or write 16 zero bytes (reading nothing)
-// where `real` is false; the copies issued since the last commit_copies form one group.
-__device__ __forceinline__ void copy_async(void* shared, const void* global, bool real) {
-  unsigned address;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(real ? 16 : 0));
-}
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int PENDING>  // wait until at most PENDING of this thread's latest groups are still in flight
-__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
 
 // Start copying the chunk at K rows k0 .. into `staged`: the `rows` rows of x are x + source[r] * width
 // (source in shared memory); w_tile points at K row 0 of the tile's first column, columns_left columns

@@ -123,9 +123,9 @@ for what in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/serve/*.whl || exit 1
       before_tree
       before_and_after bench_serve_before_after.log 240 bench serve ;;
-    train-before-after)
+    train-before-after)  # twice each, interleaved: the step moves by several percent from run to run
       before_tree
-      before_and_after bench_train_before_after.log 150 bench train-step --no-peers ;;
+      for round in 1 2; do before_and_after bench_train_before_after.log 150 bench train-step --no-peers; done ;;
     decode-before-after)
       before_tree
       before_and_after bench_decode_before_after.log 300 bench decode ${DECODE_FLAGS:---no-peers --batches 1,64} ;;
