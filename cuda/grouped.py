@@ -46,7 +46,7 @@ build.register("grouped.cu", "group_rows", "grouped_linear_mma",
                               MMA_CHUNK=MMA_CHUNK))
 GROUP_THREADS = 1024  # group_rows: one block
 MAX_PAIRS = 8192  # group_rows' kernel ranks in O(P^2 / threads): decode batches; more pairs sort on CuPy
-BLOCKS_PER_MATRIX = 1024  # grouped_linear splits K until a matrix of every expert has about this many blocks
+BLOCKS_PER_MATRIX = 512  # grouped_linear splits K until a matrix of every expert has about this many blocks
 MIN_SLICE = 64  # ... but never into slices of fewer rows of K
 FINISH_THREADS = 256
 
