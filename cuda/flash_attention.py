@@ -22,7 +22,8 @@ delta = sum_d dout * out (which equals sum_s p * dp, the softmax backward's row 
 Reference: NumPy, those loops (any float dtype; float64 sums at least float32). GPU: cuda/flash_attention.cu
 for bf16 with D in HEAD_WIDTHS: a forward kernel (a block per BLOCK queries of one head), the delta
 kernel, and two backward kernels, one per BLOCK keys (dk, dv) and one per BLOCK queries (dq), every
-product on the tensor cores with float32 sums. cuda/attention.py uses it where it applies.
+product on the tensor cores with float32 sums. Training's attention (ops.CausalAttention) and the
+engine's prefill (inference.forward_cached) use them where they apply.
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ build.register("flash_attention.cu", "attention_delta",
 def runs_on_kernels(q: Any) -> bool:
     """Whether flash_attention's GPU kernels take q (and k, v of its shape): bf16 on the GPU, D in HEAD_WIDTHS."""
     return is_gpu(q) and build.KERNEL_TYPES.get(q.dtype.name) == "bf16" and q.shape[-1] in HEAD_WIDTHS
+
+
+def heads_of(qkv: Any) -> tuple[Any, Any, Any]:
+    """q, k, v [B, H, T, D] of a packed qkv [B, T, 3, H, D] (the attention's projection, reshaped), as views."""
+    return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def packed_attention_forward(qkv: Any) -> tuple[Any, Any]:
+    """(out [B, T, H, D], lse [B, H, T]) of causal attention over a packed qkv [B, T, 3, H, D], read in
+    place; out holds the heads side by side ([B, T, H * D] without a copy)."""
+    batch, length, _, heads, width = qkv.shape
+    out = array_module(qkv).empty((batch, length, heads, width), dtype=qkv.dtype)
+    out_heads = out.transpose(0, 2, 1, 3)
+    heads_out, lse = flash_attention_forward(*heads_of(qkv), out=out_heads)
+    if heads_out is not out_heads:  # the reference returns arrays of its own
+        out_heads[...] = heads_out
+    return out, lse
 
 
 def flash_attention_forward(q: Any, k: Any, v: Any, out: Any = None) -> tuple[Any, Any]:

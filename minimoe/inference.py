@@ -30,6 +30,7 @@ import numpy as np
 
 import minimoe.cuda.bias_gelu as bias_gelu_kernels
 import minimoe.cuda.dispatch as dispatch_kernels
+import minimoe.cuda.flash_attention as flash_attention_kernels
 import minimoe.cuda.gating as gating_kernels
 import minimoe.cuda.grouped as grouped_kernels
 import minimoe.cuda.kv_attention as kv_attention_kernels
@@ -92,7 +93,10 @@ class KVCache:
 
 def forward_cached(model: GPT, cache: KVCache, tokens: Any, slot: Any, start: Any, token_mask: Any) -> Any:
     """hidden [n, T, d] after the final LayerNorm for tokens [n, T] of the sequences in slots slot [n] that
-    hold start [n] positions; token_mask [n, T] marks the real tokens (the rest is padding)."""
+    hold start [n] positions; token_mask [n, T] marks the real tokens (the rest is padding). Several
+    tokens a row (T > 1) are a prefill: every start is 0, so a row's attention is its prompt's own causal
+    attention, which the flash kernels compute where they apply (bf16 on the GPU) rather than the cache's
+    kernel, a block per query."""
     config = model.config
     n, length = tokens.shape
     xp = array_module(tokens)
@@ -105,7 +109,10 @@ def forward_cached(model: GPT, cache: KVCache, tokens: Any, slot: Any, start: An
     for layer, (block, next_norm) in enumerate(zip(model.blocks, norms[1:])):
         qkv = linear(h, block.attn.qkv).reshape(n, length, 3, heads, width // heads)
         kv_attention_kernels.write_cache(cache.keys[layer], cache.values[layer], qkv, slot, start)
-        attended = kv_attention_kernels.cached_attention(qkv, cache.keys[layer], cache.values[layer], slot, start)
+        if length > 1 and flash_attention_kernels.runs_on_kernels(qkv):  # a prefill: the prompts' causal
+            attended = flash_attention_kernels.packed_attention_forward(qkv)[0]  # attention, tiles of 64 queries
+        else:
+            attended = kv_attention_kernels.cached_attention(qkv, cache.keys[layer], cache.values[layer], slot, start)
         x, h = add_layer_norm(x, linear(attended.reshape(n, length, width), block.attn.proj), block.ln_2)
         feed_forward = block.mlp
         if isinstance(feed_forward, MoE):

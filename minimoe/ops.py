@@ -27,6 +27,7 @@ import minimoe.cuda.layernorm as layernorm_kernels
 import minimoe.cuda.softmax as softmax_kernels
 import minimoe.cuda.softmax_xent as softmax_xent_kernels
 from minimoe.backend import array_module
+from minimoe.cuda.flash_attention import heads_of
 from minimoe.tensor import Function, Tensor, is_grad_enabled
 
 # ----------------------------------------------------------------------------- elementwise arithmetic
@@ -537,12 +538,10 @@ class CausalAttention(Function):
     Else the probabilities [B, H, T, T] are kept for the backward (cuda/attention.py)."""
 
     def forward(ctx, qkv):
-        q, k, v = _heads(qkv)
+        q, k, v = heads_of(qkv)
         ctx.flash = flash_attention_kernels.runs_on_kernels(q)
         if ctx.flash:
-            batch, length, _, heads, width = qkv.shape
-            out = array_module(qkv).empty((batch, length, heads, width), dtype=qkv.dtype)
-            _, lse = flash_attention_kernels.flash_attention_forward(q, k, v, out=out.transpose(0, 2, 1, 3))
+            out, lse = flash_attention_kernels.packed_attention_forward(qkv)
             ctx.save(qkv, out, lse)
             return out
         out, probs = attention_kernels.causal_attention_forward(q, k, v)
@@ -553,21 +552,16 @@ class CausalAttention(Function):
     def backward(ctx, grad):
         qkv = ctx.saved[0]
         grad_qkv = array_module(qkv).empty_like(qkv)
-        grads, heads_grad = _heads(grad_qkv), grad.transpose(0, 2, 1, 3)
+        grads, heads_grad = heads_of(grad_qkv), grad.transpose(0, 2, 1, 3)
         if ctx.flash:
             _, out, lse = ctx.saved
-            flash_attention_kernels.flash_attention_backward(heads_grad, *_heads(qkv), out.transpose(0, 2, 1, 3), lse,
+            flash_attention_kernels.flash_attention_backward(heads_grad, *heads_of(qkv), out.transpose(0, 2, 1, 3), lse,
                                                              grads=grads)
         else:
-            head_grads = attention_kernels.causal_attention_backward(heads_grad, *_heads(qkv), ctx.saved[1])
+            head_grads = attention_kernels.causal_attention_backward(heads_grad, *heads_of(qkv), ctx.saved[1])
             for target, head_grad in zip(grads, head_grads):
                 target[...] = head_grad
         return grad_qkv
-
-
-def _heads(qkv: Any) -> tuple[Any, Any, Any]:
-    """q, k, v [B, H, T, D] of a packed [B, T, 3, H, D], as views."""
-    return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
 
 def causal_attention(qkv: Tensor) -> Tensor:

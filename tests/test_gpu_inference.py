@@ -36,6 +36,26 @@ def test_cache_write_and_attention_match_reference(rows, heads, width, length, c
     assert_close(to_host(out), expected, dtype, "cached attention")
 
 
+
+@given(rows=st.integers(1, 4), heads=st.integers(1, 3), width=st.sampled_from([16, 32, 48, 64]),
+       length=st.integers(2, 150), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_prefill_on_the_flash_kernels_matches_the_caches_attention(rows, heads, width, length, seed, poison):
+    """The engine's bf16 prefill attention (the flash kernels over the packed qkv, in place) against the
+    cache's NumPy reference: the prompt written from position 0, then attended over."""
+    from minimoe.cuda.flash_attention import HEAD_WIDTHS, packed_attention_forward
+    from minimoe.cuda.kv_attention import cached_attention, write_cache
+
+    assert width in HEAD_WIDTHS
+    rng = np.random.default_rng(seed)
+    qkv, qkv_values = to_gpu(rng.standard_normal((rows, length, 3, heads, width)), "bfloat16")
+    poison_pool(poison)
+    out, _ = packed_attention_forward(qkv)
+    cache_k, cache_v = np.zeros((2, rows, heads, length, width))
+    slot, start = np.arange(rows), np.zeros(rows, dtype=np.int64)
+    write_cache(cache_k, cache_v, qkv_values, slot, start)
+    expected = cached_attention(qkv_values, cache_k, cache_v, slot, start)
+    assert_close(to_host(out), expected, "bfloat16", "prefill attention")
+
 @given(rows=st.integers(0, 300), k=st.integers(1, 4), experts=st.integers(4, 16),
        width=st.sampled_from([8, 64, 100, 300, 768, 1000]), features=st.sampled_from([1, 63, 64, 200, 392]),
        dtype=dtypes, gelu=st.booleans(), gather=st.booleans(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))

@@ -416,14 +416,13 @@ def test_flash_attention_matches_reference(batch, heads, length, width, packed, 
     place from one [B, T, 3, H, D], out written into a [B, T, H, D] and the gradients into one packed
     [B, T, 3, H, D], as the model's attention runs them (poisoned, so an unwritten element shows)."""
     from minimoe.cuda.attention import causal_attention_forward
-    from minimoe.cuda.flash_attention import flash_attention_backward, flash_attention_forward
-    from minimoe.ops import _heads
+    from minimoe.cuda.flash_attention import flash_attention_backward, flash_attention_forward, heads_of
 
     cupy = cupy_module()
     rng = np.random.default_rng(seed)
     if packed:
         qkv, qkv_values = to_gpu(rng.standard_normal((batch, length, 3, heads, width)), "bfloat16")
-        (q, k, v), (q_values, k_values, v_values) = _heads(qkv), _heads(qkv_values)
+        (q, k, v), (q_values, k_values, v_values) = heads_of(qkv), heads_of(qkv_values)
         grad, grad_values = to_gpu(rng.standard_normal((batch, length, heads, width)), "bfloat16")
         grad, grad_values = grad.transpose(0, 2, 1, 3), grad_values.transpose(0, 2, 1, 3)
     else:
@@ -436,7 +435,7 @@ def test_flash_attention_matches_reference(batch, heads, length, width, packed, 
     assert_close(to_host(out), expected_out, "bfloat16", "flash attention output")
     assert_close(to_host(lse), expected_lse, "bfloat16", "flash attention log-sum-exp")
     poison_pool(poison)
-    grads = _heads(cupy.empty((batch, length, 3, heads, width), dtype=q.dtype)) if packed else None
+    grads = heads_of(cupy.empty((batch, length, 3, heads, width), dtype=q.dtype)) if packed else None
     grads = flash_attention_backward(grad, q, k, v, out, lse, grads=grads)
     expected_grads = flash_attention_backward(grad_values, q_values, k_values, v_values, expected_out, expected_lse)
     # The gradients are sums that cancel (with one key, dq is exactly 0: ds = p (dp - delta) with dp = delta):

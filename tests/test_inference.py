@@ -141,6 +141,23 @@ def test_cache_attention_is_causal_attention_over_what_the_slot_holds(seed, rows
         np.testing.assert_allclose(out[i], expected[0, :, start[i]:].transpose(1, 0, 2), rtol=1e-10, atol=1e-12)
 
 
+
+@given(seed=seeds, rows=st.integers(1, 3), heads=st.integers(1, 3), width=st.integers(1, 8), length=st.integers(2, 9))
+def test_prefill_attention_of_the_packed_qkv_is_the_caches_attention_from_position_0(seed, rows, heads, width,
+                                                                                      length):
+    """A prefill's attention as forward_cached takes it where the flash kernels apply (packed qkv, no cache)
+    equals the cache's attention after the prompt is written from position 0 (here the NumPy paths)."""
+    from minimoe.cuda.flash_attention import packed_attention_forward
+
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((rows, length, 3, heads, width))
+    cache_k, cache_v = np.zeros((2, rows, heads, length, width))
+    slot, start = np.arange(rows), np.zeros(rows, dtype=np.int64)
+    write_cache(cache_k, cache_v, qkv, slot, start)
+    out, lse = packed_attention_forward(qkv)
+    assert out.shape == (rows, length, heads, width) and lse.shape == (rows, heads, length)
+    np.testing.assert_allclose(out, cached_attention(qkv, cache_k, cache_v, slot, start), rtol=1e-10, atol=1e-12)
+
 def test_sampling_follows_its_rules():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((5, 50)) * 3
