@@ -46,7 +46,8 @@ build.register("flash_attention.cu", "attention_delta",
 
 
 def runs_on_kernels(q: Any) -> bool:
-    """Whether flash_attention's GPU kernels take q (and k, v of its shape): bf16 on the GPU, D in HEAD_WIDTHS."""
+    """Whether flash_attention's GPU kernels take q (and k, v of its shape), or a packed qkv [B, T, 3, H, D]:
+    bf16 on the GPU, D (the last axis) in HEAD_WIDTHS."""
     return is_gpu(q) and build.KERNEL_TYPES.get(q.dtype.name) == "bf16" and q.shape[-1] in HEAD_WIDTHS
 
 

@@ -449,9 +449,12 @@ def _gpu_gate_logits(x: Any, weight: Any) -> Any:
 
 
 def _mask_bytes(token_mask: Any) -> Any:
-    """The token mask as the kernels read it, a byte per token: a bool mask as it is (a view), else a copy."""
+    """The token mask as the kernels read it, a byte per token: a bool mask as it is (a view), else a copy;
+    a null pointer when there is none (every token real)."""
     import cupy
 
+    if token_mask is None:
+        return np.uint64(0)
     mask = cupy.ascontiguousarray(token_mask)
     return mask.view(cupy.uint8) if mask.dtype == cupy.bool_ else mask.astype(cupy.uint8)
 
@@ -464,7 +467,7 @@ def _gpu_dropless_choices(logits: Any, k: int, token_mask: Any) -> tuple[Any, An
     weight = cupy.empty((num_tokens, k), dtype=cupy.float32)
     if num_tokens:
         warps_per_block = 8
-        mask = np.uint64(0) if token_mask is None else _mask_bytes(token_mask)
+        mask = _mask_bytes(token_mask)
         build.kernel("gating.cu", "dropless_choices")(
             (-(-num_tokens // warps_per_block),), (WARP * warps_per_block,),
             (cupy.ascontiguousarray(logits, dtype=cupy.float32), mask, np.int32(num_tokens), np.int32(num_experts),
@@ -502,7 +505,7 @@ def _gpu_topk_gating(logits: Any, k: int, capacity: int | None, first_scores: An
     workspace = cupy.empty(workspace_size, dtype=cupy.int32)
     tokens_per_expert = cupy.empty(num_experts, dtype=cupy.int64)
     statistics = cupy.empty(statistics_size, dtype=cupy.float32)
-    mask = null if token_mask is None else _mask_bytes(token_mask)
+    mask = _mask_bytes(token_mask)
     # Fixed capacity: the kernel also writes dispatch's inverse table (dropless: C is known only after it).
     source_token = null if capacity is None else cupy.empty(num_experts * capacity, dtype=cupy.int64)
     order = keep = null

@@ -538,13 +538,12 @@ class CausalAttention(Function):
     Else the probabilities [B, H, T, T] are kept for the backward (cuda/attention.py)."""
 
     def forward(ctx, qkv):
-        q, k, v = heads_of(qkv)
-        ctx.flash = flash_attention_kernels.runs_on_kernels(q)
+        ctx.flash = flash_attention_kernels.runs_on_kernels(qkv)
         if ctx.flash:
             out, lse = flash_attention_kernels.packed_attention_forward(qkv)
             ctx.save(qkv, out, lse)
             return out
-        out, probs = attention_kernels.causal_attention_forward(q, k, v)
+        out, probs = attention_kernels.causal_attention_forward(*heads_of(qkv))
         # Only a backward needs probs [B, H, T, T]; without a tape (generation) it is not kept.
         ctx.save(qkv, probs if is_grad_enabled() else None)
         return out.transpose(0, 2, 1, 3)
