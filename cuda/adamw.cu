@@ -5,7 +5,8 @@
 // into chunks of `chunk` elements; block b handles chunk b, whose tensor and first element are
 // chunk_tensor[b] and chunk_start[b]. Values, moments and master weights are float32; a gradient is
 // float32 or bf16 (grad_is_bf16); a bf16 working copy, when there is one, receives the updated value
-// rounded to bf16.
+// rounded to bf16. The learning rate and bias corrections are read from device memory (hyper), as is the
+// gradients' scale: a CUDA graph of the update replays with the values of the step it runs.
 #include "common.cuh"
 
 __device__ __forceinline__ float load_grad(unsigned long long grad, int is_bf16, long long i) {
@@ -17,8 +18,11 @@ extern "C" __global__ void adamw_multi_tensor(
     const unsigned long long* __restrict__ exp_avg_sqs, const unsigned long long* __restrict__ grads,
     const unsigned long long* __restrict__ working, const int* __restrict__ grad_is_bf16,
     const float* __restrict__ weight_decay, const long long* __restrict__ sizes, const int* __restrict__ chunk_tensor,
-    const long long* __restrict__ chunk_start, int chunk, float lr, float beta1, float beta2, float eps,
-    float bias_correction1, float bias_correction2, const float* __restrict__ grad_scale) {
+    const long long* __restrict__ chunk_start, int chunk, float beta1, float beta2, float eps,
+    const float* __restrict__ hyper, const float* __restrict__ grad_scale) {
+  const float scale = grad_scale[0];
+  if (!isfinite(scale)) return;  // a non-finite loss or gradient norm: the step changes nothing
+  const float lr = hyper[0], bias_correction1 = hyper[1], bias_correction2 = hyper[2];
   const int tensor = chunk_tensor[blockIdx.x];
   const long long start = chunk_start[blockIdx.x];
   const long long end = min(start + chunk, sizes[tensor]);
@@ -26,7 +30,7 @@ extern "C" __global__ void adamw_multi_tensor(
   float* m = reinterpret_cast<float*>(exp_avgs[tensor]);
   float* v = reinterpret_cast<float*>(exp_avg_sqs[tensor]);
   bf16* copy = reinterpret_cast<bf16*>(working[tensor]);
-  const float scale = grad_scale[0], decay = weight_decay[tensor];
+  const float decay = weight_decay[tensor];
   for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
     const float g = load_grad(grads[tensor], grad_is_bf16[tensor], i) * scale;
     const float m_new = beta1 * m[i] + (1.0f - beta1) * g;

@@ -68,8 +68,18 @@ def uniform_reference(size: int, key: int, counter: int) -> np.ndarray:
     return ((blocks.reshape(-1)[:size] >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24))
 
 
-def uniform(shape: tuple[int, ...], key: int, counter: int) -> Any:
-    """The draw of prod(shape) float32 numbers in [0, 1) from (key, counter), on the GPU, shaped."""
+def key_slot(key: int) -> Any:
+    """A device array of one uint64 holding `key`: the GPU kernels read their key from device memory, so
+    that a CUDA graph replaying a draw takes the key the slot holds then (minimoe.backend rewrites it at
+    every reseeding)."""
+    import cupy
+
+    return cupy.full(1, np.uint64(key), dtype=cupy.uint64)
+
+
+def uniform(shape: tuple[int, ...], key: Any, counter: int) -> Any:
+    """The draw of prod(shape) float32 numbers in [0, 1) from (key, counter), on the GPU, shaped; key: a
+    key_slot."""
     import cupy
 
     out = cupy.empty(shape, dtype=cupy.float32)
@@ -77,10 +87,10 @@ def uniform(shape: tuple[int, ...], key: int, counter: int) -> Any:
     return out
 
 
-def gumbel_noisy(logits: Any, key: int, counter: int) -> Any:
-    """logits - log(-log(max(u, tiny))) with u the draw of logits.size numbers from (key, counter): the
-    float32 logits plus Gumbel noise, on the GPU in one launch that never stores u (DeepSpeed's
-    `logits + gumbel_rsample(...)`). Its reference is cuda/gating.py's add_gumbel_noise over
+def gumbel_noisy(logits: Any, key: Any, counter: int) -> Any:
+    """logits - log(-log(max(u, tiny))) with u the draw of logits.size numbers from (key, counter) (key:
+    a key_slot): the float32 logits plus Gumbel noise, on the GPU in one launch that never stores u
+    (DeepSpeed's `logits + gumbel_rsample(...)`). Its reference is cuda/gating.py's add_gumbel_noise over
     uniform_reference: the same numbers, up to the GPU's logf."""
     import cupy
 
@@ -90,10 +100,10 @@ def gumbel_noisy(logits: Any, key: int, counter: int) -> Any:
     return noisy
 
 
-def _launch(name: str, arrays: tuple[Any, ...], size: int, key: int, counter: int, *extra: Any) -> None:
+def _launch(name: str, arrays: tuple[Any, ...], size: int, key: Any, counter: int, *extra: Any) -> None:
     """philox.cu's kernel `name` over a draw of `size` numbers: a thread per counter (at most 4096 blocks,
-    each thread striding on), arguments (arrays, size, key, counter, extra)."""
+    each thread striding on), arguments (arrays, size, key slot, counter, extra)."""
     groups = counters_used(size)
     if groups:
         build.kernel("philox.cu", name)((min(math.ceil(groups / THREADS), 4096),), (THREADS,),
-                                        (*arrays, np.int64(size), np.uint64(key), np.uint64(counter), *extra))
+                                        (*arrays, np.int64(size), key, np.uint64(counter), *extra))

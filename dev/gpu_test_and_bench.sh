@@ -19,6 +19,7 @@
 #   decode       bench decode (the engine against transformers' Mixtral; DECODE_FLAGS=--no-peers: the engine alone)
 #   profile      Nsight Compute's kernel times of one eager decode step at batch 1 and 64 (dev/profile_decode.py;
 #                PROFILE_BATCHES="64": those batches only)
+#   profile-train  Nsight Compute's kernel times of one eager training step (dev/profile_train_step.py)
 #   profile-detail  Nsight Compute's full set on a few launches of one kernel in that step (PROFILE_KERNEL,
 #                PROFILE_SKIP, PROFILE_COUNT; by default the experts' two products of the first layer at batch 64)
 #   gating       bench gating alone
@@ -101,6 +102,10 @@ for what in "$@"; do
           python3 dev/profile_decode.py $batch > "$out/profile_$batch.csv" 2> "$out/profile_$batch.err"
         echo "== one decode step at batch $batch"; python3 dev/profile_decode.py --summary "$out/profile_$batch.csv" | head -30
       done ;;
+    profile-train)  # Nsight Compute's kernel times of one eager training step of bench train-step's model
+      timeout 400 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        python3 dev/profile_train_step.py > "$out/profile_train.csv" 2> "$out/profile_train.err"
+      echo "== one training step"; python3 dev/profile_decode.py --summary "$out/profile_train.csv" | head -45 ;;
     profile-detail)  # Nsight Compute's full set on PROFILE_COUNT launches of PROFILE_KERNEL after PROFILE_SKIP of them
       timeout 300 ncu --clock-control none --profile-from-start off --set full -k "${PROFILE_KERNEL:-grouped_linear_mma}" \
         --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-2}" -o "$out/detail" \

@@ -30,8 +30,10 @@ class DeviceError(RuntimeError):
 _device = "cpu"
 xp: ModuleType = np
 _rng: Any = np.random.default_rng(0)  # the CPU's generator
-# The GPU's: Philox4x32-10 (cuda/philox.py), a 64-bit key from the seed and the next unused counter.
-_philox_key, _philox_counter = 0, 0
+# The GPU's: Philox4x32-10 (cuda/philox.py), a 64-bit key from the seed, kept in device memory (a CUDA graph
+# of a training step reads the key of the step it replays), and the next unused counter.
+_philox_key: Any = None
+_philox_counter = 0
 
 
 def cupy_or_reason(gpu: int = 0) -> tuple[ModuleType | None, str]:
@@ -114,24 +116,50 @@ def asarray(array: Any, dtype: Any = None) -> Any:
     return xp.asarray(array, dtype=dtype)
 
 
+def write_into(target: Any, values: Any) -> None:
+    """`values` (host numbers, or an array on target's device) copied into the existing array `target`,
+    in place and in stream order on the GPU: an array a CUDA graph reads keeps its address."""
+    if is_gpu(target) and not is_gpu(values):
+        target.set(np.ascontiguousarray(values, dtype=target.dtype).reshape(target.shape))
+    else:
+        target[...] = values
+
+
 def manual_seed(*seed: int) -> None:
     """Reseed the device's generator from one or more integers, e.g. manual_seed(run_seed, step)."""
     global _rng, _philox_key, _philox_counter
     if xp is np:
         _rng = np.random.default_rng(list(seed))
     else:
-        # Philox's key from the whole seed sequence through NumPy's mixer; its counters start again at 0.
-        _philox_key = int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0])
+        # Philox's key from the whole seed sequence through NumPy's mixer, written into the device's key slot
+        # in stream order (no host synchronisation); its counters start again at 0.
+        key = np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0]
+        if _philox_key is None or _philox_key.device.id != xp.cuda.Device().id:
+            _philox_key = philox.key_slot(key)
+        else:
+            _philox_key.fill(key)
         _philox_counter = 0
 
 
-def philox_draw(size: int) -> tuple[int, int]:
-    """The GPU generator's (key, first counter) for a draw of `size` numbers (cuda/philox.py); its next
-    draw starts past the counters this one uses."""
+def philox_draw(size: int) -> tuple[Any, int]:
+    """The GPU generator's (key slot, first counter) for a draw of `size` numbers (cuda/philox.py); its
+    next draw starts past the counters this one uses."""
     global _philox_counter
     counter = _philox_counter
     _philox_counter += philox.counters_used(size)
     return _philox_key, counter
+
+
+def philox_counter() -> int:
+    """The GPU generator's next unused counter."""
+    return _philox_counter
+
+
+def rewind_philox(counter: int) -> None:
+    """Set the GPU generator's next counter back to `counter` (a CUDA graph's capture repeats the draws of
+    the eager warm-up before it, so that the graph draws what an eager step would)."""
+    global _philox_counter
+    _philox_counter = counter
 
 
 def random_uniform(shape: tuple[int, ...], dtype: Any = np.float32) -> Any:

@@ -52,6 +52,9 @@ class TrainConfig:
     log_interval: int = 25
     out_dir: str = "runs/default"
     grad_clip: float = 1.0
+    # On a GPU, replay each step as CUDA graphs (minimoe/step.py) where the step allows it: one process, one
+    # micro-batch, no teacher, MoE layers that drop tokens with k <= 2 (static shapes); else eager.
+    cuda_graphs: bool = True
     sample_tokens: int = 300
     sample_prompt: str = "\n"
     temperature: float = 0.8

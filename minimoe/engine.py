@@ -31,6 +31,7 @@ import numpy as np
 
 import minimoe.cuda.sampling as sampling_kernels
 from minimoe import backend
+from minimoe.graphs import Graph
 from minimoe.inference import GEMM_ROWS, KVCache, dense, forward_cached
 from minimoe.model import GPT
 from minimoe.tensor import no_grad
@@ -319,17 +320,11 @@ class StepGraph:
         import cupy
 
         self.engine, self.bucket, self.length, self.rows = engine, bucket, length, None
-        self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.pool = cupy.cuda.MemoryPool()  # the graph's own: its intermediates are never handed to others
         padding = step_inputs([], bucket, length, engine.cache.scratch_slot)
         self.inputs = {name: cupy.asarray(values) for name, values in padding.items()}
         self.row_index = cupy.arange(bucket)
-        with self.stream, cupy.cuda.using_allocator(self.pool.malloc):
-            self._step()  # warm-up: compiles kernels and fills the pool with every block the capture needs
-            self.stream.synchronize()
-            self.stream.begin_capture()
-            self.next = self._step()
-            self.graph = self.stream.end_capture()
+        self.graph = Graph(self._step, name=f"the engine's step of {bucket} rows x {length} tokens")
+        self.next = self.graph.output
 
     def _step(self) -> Any:
         inputs = self.inputs
@@ -343,10 +338,11 @@ class StepGraph:
 
     def run(self, rows: list[Sequence]) -> np.ndarray:
         """The next token of each row (the first len(rows) of the bucket)."""
-        if self.length > 1 or self.rows != [id(s) for s in rows]:
-            host = step_inputs(rows, self.bucket, self.length, self.engine.cache.scratch_slot)
-            for name, values in host.items():
-                self.inputs[name].set(values, stream=self.stream)
-            self.rows = [id(s) for s in rows]
-        self.graph.launch(self.stream)
-        return self.next.get(stream=self.stream)[:len(rows)]
+        with self.graph.stream:
+            if self.length > 1 or self.rows != [id(s) for s in rows]:
+                host = step_inputs(rows, self.bucket, self.length, self.engine.cache.scratch_slot)
+                for name, values in host.items():
+                    self.inputs[name].set(values)
+                self.rows = [id(s) for s in rows]
+            self.graph.launch()
+            return self.next.get()[:len(rows)]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend
-from minimoe.cuda.adamw import adamw_update, sum_of_squares
+from minimoe.cuda.adamw import Tables, adamw_update, hyperparameters, sum_of_squares, tables, tables_key
 from minimoe.nn import Parameter
 
 
@@ -35,13 +35,15 @@ def global_grad_norm(parameters: list[Parameter]) -> Any:
     return backend.array_module(grads[0]).sqrt(sum_of_squares(grads))
 
 
-def clip_scale(grad_norm: Any, max_norm: float) -> Any:
-    """The factor that brings the global gradient norm down to max_norm (1 when it is already below,
-    or when clipping is off with max_norm <= 0); a 0-d array like grad_norm."""
-    if max_norm <= 0:
-        return 1.0
+def clip_scale(grad_norm: Any, max_norm: float, loss: Any = None) -> Any:
+    """The factor the update multiplies the gradients by: max_norm / norm when the global gradient norm
+    is above max_norm (clipping), else 1 (and always 1 with clipping off, max_norm <= 0); NaN when the
+    norm, or the loss if given, is not finite, which AdamW reads as "change nothing". A 0-d array like
+    grad_norm: no host synchronisation on the GPU."""
     xp = backend.array_module(grad_norm)
-    return xp.where(grad_norm > max_norm, max_norm / (grad_norm + 1e-6), 1.0)
+    scale = xp.where(grad_norm > max_norm, max_norm / (grad_norm + 1e-6), 1.0) if max_norm > 0 else 1.0
+    finite = xp.isfinite(grad_norm) if loss is None else xp.isfinite(grad_norm) & xp.isfinite(loss)
+    return xp.where(finite, scale, xp.nan)
 
 
 class AdamW:
@@ -56,6 +58,10 @@ class AdamW:
         self.master = [p.data.astype(np.float32) if p.data.dtype.itemsize < 4 else None for p in parameters]
         self.exp_avg = [backend.array_module(v).zeros_like(v) for v in self.values()]
         self.exp_avg_sq = [backend.array_module(v).zeros_like(v) for v in self.values()]
+        # [lr, 1 - beta1^t, 1 - beta2^t] of the coming update, where the update kernel reads it: written in
+        # place by advance(), so that a CUDA graph of update() replays with each step's values.
+        self.hyper = backend.array_module(parameters[0].data).zeros(3, dtype=np.float32)
+        self._tables: Tables | None = None
 
     def values(self) -> list[Any]:
         """The arrays the update acts on: the float32 master where there is one, else the parameter."""
@@ -63,16 +69,51 @@ class AdamW:
 
     def step(self, grad_scale: Any = 1.0) -> None:
         """One update of every parameter that has a gradient; `grad_scale` (a number or a 0-d array)
-        multiplies the gradients first (global-norm clipping)."""
+        multiplies the gradients first (global-norm clipping; see clip_scale)."""
+        self.advance()
+        self.update(grad_scale)
+
+    def advance(self) -> None:
+        """Count the coming step and write its learning rate and bias corrections for update()."""
         self.step_count += 1
-        beta1, beta2 = self.betas
-        active = [i for i, p in enumerate(self.parameters) if p.grad is not None]
+        backend.write_into(self.hyper, hyperparameters(self.lr, *self.betas, self.step_count))
+
+    def update(self, grad_scale: Any = 1.0) -> None:
+        """The update of the step advance() counted, from the gradients the parameters hold now: only
+        launches on a GPU, so it can be captured in a CUDA graph."""
+        active = self._active()
         values = self.values()
+        beta1, beta2 = self.betas
         adamw_update([values[i] for i in active], [self.parameters[i].grad for i in active],
                      [self.exp_avg[i] for i in active], [self.exp_avg_sq[i] for i in active],
                      [None if self.master[i] is None else self.parameters[i].data for i in active],
                      [self.weight_decay if self.parameters[i].decay else 0.0 for i in active],
-                     lr=self.lr, beta1=beta1, beta2=beta2, eps=self.eps, step=self.step_count, grad_scale=grad_scale)
+                     hyper=self.hyper, beta1=beta1, beta2=beta2, eps=self.eps, grad_scale=grad_scale,
+                     launch_tables=self.launch_tables())
+
+    def grad_norm(self) -> Any:
+        """The global gradient norm (global_grad_norm over the same gradients, with the update's tables)."""
+        grads = [self.parameters[i].grad for i in self._active()]
+        return backend.array_module(grads[0]).sqrt(sum_of_squares(grads, self.launch_tables()))
+
+    def launch_tables(self) -> Tables | None:
+        """The device tables of the update's launch over the present gradients (None off the GPU): built
+        when the gradients or the state moved since the last call, else the same ones again, uploaded
+        once (a CUDA graph of update() keeps reading the tables of its capture)."""
+        active = self._active()
+        values = self.values()
+        if not (active and backend.is_gpu(values[0])):
+            return None
+        roles = ([self.parameters[i].grad for i in active], [values[i] for i in active],
+                 [self.exp_avg[i] for i in active], [self.exp_avg_sq[i] for i in active],
+                 [None if self.master[i] is None else self.parameters[i].data for i in active])
+        decays = [self.weight_decay if self.parameters[i].decay else 0.0 for i in active]
+        if self._tables is None or self._tables.key != tables_key(*roles) + tuple(decays):
+            self._tables = tables(*roles, weight_decays=decays)
+        return self._tables
+
+    def _active(self) -> list[int]:
+        return [i for i, p in enumerate(self.parameters) if p.grad is not None]
 
     def state_dict(self) -> dict[str, Any]:
         """Moments (and master weights) as host arrays, indexed like the parameter list, plus the step."""

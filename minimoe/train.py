@@ -33,6 +33,7 @@ from minimoe.moe.gate import Routing
 from minimoe.optim import AdamW, clip_scale, cosine_lr, global_grad_norm
 from minimoe.parallel import Parallel, expert_array_names, local_experts, start_world
 from minimoe.run_dir import METRICS_NAME, RunDir, read_metrics, write_metrics
+from minimoe.step import TrainStep
 from minimoe.tensor import no_grad
 
 EVAL_STREAM = 2**31 - 1  # seeds the fixed evaluation batches, apart from every training step's seed
@@ -238,6 +239,7 @@ class Run:
     expert_names: set[str]
     layout: dict[str, Any]
     teacher: GPT | None = None  # Mixture-of-Students: the model the student learns from (forward only)
+    graphed_step: TrainStep | None = None  # the step as CUDA graphs, where this run's steps allow it
     step: int = 0
     initial_val_loss: float = math.nan
     val_loss: float = math.nan
@@ -298,9 +300,32 @@ def _start(config: Config, run_dir: RunDir, resume: bool, overwrite: bool, until
         console.line(f"distilling from {distill.teacher} ({run.teacher.num_parameters():,} parameters): loss = "
                      f"{1 - distill.alpha:g} CE + {distill.alpha:g} KD at temperature {distill.temperature:g}, up to "
                      f"step {math.ceil(distill.kd_stop * train_config.max_steps)}, then the labels alone")
+    obstacle = _graphs_obstacle(config, world.size)
+    if device == "cuda" and train_config.cuda_graphs:
+        if obstacle is None:
+            run.graphed_step = TrainStep(model, optimizer, train_config.grad_clip, graphs=True)
+            console.line("each step replays as CUDA graphs (train.cuda_graphs=false runs it eagerly)")
+        else:
+            console.line(f"steps run eagerly, not as CUDA graphs: {obstacle}")
     if resume:
         _restore(run, stop_at, until)
     return run, stop_at
+
+
+def _graphs_obstacle(config: Config, world_size: int) -> str | None:
+    """Why this run's steps cannot replay as CUDA graphs (minimoe/step.py), or None if they can."""
+    model = config.model
+    if world_size > 1:
+        return f"{world_size} ranks (the gradients' exchange runs between backward and update)"
+    if config.train.grad_accum_steps > 1:
+        return f"train.grad_accum_steps = {config.train.grad_accum_steps} (one micro-batch a step is captured)"
+    if config.distill.teacher:
+        return "a distillation run (the teacher's forward is not captured)"
+    if model.moe_every and not model.drop_tokens:
+        return "dropless MoE layers (each step's capacity is read on the host)"
+    if model.moe_every and model.k > 2:
+        return f"k = {model.k} (routing beyond top-2 reads the experts' loads on the host)"
+    return None
 
 
 def _load_teacher(config: Config, student: GPT) -> GPT:
@@ -373,6 +398,8 @@ def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Ro
     lr = cosine_lr(run.step, optim_config.lr, optim_config.min_lr, optim_config.warmup_steps,
                    train_config.max_steps)
     optimizer.lr = lr
+    if run.graphed_step is not None:
+        return _graphed_train_step(run, stop, lr)
     accumulation, micro_batches = train_config.grad_accum_steps, run.micro_batches
     loss_sum = kd_sum = 0.0
     distilling = run.teacher is not None and _distilling(run.config, run.step)
@@ -402,16 +429,34 @@ def _train_step(run: Run, stop: _StopFlag) -> tuple[float, float, float, list[Ro
         grad_norm = global_grad_norm(optimizer.parameters)
     loss, stopping = run.parallel.mean_and_any(loss_sum / accumulation, stop.requested)
     norm = float(grad_norm)
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise TrainingDiverged(
-            f"step {run.step + 1}: the training loss is {loss} and the gradient norm {norm}; stopped "
-            f"before updating the weights. The last checkpoint, if any, is kept in {run.run_dir.path} (lower "
-            f"optim.lr, raise optim.eps or check the data)")
+    _check_finite(run, loss, norm)
     optimizer.step(clip_scale(grad_norm, train_config.grad_clip))
     model.zero_grad()
     run.step += 1
     kd_loss = run.parallel.mean_and_any(kd_sum / accumulation, False)[0] if distilling else None
     return loss, lr, norm, output.moe, stopping, kd_loss
+
+
+def _graphed_train_step(run: Run, stop: _StopFlag, lr: float) -> tuple[float, float, float, list[Routing], bool, None]:
+    """_train_step for a run of one process and one micro-batch, replayed as CUDA graphs: the same seeds
+    and batch, the same update; its weights are left as they were when the loss or the norm is not
+    finite (the update refuses a non-finite scale), and then the run stops as an eager one does."""
+    seeds = [run.config.train.seed, run.step]
+    backend.manual_seed(*seeds)
+    inputs, targets = run.data.batch("train", run.config.train.batch_size, np.random.default_rng(seeds))
+    output = run.graphed_step(backend.asarray(inputs), backend.asarray(targets))
+    loss, norm = float(output.lm_loss), float(output.grad_norm)
+    _check_finite(run, loss, norm)
+    run.step += 1
+    return loss, lr, norm, output.moe, stop.requested, None
+
+
+def _check_finite(run: Run, loss: float, norm: float) -> None:
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise TrainingDiverged(
+            f"step {run.step + 1}: the training loss is {loss} and the gradient norm {norm}; stopped "
+            f"without updating the weights. The last checkpoint, if any, is kept in {run.run_dir.path} (lower "
+            f"optim.lr, raise optim.eps or check the data)")
 
 
 def _evaluate_and_save(run: Run) -> None:

@@ -379,7 +379,7 @@ def test_cross_entropy_matches_reference(rows, vocab, dtype, seed, ignored, pois
 def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, data):
     """One launch over several tensors (one larger than a chunk), float32 and bf16 gradients, with and
     without bf16 working copies, a device clip factor; against adamw_step per tensor on the host."""
-    from minimoe.cuda.adamw import adamw_update, sum_of_squares
+    from minimoe.cuda.adamw import adamw_update, hyperparameters, sum_of_squares
 
     cupy = cupy_module()
     rng = np.random.default_rng(seed)
@@ -392,14 +392,15 @@ def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, dat
     from minimoe.backend import bfloat16
 
     working = [cupy.empty(n, dtype=bfloat16()) if kind == "bfloat16" else None for n, kind in zip(sizes, kinds)]
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, step=step)
+    hyper = hyperparameters(1e-2, 0.9, 0.95, step)
+    constants = dict(beta1=0.9, beta2=0.95, eps=1e-8)
     norm = float(cupy.sqrt(sum_of_squares([g for g, _ in grads])))
     expected_norm = np.sqrt(sum((values ** 2).sum() for _, values in grads))
     np.testing.assert_allclose(norm, expected_norm, rtol=1e-5)
     adamw_update(device["value"], [g for g, _ in grads], device["m"], device["v"], working, decays,
-                 grad_scale=cupy.asarray(0.5, dtype=cupy.float32), **hyper)
+                 hyper=cupy.asarray(hyper), grad_scale=cupy.asarray(0.5, dtype=cupy.float32), **constants)
     adamw_update(host["value"], [values.astype(np.float32) for _, values in grads], host["m"], host["v"],
-                 [None] * len(sizes), decays, grad_scale=0.5, **hyper)
+                 [None] * len(sizes), decays, hyper=hyper, grad_scale=0.5, **constants)
     for name in ("value", "m", "v"):
         for actual, expected in zip(device[name], host[name]):
             np.testing.assert_allclose(cupy.asnumpy(actual), expected, rtol=2e-5, atol=1e-6, err_msg=name)
@@ -468,6 +469,26 @@ def test_causal_attention_matches_reference(batch, heads, length, width, dtype, 
         assert_close(to_host(actual), expected, dtype, f"attention grad {name}")
 
 
+def test_multi_tensor_adamw_with_a_nan_scale_writes_nothing():
+    """A NaN scale (clip_scale's answer to a non-finite loss or norm) leaves values, moments and working
+    copies untouched: the refusal a CUDA graph of the step relies on."""
+    from minimoe.backend import bfloat16
+    from minimoe.cuda.adamw import adamw_update, hyperparameters
+
+    cupy = cupy_module()
+    rng = np.random.default_rng(0)
+    arrays = {name: [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in (5, 70_001)]
+              for name in ("value", "m", "v", "grad")}
+    working = [cupy.asarray(rng.standard_normal(n)).astype(bfloat16()) for n in (5, 70_001)]
+    before = {name: [a.copy() for a in values] for name, values in [*arrays.items(), ("working", working)]}
+    adamw_update(arrays["value"], arrays["grad"], arrays["m"], arrays["v"], working, [0.1, 0.0],
+                 hyper=cupy.asarray(hyperparameters(1e-2, 0.9, 0.95, 3)), beta1=0.9, beta2=0.95, eps=1e-8,
+                 grad_scale=cupy.asarray(np.nan, dtype=cupy.float32))
+    for name, values in [*arrays.items(), ("working", working)]:
+        for old, new in zip(before[name], values):
+            np.testing.assert_array_equal(to_host(old), to_host(new), err_msg=name)
+
+
 # Philox's number 0 from key 0 and this counter is exactly 0 (its word's top 24 bits are 0; found by a search
 # over the reference), so a draw that starts there takes the clamp that keeps log(0) out.
 ZERO_DRAW_COUNTER = 14883995
@@ -478,7 +499,7 @@ ZERO_DRAW_COUNTER = 14883995
 def test_gumbel_noisy_matches_reference(rows, experts, seed, key, counter, zero_first, poison):
     """The fused draw-and-add kernel against the reference formula over the reference's draw."""
     from minimoe.cuda.gating import add_gumbel_noise
-    from minimoe.cuda.philox import gumbel_noisy, uniform_reference
+    from minimoe.cuda.philox import gumbel_noisy, key_slot, uniform_reference
 
     if zero_first:
         key, counter = 0, ZERO_DRAW_COUNTER
@@ -486,7 +507,7 @@ def test_gumbel_noisy_matches_reference(rows, experts, seed, key, counter, zero_
     uniform = uniform_reference(logits.size, key, counter).reshape(logits.shape)
     assert not zero_first or uniform.flat[0] == 0.0
     poison_pool(poison)
-    actual = cupy_module().asnumpy(gumbel_noisy(cupy_module().asarray(logits), key, counter))
+    actual = cupy_module().asnumpy(gumbel_noisy(cupy_module().asarray(logits), key_slot(key), counter))
     np.testing.assert_allclose(actual, add_gumbel_noise(logits, uniform), rtol=1e-5, atol=1e-5)
 
 
@@ -495,10 +516,10 @@ def test_gumbel_noisy_matches_reference(rows, experts, seed, key, counter, zero_
 def test_philox_uniform_matches_reference(size, key, counter, poison):
     """Integer arithmetic and one exact conversion: the GPU's draw equals the reference bit for bit
     (sizes not a multiple of 4 take the kernel's tail path)."""
-    from minimoe.cuda.philox import uniform, uniform_reference
+    from minimoe.cuda.philox import key_slot, uniform, uniform_reference
 
     poison_pool(poison)
-    actual = cupy_module().asnumpy(uniform((size,), key, counter))
+    actual = cupy_module().asnumpy(uniform((size,), key_slot(key), counter))
     np.testing.assert_array_equal(actual, uniform_reference(size, key, counter))
 
 

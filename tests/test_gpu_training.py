@@ -80,3 +80,80 @@ def test_expert_parallel_gpu_training_with_nccl_equals_one_gpu(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stdout + single.stderr
     np.testing.assert_allclose(train_losses(tmp_path / "parallel"), train_losses(tmp_path / "single"), rtol=1e-4)
+
+
+def test_training_steps_as_cuda_graphs_follow_the_eager_steps(tmp_path, capsys):
+    """The training loop with each step replayed as CUDA graphs (minimoe/step.py) against the same loop
+    run eagerly, in float32, with the routing noise and dropout on (each step draws with its own key): the
+    same losses over 30 steps, up to summation order (atomic additions)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(3000))
+    losses = {}
+    try:
+        for graphs in (True, False):
+            config = load_config(None, [*SMALL_MOE, f"data.path={corpus}", "train.device=cuda", "train.max_steps=30",
+                                        "train.eval_interval=15", "train.precision=float32",
+                                        "model.second_expert_sampling=true", "model.dropout=0.1",
+                                        f"train.cuda_graphs={str(graphs).lower()}",
+                                        f"train.out_dir={tmp_path / str(graphs)}"])
+            train(config)
+            printed = capsys.readouterr().out
+            assert ("each step replays as CUDA graphs" in printed) == graphs, printed
+            losses[graphs] = train_losses(tmp_path / str(graphs))
+    finally:
+        backend.set_device("cpu")
+    assert len(losses[True]) == len(losses[False]) == 30
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_a_graph_draws_with_the_key_written_before_its_launch():
+    """A captured draw keeps its counters and reads the generator's key at each launch: after
+    manual_seed(s), a replay gives what an eager draw after manual_seed(s) gives, for each s."""
+    from minimoe.graphs import Graph
+
+    backend.set_device("cuda")
+    try:
+        def draw():
+            backend.rewind_philox(0)
+            return backend.random_uniform((1000,))
+
+        backend.manual_seed(1)
+        graph = Graph(draw)
+        replays = []
+        for seed in (5, 6):
+            backend.manual_seed(seed)
+            graph.launch()
+            replays.append(backend.to_numpy(graph.output))
+            backend.manual_seed(seed)
+            np.testing.assert_array_equal(replays[-1], backend.to_numpy(backend.random_uniform((1000,))))
+        assert not np.array_equal(*replays)
+    finally:
+        backend.set_device("cpu")
+
+
+def test_a_captured_step_with_a_non_finite_loss_leaves_the_weights_as_they_were():
+    """The graphs' update refuses a non-finite loss by itself (the host reads the loss after the launch)."""
+    from minimoe.model import GPT, GPTConfig
+    from minimoe.optim import AdamW
+    from minimoe.step import TrainStep
+
+    backend.set_device("cuda")
+    try:
+        model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, moe_every=1,
+                              experts_per_layer=[4], k=2)).to(backend.bfloat16())
+        optimizer = AdamW(model.parameters(), lr=1e-2)
+        step = TrainStep(model, optimizer, grad_clip=1.0, graphs=True)
+        tokens = backend.asarray(np.random.default_rng(0).integers(0, 32, (4, 9)))
+        for _ in range(2):
+            assert np.isfinite(float(step(tokens[:, :-1], tokens[:, 1:]).loss))
+        position = next(i for i, p in enumerate(model.parameters()) if p is model.wpe.weight)
+        optimizer.master[position][0, 0] = np.inf
+        model.wpe.weight.data[0, 0] = np.inf
+        state = [*(p.data for p in model.parameters()), *optimizer.exp_avg, *optimizer.exp_avg_sq]
+        before = [backend.to_numpy(a).copy() for a in state]
+        output = step(tokens[:, :-1], tokens[:, 1:])
+        assert not np.isfinite(float(output.loss))
+        for old, new in zip(before, state):
+            np.testing.assert_array_equal(old, backend.to_numpy(new))
+    finally:
+        backend.set_device("cpu")

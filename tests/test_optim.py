@@ -62,3 +62,23 @@ def test_clipping_brings_global_norm_to_at_most_max_norm(seed, max_norm):
     assert scaled <= max_norm * (1 + 1e-6)
     if norm <= max_norm:
         assert clip_scale(norm, max_norm) == 1.0
+
+
+@given(bad=st.sampled_from([np.nan, np.inf, -np.inf]), max_norm=st.sampled_from([0.0, 1.0]),
+       where=st.sampled_from(["norm", "loss"]))
+def test_a_non_finite_norm_or_loss_gives_a_nan_scale_and_the_update_changes_nothing(bad, max_norm, where):
+    """The update's refusal, which CUDA graphs of the step rely on (the host reads the loss only after
+    the update was launched): a NaN scale leaves weights, moments and the bf16-free state as they were."""
+    rng = np.random.default_rng(0)
+    parameter = Parameter(rng.standard_normal(6))
+    parameter.grad = rng.standard_normal(6)
+    norm, loss = (bad, 2.0) if where == "norm" else (3.0, bad)
+    scale = clip_scale(np.float64(norm), max_norm, np.float64(loss))
+    assert np.isnan(scale)
+    optimizer = AdamW([parameter], lr=0.1)
+    optimizer.step()  # a real first step, so that the moments are not zero
+    state = [parameter.data.copy(), optimizer.exp_avg[0].copy(), optimizer.exp_avg_sq[0].copy()]
+    optimizer.step(scale)
+    for before, after in zip(state, [parameter.data, optimizer.exp_avg[0], optimizer.exp_avg_sq[0]]):
+        np.testing.assert_array_equal(before, after)
+    assert clip_scale(np.float64(1.0), max_norm, np.float64(2.0)) == 1.0  # finite and unclipped: 1

@@ -19,6 +19,7 @@ Correctness first: the bf16 layer's output against the same layer in float32.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend, breakdown
+from minimoe.graphs import CaptureError
 from minimoe.tensor import Tensor
 
 TOKENS, WIDTH, HIDDEN, EXPERTS = 8192, 1024, 4096, 8
@@ -500,22 +502,29 @@ STEP_MODEL = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_em
 STEP_BATCH = 8
 
 
-def _minimoe_train_step(tokens: Any, targets: Any) -> tuple[Callable[[], float], int]:
+def _minimoe_train_step(tokens: Any, targets: Any, graphs: bool) -> tuple[Callable[[], Any], Callable[[], float], int]:
+    """minimoe's step of the benchmark's model (minimoe.step.TrainStep, eagerly or as CUDA graphs), reseeded
+    at every step as the training loop does; returns (step, GiB the step's memory pools hold, parameters)."""
+    import cupy
+
     from minimoe.model import GPT, GPTConfig
-    from minimoe.optim import AdamW, clip_scale, global_grad_norm
+    from minimoe.optim import AdamW
+    from minimoe.step import TrainStep
 
     model = GPT(GPTConfig(**STEP_MODEL)).to(bf16())
-    optimizer = AdamW(model.parameters(), lr=3e-4)
+    train_step = TrainStep(model, AdamW(model.parameters(), lr=3e-4), grad_clip=1.0, graphs=graphs)
+    count = [0]
 
     def step() -> Any:
-        loss = model(tokens, targets).loss
-        loss.backward()
-        with breakdown.timed("optimizer", "update"):  # clipping and AdamW
-            optimizer.step(clip_scale(global_grad_norm(optimizer.parameters), 1.0))
-        model.zero_grad()
-        return loss.data
+        backend.manual_seed(0, count[0])
+        count[0] += 1
+        return train_step(tokens, targets).loss
 
-    return step, model.num_parameters()
+    def memory_gib() -> float:
+        graph_bytes = train_step.captured.memory_bytes() if train_step.captured else 0
+        return (cupy.get_default_memory_pool().total_bytes() + graph_bytes) / 2**30
+
+    return step, memory_gib, model.num_parameters()
 
 
 def _torch_train_step(tokens: Any, targets: Any, grouped: bool, compiled: bool) -> Callable[[], Any]:
@@ -594,23 +603,30 @@ def bench_train_step(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, STEP_MODEL["vocab_size"], (STEP_BATCH, STEP_MODEL["block_size"] + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    step, parameters = _minimoe_train_step(cupy.asarray(inputs), cupy.asarray(targets))
-    print(f"GPT-MoE: {STEP_MODEL}, {parameters / 1e6:.0f} M parameters, batch {STEP_BATCH} x "
-          f"{STEP_MODEL['block_size']} tokens; one step = forward, backward, clipping, AdamW")
-    first = float(step())
-    expected = float(np.log(STEP_MODEL["vocab_size"]))
-    print(f"minimoe first-step loss {first:.3f} (a random model should give about ln V = {expected:.3f})")
     tokens_per_step = STEP_BATCH * STEP_MODEL["block_size"]
-    minimoe_ms = event_ms(step, warmup=2, repeats=10)
-    pool = cupy.get_default_memory_pool()
+    expected = float(np.log(STEP_MODEL["vocab_size"]))
     print(f"{'implementation':<52}{'ms/step':>10}{'tokens/s':>12}{'peak GiB':>10}")
-    print(f"{'minimoe (bf16, float32 master weights)':<52}{minimoe_ms:>10.1f}"
-          f"{tokens_per_step / minimoe_ms * 1e3:>12,.0f}{pool.total_bytes() / 2**30:>10.1f}")
-    if args.breakdown:
-        print("minimoe's step by part of the model, mean of 10 steps (CUDA events around every op):")
-        print("\n".join(breakdown.step_table(step, 10)))
-    del step
-    pool.free_all_blocks()
+    minimoe_ms = {}
+    for name, graphs in (("minimoe (bf16, float32 masters), CUDA graphs", True),
+                         ("minimoe (bf16, float32 masters), eager", False)):
+        step, memory_gib, parameters = _minimoe_train_step(cupy.asarray(inputs), cupy.asarray(targets), graphs)
+        try:
+            first = float(step())
+        except CaptureError as error:  # reported, and the eager step still measured
+            print(f"{name:<52}  could not run: {error}")
+            continue
+        minimoe_ms[name] = event_ms(step, warmup=2, repeats=10)
+        print(f"{name:<52}{minimoe_ms[name]:>10.1f}{tokens_per_step / minimoe_ms[name] * 1e3:>12,.0f}"
+              f"{memory_gib():>10.1f}   (first-step loss {first:.3f})")
+        if args.breakdown and not graphs:
+            print("minimoe's eager step by part of the model, mean of 10 steps (CUDA events around every op):")
+            print("\n".join(breakdown.step_table(step, 10)))
+        del step, memory_gib
+        gc.collect()  # the model, its optimizer and graphs sit in reference cycles (tape, closures)
+        cupy.get_default_memory_pool().free_all_blocks()
+    print(f"GPT-MoE: {STEP_MODEL}, {parameters / 1e6:.0f} M parameters, batch {STEP_BATCH} x "
+          f"{STEP_MODEL['block_size']} tokens; one step = forward, backward, clipping, AdamW; a random model's "
+          f"first loss should be about ln V = {expected:.3f}")
     if args.no_peers:
         return
     peers = {}
@@ -630,12 +646,14 @@ def bench_train_step(args: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
         except Exception as error:  # a peer that cannot run here is reported, not fatal
             print(f"{name:<52}  could not run: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
-    print("peak GiB: minimoe's CuPy memory pool after the timed steps; PyTorch's largest allocation "
-          "(torch.cuda.max_memory_allocated)")
+    print("peak GiB: minimoe's CuPy memory pools after the timed steps (the graphs' own included); PyTorch's "
+          "largest allocation (torch.cuda.max_memory_allocated)")
     strongest = [name for name in peers if "grouped_mm" in name]
     if strongest:
         best = min(strongest, key=peers.get)
-        print(f"minimoe's throughput is {peers[best] / minimoe_ms:.2f}x the strongest peer's ({best})")
+        fastest = min(minimoe_ms, key=minimoe_ms.get)
+        print(f"minimoe's throughput ({fastest}) is {peers[best] / minimoe_ms[fastest]:.2f}x the strongest peer's "
+              f"({best})")
 
 
 def _peak_gib(fn: Callable[[], Any]) -> float:
