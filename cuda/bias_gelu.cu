@@ -42,6 +42,7 @@ __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict_
   for (int i = threadIdx.x * R::per_load; i < features; i += blockDim.x * R::per_load) {
     float shift[R::per_load], column_sum[R::per_load] = {};
     if (GELU) R::load(bias_row, i, shift);
+#pragma unroll 4  // four rows' loads in flight at once, not one latency per row
     for (int r = 0; r < rows; ++r) {
       const long long offset = (first_row + r) * features;
       float grad[R::per_load];

@@ -85,6 +85,20 @@ def _check(status: int, call: str) -> None:
         raise RuntimeError(f"{call} failed with cuBLAS status {status}")
 
 
+def _operand(x: Any, transposed: bool) -> tuple[Any, bool]:
+    """x as cuBLAS reads it: itself when C-contiguous; the transpose of a C-contiguous matrix (the tied
+    output layer's weight.transpose()) as that matrix with the transpose flag flipped, not copied;
+    anything else copied into a C-contiguous array."""
+    import cupy
+
+    if x.flags.c_contiguous:
+        return x, transposed
+    swapped = x.swapaxes(-1, -2)
+    if swapped.flags.c_contiguous:
+        return swapped, not transposed
+    return cupy.ascontiguousarray(x), transposed
+
+
 def _gpu_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
     import cupy
 
@@ -94,7 +108,7 @@ def _gpu_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
     a_batch, b_batch = a.shape[:-2], b.shape[:-2]
     if a_batch and b_batch and a_batch != b_batch:
         raise ValueError(f"GPU matmul batches must match (or one side be 2-D): {a.shape} and {b.shape}")
-    a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+    (a, transpose_a), (b, transpose_b) = _operand(a, transpose_a), _operand(b, transpose_b)
     m, k = (a.shape[-1], a.shape[-2]) if transpose_a else a.shape[-2:]
     k_b, n = (b.shape[-1], b.shape[-2]) if transpose_b else b.shape[-2:]
     if k != k_b:

@@ -11,8 +11,9 @@ logsumexp, so the [N, V] probabilities never exist as a second array beside the 
 
 A batch with every row ignored has loss 0 and zero gradient (n_valid is clamped to 1).
 
-GPU: cuda/softmax_xent.cu, one block per row, float32 arithmetic on bf16 or float32 logits; the count
-of valid rows stays on the device (no host synchronisation).
+GPU: cuda/softmax_xent.cu, one block per row (the forward in one pass over it: an online softmax),
+float32 arithmetic on bf16 or float32 logits; the count of valid rows stays on the device (no host
+synchronisation).
 """
 
 from typing import Any
@@ -23,8 +24,8 @@ from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
 from minimoe.cuda.softmax import logsumexp as row_logsumexp
 
-build.register("softmax_xent.cu", *(f"cross_entropy_{d}<{t}>" for d in ("forward", "backward")
-                                    for t in ("float", "bf16")))
+build.register("softmax_xent.cu", *(f"cross_entropy_{d}<{t}, {v}>" for d in ("forward", "backward")
+                                    for t in ("float", "bf16") for v in ("false", "true")))
 THREADS = 256
 
 
@@ -75,7 +76,7 @@ def _gpu_forward(logits: Any, targets: Any, ignore_index: int) -> tuple[Any, Any
     logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
     row_loss = cupy.empty(rows, dtype=cupy.float32)
     logsumexp = cupy.empty(rows, dtype=cupy.float32)
-    build.kernel("softmax_xent.cu", f"cross_entropy_forward<{build.type_name(logits)}>")(
+    build.kernel("softmax_xent.cu", f"cross_entropy_forward<{build.type_name(logits)}, {build.row_vectors(logits)}>")(
         (rows,), (THREADS,), (logits, targets, row_loss, logsumexp, np.int32(vocab), np.int64(ignore_index)))
     return row_loss.sum() / _valid_count(targets, ignore_index), logsumexp
 
@@ -87,6 +88,6 @@ def _gpu_backward(grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ign
     logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
     scale = (cupy.asarray(grad_loss, dtype=cupy.float32) / _valid_count(targets, ignore_index)).reshape(1)
     grad_logits = cupy.empty(logits.shape, logits.dtype)
-    build.kernel("softmax_xent.cu", f"cross_entropy_backward<{build.type_name(logits)}>")(
+    build.kernel("softmax_xent.cu", f"cross_entropy_backward<{build.type_name(logits)}, {build.row_vectors(logits)}>")(
         (rows,), (THREADS,), (logits, targets, logsumexp, scale, grad_logits, np.int32(vocab), np.int64(ignore_index)))
     return grad_logits

@@ -59,8 +59,11 @@ def assert_close(actual, expected, dtype, what, scale=None):
 
 @given(batch=st.sampled_from([(), (1,), (3,), (2, 2)]), m=st.integers(1, 70), k=st.integers(1, 70),
        n=st.integers(1, 70), transpose_a=st.booleans(), transpose_b=st.booleans(), broadcast_b=st.booleans(),
-       dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
-def test_gemm_matches_reference(batch, m, k, n, transpose_a, transpose_b, broadcast_b, dtype, seed, poison):
+       b_as_view=st.booleans(), dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_gemm_matches_reference(batch, m, k, n, transpose_a, transpose_b, broadcast_b, b_as_view, dtype, seed,
+                                poison):
+    """b_as_view: b given as the transposed view of a contiguous array (the tied output layer's
+    weight.transpose()), which the kernel reads with the transpose flag flipped rather than copied."""
     from minimoe.cuda.gemm import matmul
 
     rng = np.random.default_rng(seed)
@@ -69,6 +72,8 @@ def test_gemm_matches_reference(batch, m, k, n, transpose_a, transpose_b, broadc
     b_host = rng.standard_normal(b_shape if broadcast_b else (*batch, *b_shape))
     a, a_values = to_gpu(a_host, dtype)
     b, b_values = to_gpu(b_host, dtype)
+    if b_as_view:
+        b = cupy_module().ascontiguousarray(b.swapaxes(-1, -2)).swapaxes(-1, -2)
     poison_pool(poison)
     out = matmul(a, b, transpose_a, transpose_b)
     expected = matmul(a_values, b_values, transpose_a, transpose_b)
