@@ -4,6 +4,10 @@
 // GELU is a template switch: with it off the same kernels add the bias and sum its gradient.
 #include "common.cuh"
 
+#if !defined(TILE) || !defined(WARPS)
+#error "bias_gelu.cu's constants come from cuda/bias_gelu.py: compile it through minimoe.cuda.build"
+#endif
+
 // y = gelu(x + bias), or x + bias. One block per row; threads stride over the features in 16-byte
 // vectors. Each element is read once and written once, the bias row stays in L1/L2: the kernel runs at
 // memory speed.
@@ -25,39 +29,52 @@ __global__ void bias_forward(const T* __restrict__ x, const T* __restrict__ bias
 
 // The bias gradient's partial sums, and with GELU grad_pre = grad_y * gelu'(x + bias), recomputing
 // x + bias instead of storing it (without GELU the gradient of x is grad_y itself: nothing to write).
-// Block (tile, group) covers TILE consecutive rows of one group and writes the float32 column sums of
-// its gradient rows to partial[group][tile][features]; the caller adds the tiles up (a small
-// [groups, tiles, features] reduction instead of a second pass over the gradient).
-constexpr int TILE = 32;
-
+// Block (row tile, column tile, group) covers TILE consecutive rows of one group and 32 lanes' columns
+// (a 16-byte vector each where rows allow); warp w takes rows w, w + WARPS, ... of the tile, four rows'
+// loads in flight. The warps' float32 column sums are added in shared memory in a fixed order and written
+// to partial[group][tile][features]; cuda/partial_sums.py adds the tiles up (a small reduction instead of
+// a second pass over the gradient). Many short tiles: 256 blocks of 32 rows each left most of the GPU's
+// threads idle.
 template <typename T, bool VEC, bool GELU>
 __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict__ x, const T* __restrict__ bias,
                               T* __restrict__ grad_pre, float* __restrict__ partial, int rows_per_group,
                               int features) {
   using R = Row<T, VEC>;
-  const int tile = blockIdx.x, group = blockIdx.y, tiles = gridDim.x;
-  const long long first_row = (long long)group * rows_per_group + (long long)tile * TILE;
+  __shared__ float warp_sums[WARPS][32 * R::per_load];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int tile = blockIdx.x, tiles = gridDim.x, group = blockIdx.z;
+  const int column = (blockIdx.y * 32 + lane) * R::per_load;
   const int rows = min(TILE, rows_per_group - tile * TILE);
-  const T* bias_row = bias + (long long)group * features;
-  for (int i = threadIdx.x * R::per_load; i < features; i += blockDim.x * R::per_load) {
-    float shift[R::per_load], column_sum[R::per_load] = {};
-    if (GELU) R::load(bias_row, i, shift);
-#pragma unroll 4  // four rows' loads in flight at once, not one latency per row
-    for (int r = 0; r < rows; ++r) {
+  float column_sum[R::per_load] = {};
+  if (column < features) {
+    const long long first_row = (long long)group * rows_per_group + (long long)tile * TILE;
+    float shift[R::per_load] = {};
+    if (GELU) R::load(bias + (long long)group * features, column, shift);
+#pragma unroll 4
+    for (int r = warp; r < rows; r += WARPS) {
       const long long offset = (first_row + r) * features;
       float grad[R::per_load];
-      R::load(grad_y + offset, i, grad);
+      R::load(grad_y + offset, column, grad);
       if (GELU) {
         float pre[R::per_load];
-        R::load(x + offset, i, pre);
+        R::load(x + offset, column, pre);
 #pragma unroll
         for (int j = 0; j < R::per_load; ++j) grad[j] *= gelu_tanh_grad(pre[j] + shift[j]);
-        R::store(grad_pre + offset, i, grad);
+        R::store(grad_pre + offset, column, grad);
       }
 #pragma unroll
       for (int j = 0; j < R::per_load; ++j) column_sum[j] += grad[j];
     }
+  }
 #pragma unroll
-    for (int j = 0; j < R::per_load; ++j) partial[((long long)group * tiles + tile) * features + i + j] = column_sum[j];
+  for (int j = 0; j < R::per_load; ++j) warp_sums[warp][lane * R::per_load + j] = column_sum[j];
+  __syncthreads();
+  if (warp == 0 && column < features) {
+#pragma unroll
+    for (int j = 0; j < R::per_load; ++j) {
+      float total = 0.0f;
+      for (int w = 0; w < WARPS; ++w) total += warp_sums[w][lane * R::per_load + j];
+      partial[((long long)group * tiles + tile) * features + column + j] = total;
+    }
   }
 }

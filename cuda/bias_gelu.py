@@ -17,11 +17,14 @@ import numpy as np
 from minimoe.backend import is_gpu
 from minimoe.cuda import build
 from minimoe.cuda.gelu import gelu_backward, gelu_forward
+from minimoe.cuda.partial_sums import sum_partials
 
+THREADS = 256  # the forward's threads per row
+TILE = 64  # rows per block in the backward
+WARPS = 8  # the backward's warps per block, each on every WARPS-th row of the block's tile
 build.register("bias_gelu.cu", *(f"bias_{direction}<{t}, {v}, {g}>" for direction in ("forward", "backward")
-                                 for t in ("float", "bf16") for v in ("true", "false") for g in ("true", "false")))
-THREADS = 256
-TILE = 32  # rows per block in the backward (bias_gelu.cu's TILE)
+                                 for t in ("float", "bf16") for v in ("true", "false") for g in ("true", "false")),
+               constants={"TILE": TILE, "WARPS": WARPS})
 
 
 def bias_gelu_forward(x: Any, bias: Any) -> Any:
@@ -105,7 +108,8 @@ def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool) -> tuple[Any, Any]
     grad_pre = cupy.empty(grad_y.shape, grad_y.dtype) if gelu else grad_y
     partial = cupy.empty((groups, tiles, features), dtype=cupy.float32)
     if partial.size:
+        per_load = 16 // grad_y.dtype.itemsize if vectorised == "true" else 1
         build.kernel("bias_gelu.cu", f"bias_backward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
-            (tiles, groups), (THREADS,),
+            (tiles, (features // per_load + 31) // 32, groups), (32 * WARPS,),
             (grad_y, x, bias, grad_pre, partial, np.int32(rows_per_group), np.int32(features)))
-    return grad_pre, partial.sum(axis=1).reshape(bias.shape).astype(bias.dtype)
+    return grad_pre, sum_partials(partial, bias.dtype).reshape(bias.shape)

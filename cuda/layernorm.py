@@ -22,6 +22,7 @@ import numpy as np
 
 from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
+from minimoe.cuda.partial_sums import sum_partials
 
 build.register("layernorm.cu", *(f"layernorm_{kind}<{t}, {v}>" for kind in ("forward", "backward_input")
                                  for t in ("float", "bf16") for v in ("true", "false")),
@@ -108,4 +109,4 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_s
     build.kernel("layernorm.cu", f"layernorm_backward_params<{type_name}>")(
         ((width + 255) // 256, slices), (256,),
         (grad_y, x, mean, rstd, partial_weight, partial_bias, np.int32(rows), np.int32(width)))
-    return grad_x, *(partial.sum(axis=0).astype(weight.dtype, copy=False) for partial in (partial_weight, partial_bias))
+    return grad_x, *(sum_partials(partial[None], weight.dtype)[0] for partial in (partial_weight, partial_bias))

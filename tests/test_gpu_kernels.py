@@ -474,6 +474,23 @@ def test_causal_attention_matches_reference(batch, heads, length, width, dtype, 
         assert_close(to_host(actual), expected, dtype, f"attention grad {name}")
 
 
+@given(groups=st.integers(1, 9), parts=st.integers(0, 300), width=st.integers(1, 2000), dtype=dtypes, seed=seeds,
+       poison=st.sampled_from([0xFF, 0x7F]))
+def test_sum_partials_matches_reference(groups, parts, width, dtype, seed, poison):
+    """The second stage of the parameter gradients: float32 partial sums added over their middle axis and
+    written in the parameter's dtype (no parts: zeros), against NumPy's sum in float64."""
+    from minimoe.backend import bfloat16
+    from minimoe.cuda.partial_sums import sum_partials
+
+    partial = np.random.default_rng(seed).standard_normal((groups, parts, width)).astype(np.float32)
+    device = cupy_module().asarray(partial)
+    poison_pool(poison)
+    out = sum_partials(device, np.float32 if dtype == "float32" else bfloat16())
+    assert out.shape == (groups, width) and out.dtype.name == dtype
+    expected = partial.astype(np.float64).sum(axis=1)
+    assert_close(to_host(out), expected, dtype, "sum_partials", scale=np.abs(partial).astype(np.float64).sum(axis=1))
+
+
 def test_multi_tensor_adamw_with_a_nan_scale_writes_nothing():
     """A NaN scale (clip_scale's answer to a non-finite loss or norm) leaves values, moments and working
     copies untouched: the refusal a CUDA graph of the step relies on."""
