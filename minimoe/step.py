@@ -1,7 +1,7 @@
 """One training step on a batch: forward, backward, the global gradient norm, clipping and AdamW, either
 run op by op from Python (eagerly) or, on a GPU, replayed as two CUDA graphs (minimoe.graphs).
 
-Replayed, a step costs the host two graph launches and a few small copies instead of a few thousand
+Replayed, a step costs the host two graph launches and a few small copies instead of several hundred
 kernel launches from Python, so the GPU never waits for the interpreter. Shapes must be the same at
 every step (the batch's, and the MoE layers' capacities: dropless routing reads the fullest expert's
 load on the host and cannot be captured).
