@@ -43,10 +43,11 @@ __global__ void cross_entropy_forward(const T* __restrict__ logits, const long l
 
 // d loss / d z[v] = (exp(z[v] - lse) - [v == target]) * scale for valid rows, 0 for ignored ones;
 // scale = d loss / d mean loss divided by the number of valid rows (a device scalar: no host sync).
+// grad_logits may be logits itself (each element is read, then written, by one thread): not __restrict__.
 template <typename T, bool VEC>
-__global__ void cross_entropy_backward(const T* __restrict__ logits, const long long* __restrict__ targets,
+__global__ void cross_entropy_backward(const T* logits, const long long* __restrict__ targets,
                                        const float* __restrict__ logsumexp, const float* __restrict__ scale,
-                                       T* __restrict__ grad_logits, int vocab, long long ignore_index) {
+                                       T* grad_logits, int vocab, long long ignore_index) {
   using R = Row<T, VEC>;
   const long long row = blockIdx.x;
   const long long target = targets[row];

@@ -50,13 +50,16 @@ def cross_entropy_forward(logits: Any, targets: Any, ignore_index: int = -100) -
 
 
 def cross_entropy_backward(
-    grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ignore_index: int = -100
+    grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ignore_index: int = -100, out: Any = None
 ) -> Any:
+    """The logits' gradient, into `out` when given (it may be `logits` itself: a caller done with the
+    logits, such as the model's loss in training, lets the gradient take their memory)."""
     if is_gpu(logits):
-        return _gpu_backward(grad_loss, logits, targets, logsumexp, ignore_index)
+        return _gpu_backward(grad_loss, logits, targets, logsumexp, ignore_index, out)
     xp = array_module(logits)
     valid, safe_targets, count = _valid_rows(targets, ignore_index)
-    grad_logits = xp.exp(logits - logsumexp[:, None])
+    grad_logits = xp.subtract(logits, logsumexp[:, None], out=out)
+    xp.exp(grad_logits, out=grad_logits)
     grad_logits[xp.arange(len(targets)), safe_targets] -= 1.0
     grad_logits *= (valid * (grad_loss / count))[:, None].astype(logits.dtype)
     return grad_logits
@@ -81,13 +84,16 @@ def _gpu_forward(logits: Any, targets: Any, ignore_index: int) -> tuple[Any, Any
     return row_loss.sum() / _valid_count(targets, ignore_index), logsumexp
 
 
-def _gpu_backward(grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ignore_index: int) -> Any:
+def _gpu_backward(grad_loss: Any, logits: Any, targets: Any, logsumexp: Any, ignore_index: int, out: Any) -> Any:
     import cupy
 
     rows, vocab = logits.shape
     logits, targets = cupy.ascontiguousarray(logits), cupy.ascontiguousarray(targets, dtype=cupy.int64)
     scale = (cupy.asarray(grad_loss, dtype=cupy.float32) / _valid_count(targets, ignore_index)).reshape(1)
-    grad_logits = cupy.empty(logits.shape, logits.dtype)
+    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a contiguous {logits.dtype} array of shape {logits.shape}, got a "
+                         f"{'' if out.flags.c_contiguous else 'non-contiguous '}{out.dtype} array of shape {out.shape}")
+    grad_logits = cupy.empty(logits.shape, logits.dtype) if out is None else out
     build.kernel("softmax_xent.cu", f"cross_entropy_backward<{build.type_name(logits)}, {build.row_vectors(logits)}>")(
         (rows,), (THREADS,), (logits, targets, logsumexp, scale, grad_logits, np.int32(vocab), np.int64(ignore_index)))
     return grad_logits

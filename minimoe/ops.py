@@ -367,22 +367,25 @@ def log_softmax(x: Tensor) -> Tensor:
 
 
 class CrossEntropy(Function):
-    def forward(ctx, logits, targets, ignore_index):
+    def forward(ctx, logits, targets, ignore_index, overwrite_logits):
         loss, logsumexp = softmax_xent_kernels.cross_entropy_forward(logits, targets, ignore_index)
         ctx.save(logits, targets, logsumexp)
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.overwrite_logits = ignore_index, overwrite_logits
         return loss
 
     def backward(ctx, grad):
         logits, targets, logsumexp = ctx.saved
-        return softmax_xent_kernels.cross_entropy_backward(grad, logits, targets, logsumexp, ctx.ignore_index), None
+        return softmax_xent_kernels.cross_entropy_backward(
+            grad, logits, targets, logsumexp, ctx.ignore_index, out=logits if ctx.overwrite_logits else None), None
 
 
-def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy of logits [N, V] against integer targets [N], skipping ignore_index rows."""
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100, overwrite_logits: bool = False) -> Tensor:
+    """Mean cross-entropy of logits [N, V] against integer targets [N], skipping ignore_index rows.
+    overwrite_logits: the backward writes the logits' gradient over the logits, for a caller that holds
+    no other use of them (the model's loss in training: [B*T, V] is its largest array)."""
     if isinstance(targets, Tensor):
         targets = targets.data
-    return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
+    return CrossEntropy.apply(logits, targets, ignore_index=ignore_index, overwrite_logits=overwrite_logits)
 
 
 LOGITS_PER_CHUNK = 1 << 27  # lm_head_cross_entropy's chunks hold at most this many logits (256 MiB in bf16)
@@ -422,7 +425,7 @@ class LMHeadCrossEntropy(Function):
         for rows, count, logsumexp in zip(ctx.chunks, ctx.counts, ctx.logsumexps):
             logits = gemm.matmul(x[rows], weight, transpose_b=True)
             grad_logits = softmax_xent_kernels.cross_entropy_backward(
-                grad * count / ctx.total, logits, targets[rows], logsumexp, ctx.ignore_index)
+                grad * count / ctx.total, logits, targets[rows], logsumexp, ctx.ignore_index, out=logits)
             grad_x[rows] = gemm.matmul(grad_logits, weight)
             grad_weight += gemm.matmul(grad_logits, x[rows], transpose_a=True).astype(grad_weight.dtype)
         return grad_x, grad_weight.astype(weight.dtype), None

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from minimoe import backend, breakdown
+from minimoe.cuda.accumulate import add_gradients
 
 _grad_enabled = True
 
@@ -95,7 +96,7 @@ class Tensor:
                 if isinstance(parent, Tensor) and parent.requires_grad and parent_grad is not None:
                     parent_grad = unbroadcast(parent_grad, parent.shape)
                     if parent.creator is None:  # a leaf: the gradient stays on the tensor
-                        parent.grad = parent_grad if parent.grad is None else parent.grad + parent_grad
+                        parent.grad = parent_grad if parent.grad is None else add_gradients(parent.grad, parent_grad)
                     else:  # an intermediate: it waits in its creator until that Function's turn
                         parent.creator.add_output_grad(parent.output_index, parent_grad)
             # The Function's saved arrays and gradients are not needed again: unlinking it from its outputs
@@ -199,7 +200,7 @@ class Function:
 
     def add_output_grad(ctx, index: int, grad: Any) -> None:
         current = ctx.output_grads[index]
-        ctx.output_grads[index] = grad if current is None else current + grad
+        ctx.output_grads[index] = grad if current is None else add_gradients(current, grad)
 
     def release(ctx) -> None:
         """Unlink from the outputs and drop everything forward saved (after backward has run)."""

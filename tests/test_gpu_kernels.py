@@ -359,8 +359,9 @@ def test_layernorm_matches_reference(rows, width, dtype, seed, residual, poison)
 
 
 @given(rows=st.integers(1, 200), vocab=st.sampled_from([2, 50, 256, 1000, 50257]), dtype=dtypes, seed=seeds,
-       ignored=st.floats(0.0, 1.0), poison=st.sampled_from([0xFF, 0x7F]))
-def test_cross_entropy_matches_reference(rows, vocab, dtype, seed, ignored, poison):
+       ignored=st.floats(0.0, 1.0), in_place=st.booleans(), poison=st.sampled_from([0xFF, 0x7F]))
+def test_cross_entropy_matches_reference(rows, vocab, dtype, seed, ignored, in_place, poison):
+    """in_place: the gradient written over the logits (out=logits), as the model's training loss does."""
     from minimoe.cuda.softmax_xent import cross_entropy_backward, cross_entropy_forward
 
     cupy = cupy_module()
@@ -370,7 +371,9 @@ def test_cross_entropy_matches_reference(rows, vocab, dtype, seed, ignored, pois
     targets[rng.random(rows) < ignored] = -100
     poison_pool(poison)
     loss, logsumexp = cross_entropy_forward(logits, cupy.asarray(targets), -100)
-    grad = cross_entropy_backward(cupy.asarray(np.float32(0.7)), logits, cupy.asarray(targets), logsumexp, -100)
+    grad = cross_entropy_backward(cupy.asarray(np.float32(0.7)), logits, cupy.asarray(targets), logsumexp, -100,
+                                  out=logits if in_place else None)
+    assert (grad is logits) == in_place
     expected_loss, expected_logsumexp = cross_entropy_forward(logits_values, targets, -100)
     expected_grad = cross_entropy_backward(0.7, logits_values, targets, expected_logsumexp, -100)
     np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5, atol=1e-6)  # float32 arithmetic in both
@@ -489,6 +492,26 @@ def test_sum_partials_matches_reference(groups, parts, width, dtype, seed, poiso
     assert out.shape == (groups, width) and out.dtype.name == dtype
     expected = partial.astype(np.float64).sum(axis=1)
     assert_close(to_host(out), expected, dtype, "sum_partials", scale=np.abs(partial).astype(np.float64).sum(axis=1))
+
+
+@given(shape=st.sampled_from([(1,), (7,), (8,), (3, 5), (64, 768), (2, 3, 1000), (70_001,)]), offset=st.booleans(),
+       dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_add_gradients_matches_reference(shape, offset, dtype, seed, poison):
+    """The tape's sum of two gradients: sizes off the 16-byte vector and views starting off a 16-byte
+    boundary (offset) take the scalar path; rounded once, so equal to the reference's rounding of the
+    float64 sum for float32 inputs and within one bf16 rounding otherwise."""
+    from minimoe.cuda.accumulate import add_gradients
+
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    (a, a_values), (b, b_values) = (to_gpu(rng.standard_normal(size + offset), dtype) for _ in range(2))
+    a, b = a[offset:].reshape(shape), b[offset:].reshape(shape)
+    a_values, b_values = a_values[offset:].reshape(shape), b_values[offset:].reshape(shape)
+    poison_pool(poison)
+    out = add_gradients(a, b)
+    assert out.shape == shape and out.dtype == a.dtype
+    assert_close(to_host(out), a_values + b_values, dtype, "add_gradients",
+                 scale=np.abs(a_values) + np.abs(b_values))
 
 
 def test_multi_tensor_adamw_with_a_nan_scale_writes_nothing():

@@ -104,6 +104,23 @@ def test_cross_entropy_gradients_and_value_with_ignored_rows(rows, vocab, seed):
     np.testing.assert_allclose(ops.cross_entropy(Tensor(logits), targets).item(), expected, rtol=1e-12)
 
 
+@given(rows=st.integers(1, 6), vocab=st.integers(2, 7), seed=seeds)
+def test_cross_entropy_that_overwrites_its_logits_gives_the_same_gradient(rows, vocab, seed):
+    """overwrite_logits (the model's training loss): the backward writes the gradient over the logits,
+    here as in the model an intermediate (x * 2), and the gradient reaching x is the same as without."""
+    rng = np.random.default_rng(seed)
+    logits = randn(seed, (rows, vocab))
+    targets = rng.integers(0, vocab, rows)
+    grads = []
+    for overwrite in (False, True):
+        x = Tensor(logits.copy(), requires_grad=True)
+        intermediate = x * 2.0
+        ops.cross_entropy(intermediate, targets, overwrite_logits=overwrite).backward()
+        assert np.array_equal(intermediate.data, logits * 2.0) != overwrite  # overwritten only when asked
+        grads.append(x.grad)
+    np.testing.assert_array_equal(*grads)
+
+
 @given(shape=array_shapes(min_dims=1, max_dims=3, min_side=2, max_side=5), seed=seeds)
 def test_layer_norm_gradients_and_normalised_rows(shape, seed):
     x = randn(seed, shape) * 2 + 1
