@@ -100,12 +100,14 @@ for what in "$@"; do
       for batch in ${PROFILE_BATCHES:-1 64}; do
         timeout 240 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
           python3 dev/profile_decode.py $batch > "$out/profile_$batch.csv" 2> "$out/profile_$batch.err"
-        echo "== one decode step at batch $batch"; python3 dev/profile_decode.py --summary "$out/profile_$batch.csv" | head -30
+        python3 dev/profile_decode.py --summary "$out/profile_$batch.csv" > "$out/profile_$batch.txt"
+        echo "== one decode step at batch $batch"; head -30 "$out/profile_$batch.txt"
       done ;;
     profile-train)  # Nsight Compute's kernel times of one eager training step of bench train-step's model
       timeout 400 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
         python3 dev/profile_train_step.py > "$out/profile_train.csv" 2> "$out/profile_train.err"
-      echo "== one training step"; python3 dev/profile_decode.py --summary "$out/profile_train.csv" | head -45 ;;
+      python3 dev/profile_decode.py --summary "$out/profile_train.csv" > "$out/profile_train.txt"
+      echo "== one training step"; head -45 "$out/profile_train.txt" ;;
     profile-detail)  # Nsight Compute's full set on PROFILE_COUNT launches of PROFILE_KERNEL after PROFILE_SKIP of them
       timeout 300 ncu --clock-control none --profile-from-start off --set full -k "${PROFILE_KERNEL:-grouped_linear_mma}" \
         --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-2}" -o "$out/detail" \

@@ -28,11 +28,12 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def global_grad_norm(parameters: list[Parameter]) -> Any:
+def global_grad_norm(parameters: list[Parameter], launch_tables: Tables | None = None) -> Any:
     """sqrt of the sum of squares of every gradient element (parameters without a gradient skipped),
-    as a 0-d array on the parameters' device: reading it is the caller's choice (a host sync on a GPU)."""
+    as a 0-d array on the parameters' device: reading it is the caller's choice (a host sync on a GPU).
+    launch_tables: the GPU kernel's tables of these gradients, when the caller keeps them (AdamW)."""
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
-    return backend.array_module(grads[0]).sqrt(sum_of_squares(grads))
+    return backend.array_module(grads[0]).sqrt(sum_of_squares(grads, launch_tables))
 
 
 def clip_scale(grad_norm: Any, max_norm: float, loss: Any = None) -> Any:
@@ -92,9 +93,8 @@ class AdamW:
                      launch_tables=self.launch_tables())
 
     def grad_norm(self) -> Any:
-        """The global gradient norm (global_grad_norm over the same gradients, with the update's tables)."""
-        grads = [self.parameters[i].grad for i in self._active()]
-        return backend.array_module(grads[0]).sqrt(sum_of_squares(grads, self.launch_tables()))
+        """The global gradient norm of the parameters' gradients, through the update's tables."""
+        return global_grad_norm(self.parameters, self.launch_tables())
 
     def launch_tables(self) -> Tables | None:
         """The device tables of the update's launch over the present gradients (None off the GPU): built
