@@ -6,12 +6,7 @@
 //   wait_copies<N>();                                        // all but this thread's N latest groups landed
 //   __syncthreads();                                         // ... and every other thread's
 #pragma once
-
-__device__ __forceinline__ unsigned shared_address(const void* pointer) {
-  unsigned address;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(pointer));
-  return address;
-}
+#include "common.cuh"
 
 // Copy 16 bytes from global to shared memory, or write 16 zero bytes (reading nothing) where `real` is false.
 __device__ __forceinline__ void copy_async(void* shared, const void* global, bool real) {

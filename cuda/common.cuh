@@ -13,6 +13,14 @@ struct bf16 {
 // includes one, <cooperative_groups.h>, for its grid barrier).
 __device__ __forceinline__ float infinity() { return __int_as_float(0x7f800000); }
 
+// The 32-bit shared-memory address of a pointer into shared memory, as PTX's shared-memory instructions
+// (cp.async, ldmatrix) take it.
+__device__ __forceinline__ unsigned shared_address(const void* pointer) {
+  unsigned address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(pointer));
+  return address;
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
 

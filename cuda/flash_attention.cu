@@ -6,10 +6,12 @@
 // them (q, k, v and their gradients share one, out and grad_out another: a packed qkv [B, T, 3, H, HEAD]
 // is read in place, out written as [B, T, H, HEAD]); lse and delta: [B*H, T] float32, contiguous.
 // A block of WARPS warps takes BLOCK rows (queries in the forward and in dq, keys in dk and dv), 16 rows
-// per warp, and walks over the other side in tiles of BLOCK rows staged in shared memory. Every product
-// runs on the tensor cores (tensor_cores.cuh) with float32 sums; a lane holds, of each 16-row piece,
-// rows g and g + 8 (g = lane / 4), so a row's sums are spread over the 4 lanes of a quad, which
-// warp_max(value, 4) and warp_sum(value, 4) reduce.
+// per warp, holds them in registers, and walks over the other side in tiles of BLOCK rows staged in
+// shared memory, the next tile's copies in flight during the products on this one. Every product runs on
+// the tensor cores (tensor_cores.cuh) with float32 sums; a lane holds, of each 16-row piece, rows g and
+// g + 8 (g = lane / 4), so a row's sums are spread over the 4 lanes of a quad, which warp_max(value, 4)
+// and warp_sum(value, 4) reduce. Only the diagonal tile (and the tile past T) is masked; the blocks with
+// the most tiles start first, so the short ones fill the last wave.
 #include "common.cuh"
 #include "tensor_cores.cuh"
 #include "async_copy.cuh"
@@ -52,22 +54,28 @@ __device__ void stage(Tile<HEAD>& tile, const bf16* __restrict__ matrix, long lo
   }
 }
 
-// sums [16, BLOCK] += a[row0 .. row0 + 15] @ b^T: the warp's 16 rows of the tile a against all BLOCK rows of
-// the tile b, a product over HEAD. Scores q k^T (and k q^T), and the gradients' dout v^T (and v dout^T).
+// The warp's 16 rows row0 .. row0 + 15 of a staged tile as the `a` of products over HEAD, kept in registers
+// for the whole kernel: the block's own rows (queries in the forward and in dq, keys and values in dk, dv).
 template <int HEAD>
-__device__ void rows_times_rows(float sums[BLOCK / 8][4], const Tile<HEAD>& a, int row0, const Tile<HEAD>& b,
+__device__ void load_rows(unsigned rows[HEAD / 16][4], const Tile<HEAD>& tile, int row0, Lane lane) {
+#pragma unroll
+  for (int kk = 0; kk < HEAD / 16; ++kk) load_a(rows[kk], tile, row0, 16 * kk, lane);
+}
+
+// sums [16, BLOCK] += rows @ b^T: the warp's 16 rows (load_rows) against all BLOCK rows of the tile b, a
+// product over HEAD. Scores q k^T (and k q^T), and the gradients' dout v^T (and v dout^T).
+template <int HEAD>
+__device__ void rows_times_rows(float sums[BLOCK / 8][4], const unsigned rows[HEAD / 16][4], const Tile<HEAD>& b,
                                 Lane lane) {
 #pragma unroll
-  for (int kk = 0; kk < HEAD; kk += 16) {
-    unsigned rows[4];
-    load_a(rows, a, row0, kk, lane);
+  for (int kk = 0; kk < HEAD / 16; ++kk)
 #pragma unroll
-    for (int n = 0; n < BLOCK / 8; ++n) {
-      unsigned columns[2];
-      load_b_transposed(columns, b, 8 * n, kk, lane);
-      mma_16x8x16(sums[n], rows, columns);
+    for (int n = 0; n < BLOCK / 16; ++n) {
+      unsigned columns[2][2];
+      load_b_transposed(columns, b, 16 * n, 16 * kk, lane);
+      mma_16x8x16(sums[2 * n], rows[kk], columns[0]);
+      mma_16x8x16(sums[2 * n + 1], rows[kk], columns[1]);
     }
-  }
 }
 
 // sums [16, HEAD] += weights [16, BLOCK] @ b: weights in registers, as rows_times_rows leaves its sums
@@ -81,10 +89,11 @@ __device__ void weights_times_rows(float sums[HEAD / 8][4], const float weights[
     unsigned rows[4];
     a_from_sums(rows, weights[2 * kt], weights[2 * kt + 1]);
 #pragma unroll
-    for (int n = 0; n < HEAD / 8; ++n) {
-      unsigned columns[2];
-      load_b(columns, b, 16 * kt, 8 * n, lane);
-      mma_16x8x16(sums[n], rows, columns);
+    for (int n = 0; n < HEAD / 16; ++n) {
+      unsigned columns[2][2];
+      load_b(columns, b, 16 * kt, 16 * n, lane);
+      mma_16x8x16(sums[2 * n], rows, columns[0]);
+      mma_16x8x16(sums[2 * n + 1], rows, columns[1]);
     }
   }
 }
@@ -108,54 +117,89 @@ __device__ void store_rows(bf16* __restrict__ matrix, long long stride, const fl
     }
 }
 
+// The walk over the other side's tiles, shared by the three kernels: two stages of two tiles each in
+// shared memory, the next stage's copies in flight while the warps work on this one. Before the walk the
+// block's own rows go through stage 1 into registers (load_rows), and the first tiles into stage 0.
+//   own rows -> stage 1, commit; first tiles -> stage 0, commit; wait_copies<1>; sync; load_rows
+//   per tile: sync (every warp done with the other stage); next tiles -> other stage, commit;
+//             wait for this stage; sync; products
+template <int HEAD> using Stages = Tile<HEAD>[2][2];
+
+// Issue the copies of two tiles, rows first .. first + BLOCK - 1 of two matrices, into one stage, as one group.
+template <int HEAD>
+__device__ void stage_pair(Tile<HEAD> (&tiles)[2], const bf16* first_matrix, long long first_row,
+                           const bf16* second_matrix, long long second_row, int first, int length) {
+  stage<HEAD>(tiles[0], first_matrix, first_row, first, length);
+  stage<HEAD>(tiles[1], second_matrix, second_row, first, length);
+  commit_copies();
+}
+
+// Wait for this stage's copies (and with `next`, not for the group issued after them).
+__device__ __forceinline__ void wait_for_stage(bool next) {
+  if (next)
+    wait_copies<1>();
+  else
+    wait_copies<0>();
+  __syncthreads();
+}
+
+// The scores go through exp2 rather than exp: exp(x) = exp2(x log2 e), so scale log2(e) is folded into the
+// one multiply the scores take anyway, and the running max and lse live in log2 units inside the kernels.
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
 // out = softmax(scale q k^T, causal) v, and lse = each row's log-sum-exp of its scaled scores. Block
-// (query block, head). The key tiles run from the first to the diagonal one (the last that a query of the
-// block can see); for each, the online softmax: the running max m, the running sum l of exp(s - m) and the
-// running out acc, rescaled by exp(m_old - m_new) whenever the max grows.
+// (head, query block), the last query blocks (the most keys) first. The key tiles run from the first to the
+// diagonal one (the last that a query of the block can see; the only one with keys past a query); for
+// each, the online softmax: the running max m, the running sum l of exp(s - m) and the running out acc,
+// rescaled by exp(m_old - m_new) whenever the max grows.
 template <int HEAD>
 __global__ void __launch_bounds__(WARPS * 32)
     flash_attention_forward(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                             bf16* __restrict__ out, float* __restrict__ lse, int length, float scale,
                             LAYOUT_ARGUMENTS) {
   LAYOUTS;
-  __shared__ __align__(16) Tile<HEAD> q_tile, k_tile, v_tile;
+  __shared__ __align__(16) Stages<HEAD> tiles;  // [stage][keys, values]
   const Lane lane;
-  const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
-  const long long head = blockIdx.y, offset = inputs.offset(head);
-  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);  // lands with the first keys
-  float row_max[2] = {-infinity(), -infinity()}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
+  const int row0 = 16 * (threadIdx.x / 32), first_query = (gridDim.y - 1 - blockIdx.y) * BLOCK;
+  const long long head = blockIdx.x, offset = inputs.offset(head);
+  stage<HEAD>(tiles[1][0], q + offset, inputs.row, first_query, length);
+  commit_copies();
+  stage_pair<HEAD>(tiles[0], k + offset, inputs.row, v + offset, inputs.row, 0, length);
+  wait_for_stage(true);
+  unsigned q_rows[HEAD / 16][4];
+  load_rows<HEAD>(q_rows, tiles[1][0], row0, lane);
+  const float scale_log2 = scale * LOG2E;
+  float row_max[2] = {-infinity(), -infinity()}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8, log2 units
   float acc[HEAD / 8][4] = {};
-  for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
-    __syncthreads();  // every warp is done with the previous keys
-    stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
-    commit_copies();
-    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);  // on its way during the scores
-    commit_copies();
-    wait_copies<1>();
-    __syncthreads();
+  for (int first_key = 0, now = 0; first_key <= first_query; first_key += BLOCK, now ^= 1) {
+    __syncthreads();  // every warp is done with the other stage
+    const bool next = first_key + BLOCK <= first_query;
+    if (next) stage_pair<HEAD>(tiles[now ^ 1], k + offset, inputs.row, v + offset, inputs.row, first_key + BLOCK, length);
+    wait_for_stage(next);
     float s[BLOCK / 8][4] = {};
-    rows_times_rows<HEAD>(s, q_tile, row0, k_tile, lane);
+    rows_times_rows<HEAD>(s, q_rows, tiles[now][0], lane);
+    const bool diagonal = first_key == first_query;
     float tile_max[2] = {-infinity(), -infinity()};
 #pragma unroll
     for (int n = 0; n < BLOCK / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // a query sees the keys up to itself (key 0 always: no row is all -inf)
-        const bool visible = first_key + sum_column(n, i, lane) <= first_query + sum_row(row0, i, lane);
-        s[n][i] = visible ? s[n][i] * scale : -infinity();
+        const bool visible = !diagonal || sum_column(n, i, lane) <= sum_row(row0, i, lane);
+        s[n][i] = visible ? s[n][i] * scale_log2 : -infinity();
         tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
       }
     float rescale[2], tile_sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float new_max = fmaxf(row_max[r], warp_max(tile_max[r], 4));
-      rescale[r] = __expf(row_max[r] - new_max);  // 0 on the first tile (m_old = -inf)
+      rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (m_old = -inf)
       row_max[r] = new_max;
     }
 #pragma unroll
     for (int n = 0; n < BLOCK / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s[n][i] = __expf(s[n][i] - row_max[i / 2]);
+        s[n][i] = exp2f(s[n][i] - row_max[i / 2]);
         tile_sum[i / 2] += s[n][i];
       }
 #pragma unroll
@@ -164,40 +208,44 @@ __global__ void __launch_bounds__(WARPS * 32)
     for (int n = 0; n < HEAD / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[n][i] *= rescale[i / 2];
-    wait_copies<0>();
-    __syncthreads();  // the values have landed
-    weights_times_rows<HEAD>(acc, s, v_tile, lane);  // acc += exp(s - m) v
+    weights_times_rows<HEAD>(acc, s, tiles[now][1], lane);  // acc += exp(s - m) v
   }
   const float inverse[2] = {1.0f / row_sum[0], 1.0f / row_sum[1]};
   store_rows<HEAD>(out + outputs.offset(head), outputs.row, acc, first_query, row0, length, inverse, lane);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = first_query + row0 + lane.g + 8 * r;
-    if (lane.q == 0 && row < length) lse[head * length + row] = row_max[r] + logf(row_sum[r]);
+    if (lane.q == 0 && row < length) lse[head * length + row] = (row_max[r] + log2f(row_sum[r])) * LN2;
   }
 }
 
 // delta[row] = sum_d grad_out[row, d] out[row, d], the softmax backward's term of each row (row = head * T
-// + t, both operands in the outputs' layout): one warp per row.
+// + t, both operands in the outputs' layout): a thread per row, in 16-byte loads.
+template <int HEAD>
 __global__ void attention_delta(const bf16* __restrict__ grad_out, const bf16* __restrict__ out,
-                                float* __restrict__ delta, long long rows, int length, int head_width,
-                                LAYOUT_ARGUMENTS) {
+                                float* __restrict__ delta, long long rows, int length, LAYOUT_ARGUMENTS) {
   LAYOUTS;
-  const long long row = blockIdx.x * (long long)(blockDim.x / 32) + threadIdx.x / 32;
+  const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (row >= rows) return;
   const long long start = outputs.offset(row / length) + row % length * outputs.row;
   float sum = 0.0f;
-  for (int d = threadIdx.x % 32; d < head_width; d += 32)
-    sum += to_float(grad_out[start + d]) * to_float(out[start + d]);
-  sum = warp_sum(sum);
-  if (threadIdx.x % 32 == 0) delta[row] = sum;
+#pragma unroll
+  for (int d = 0; d < HEAD; d += 8) {
+    float g[8], o[8];
+    Row<bf16, true>::load(grad_out + start, d, g);
+    Row<bf16, true>::load(out + start, d, o);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum += g[j] * o[j];
+  }
+  delta[row] = sum;
 }
 
 // The probabilities p = exp(scale s - lse[query]) of the scores s (in place), 0 where the key is past the
-// query or the query past T; the warp's rows are queries (transposed = false) or keys (true).
+// query or the query past T (only where `masked`: the diagonal tile and the last); the warp's rows are
+// queries (transposed = false) or keys (true). lse in log2 units.
 __device__ __forceinline__ void probabilities(float s[BLOCK / 8][4], int first_row, int row0, int first_column,
-                                              bool transposed, int length, float scale, const float* row_lse,
-                                              const float* column_lse, Lane lane) {
+                                              bool transposed, bool masked, int length, float scale_log2,
+                                              const float* row_lse, const float* column_lse, Lane lane) {
 #pragma unroll
   for (int n = 0; n < BLOCK / 8; ++n)
 #pragma unroll
@@ -205,7 +253,8 @@ __device__ __forceinline__ void probabilities(float s[BLOCK / 8][4], int first_r
       const int row = first_row + sum_row(row0, i, lane), column = first_column + sum_column(n, i, lane);
       const int query = transposed ? column : row, key = transposed ? row : column;
       const float lse = transposed ? column_lse[sum_column(n, i, lane)] : row_lse[i / 2];
-      s[n][i] = key <= query && query < length ? __expf(s[n][i] * scale - lse) : 0.0f;
+      const float p = exp2f(s[n][i] * scale_log2 - lse);
+      s[n][i] = !masked || (key <= query && query < length) ? p : 0.0f;
     }
 }
 
@@ -219,9 +268,9 @@ __device__ __forceinline__ void score_gradients(float dp[BLOCK / 8][4], const fl
       dp[n][i] = p[n][i] * (dp[n][i] - (transposed ? column_delta[sum_column(n, i, lane)] : row_delta[i / 2]));
 }
 
-// grad_k and grad_v of a block of keys: block (key block, head); the query tiles from the diagonal one to
-// T. Per tile: p^T (keys x queries) from the saved lse, grad_v += p^T dout, dp^T = v dout^T,
-// ds^T = p^T (dp^T - delta), grad_k += scale ds^T q.
+// grad_k and grad_v of a block of keys: block (head, key block), the first key blocks (the most queries)
+// first; the query tiles from the diagonal one to T. Per tile: p^T (keys x queries) from the saved lse,
+// grad_v += p^T dout, dp^T = v dout^T, ds^T = p^T (dp^T - delta), grad_k += scale ds^T q.
 template <int HEAD>
 __global__ void __launch_bounds__(WARPS * 32)
     flash_attention_backward_keys(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -229,47 +278,52 @@ __global__ void __launch_bounds__(WARPS * 32)
                                   const float* __restrict__ delta, bf16* __restrict__ grad_k,
                                   bf16* __restrict__ grad_v, int length, float scale, LAYOUT_ARGUMENTS) {
   LAYOUTS;
-  __shared__ __align__(16) Tile<HEAD> k_tile, v_tile, q_tile, grad_out_tile;
-  __shared__ float lse_tile[BLOCK], delta_tile[BLOCK];
+  __shared__ __align__(16) Stages<HEAD> tiles;  // [stage][queries, grad_out]
+  __shared__ float lse_tile[2][BLOCK], delta_tile[2][BLOCK];  // log2 units
   const Lane lane;
-  const int row0 = 16 * (threadIdx.x / 32), first_key = blockIdx.x * BLOCK;
-  const long long head = blockIdx.y, offset = inputs.offset(head), out_offset = outputs.offset(head);
-  stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);  // these land with the first queries
-  stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);
-  float k_sums[HEAD / 8][4] = {}, v_sums[HEAD / 8][4] = {};
-  for (int first_query = first_key; first_query < length; first_query += BLOCK) {
-    __syncthreads();  // every warp is done with the previous queries
-    stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);
-    commit_copies();
-    stage<HEAD>(grad_out_tile, grad_out + out_offset, outputs.row, first_query, length);  // during p
-    commit_copies();
+  const int row0 = 16 * (threadIdx.x / 32), first_key = blockIdx.y * BLOCK;
+  const long long head = blockIdx.x, offset = inputs.offset(head), out_offset = outputs.offset(head);
+  // A stage's queries: q, grad_out, and their lse and delta (plain stores, seen after the stage's sync).
+  auto stage_queries = [&](int now, int first_query) {
+    stage_pair<HEAD>(tiles[now], q + offset, inputs.row, grad_out + out_offset, outputs.row, first_query, length);
     for (int i = threadIdx.x; i < BLOCK; i += blockDim.x) {
       const bool real = first_query + i < length;
-      lse_tile[i] = real ? lse[head * length + first_query + i] : 0.0f;
-      delta_tile[i] = real ? delta[head * length + first_query + i] : 0.0f;
+      lse_tile[now][i] = real ? lse[head * length + first_query + i] * LOG2E : 0.0f;
+      delta_tile[now][i] = real ? delta[head * length + first_query + i] : 0.0f;
     }
-    wait_copies<1>();
-    __syncthreads();
+  };
+  stage_pair<HEAD>(tiles[1], k + offset, inputs.row, v + offset, inputs.row, first_key, length);
+  stage_queries(0, first_key);
+  wait_for_stage(true);
+  unsigned k_rows[HEAD / 16][4], v_rows[HEAD / 16][4];
+  load_rows<HEAD>(k_rows, tiles[1][0], row0, lane);
+  load_rows<HEAD>(v_rows, tiles[1][1], row0, lane);
+  const float scale_log2 = scale * LOG2E;
+  float k_sums[HEAD / 8][4] = {}, v_sums[HEAD / 8][4] = {};
+  for (int first_query = first_key, now = 0; first_query < length; first_query += BLOCK, now ^= 1) {
+    __syncthreads();  // every warp is done with the other stage
+    const bool next = first_query + BLOCK < length;
+    if (next) stage_queries(now ^ 1, first_query + BLOCK);
+    wait_for_stage(next);
     float p[BLOCK / 8][4] = {};
-    rows_times_rows<HEAD>(p, k_tile, row0, q_tile, lane);
-    probabilities(p, first_key, row0, first_query, true, length, scale, nullptr, lse_tile, lane);
-    wait_copies<0>();
-    __syncthreads();  // grad_out has landed
-    weights_times_rows<HEAD>(v_sums, p, grad_out_tile, lane);
+    rows_times_rows<HEAD>(p, k_rows, tiles[now][0], lane);
+    probabilities(p, first_key, row0, first_query, true, first_query == first_key || !next, length, scale_log2,
+                  nullptr, lse_tile[now], lane);
+    weights_times_rows<HEAD>(v_sums, p, tiles[now][1], lane);
     float dp[BLOCK / 8][4] = {};
-    rows_times_rows<HEAD>(dp, v_tile, row0, grad_out_tile, lane);
-    score_gradients(dp, p, true, nullptr, delta_tile, lane);
-    weights_times_rows<HEAD>(k_sums, dp, q_tile, lane);
+    rows_times_rows<HEAD>(dp, v_rows, tiles[now][1], lane);
+    score_gradients(dp, p, true, nullptr, delta_tile[now], lane);
+    weights_times_rows<HEAD>(k_sums, dp, tiles[now][0], lane);
   }
   const float by_scale[2] = {scale, scale}, by_one[2] = {1.0f, 1.0f};
   store_rows<HEAD>(grad_k + offset, inputs.row, k_sums, first_key, row0, length, by_scale, lane);
   store_rows<HEAD>(grad_v + offset, inputs.row, v_sums, first_key, row0, length, by_one, lane);
 }
 
-// grad_q of a block of queries: block (query block, head); the key tiles up to the diagonal one, as in the
-// forward. Per tile: p from the saved lse, dp = dout v^T, ds = p (dp - delta), grad_q += scale ds k.
-// (A kernel of its own rather than atomic adds from the key blocks: the sums keep one order, so the
-// gradients are the same bits from run to run.)
+// grad_q of a block of queries: block (head, query block), the last query blocks first; the key tiles up
+// to the diagonal one, as in the forward. Per tile: p from the saved lse, dp = dout v^T, ds = p (dp -
+// delta), grad_q += scale ds k. (A kernel of its own rather than atomic adds from the key blocks: the sums
+// keep one order, so the gradients are the same bits from run to run.)
 template <int HEAD>
 __global__ void __launch_bounds__(WARPS * 32)
     flash_attention_backward_queries(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -277,37 +331,39 @@ __global__ void __launch_bounds__(WARPS * 32)
                                      const float* __restrict__ lse, const float* __restrict__ delta,
                                      bf16* __restrict__ grad_q, int length, float scale, LAYOUT_ARGUMENTS) {
   LAYOUTS;
-  __shared__ __align__(16) Tile<HEAD> q_tile, grad_out_tile, k_tile, v_tile;
+  __shared__ __align__(16) Stages<HEAD> tiles;  // [stage][keys, values]
   const Lane lane;
-  const int row0 = 16 * (threadIdx.x / 32), first_query = blockIdx.x * BLOCK;
-  const long long head = blockIdx.y, offset = inputs.offset(head);
-  stage<HEAD>(q_tile, q + offset, inputs.row, first_query, length);  // these land with the first keys
-  stage<HEAD>(grad_out_tile, grad_out + outputs.offset(head), outputs.row, first_query, length);
-  float row_lse[2], row_delta[2];
+  const int row0 = 16 * (threadIdx.x / 32), first_query = (gridDim.y - 1 - blockIdx.y) * BLOCK;
+  const long long head = blockIdx.x, offset = inputs.offset(head);
+  stage_pair<HEAD>(tiles[1], q + offset, inputs.row, grad_out + outputs.offset(head), outputs.row, first_query,
+                   length);
+  stage_pair<HEAD>(tiles[0], k + offset, inputs.row, v + offset, inputs.row, 0, length);
+  float row_lse[2], row_delta[2];  // lse in log2 units
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = first_query + row0 + lane.g + 8 * r;
-    row_lse[r] = row < length ? lse[head * length + row] : 0.0f;
+    row_lse[r] = row < length ? lse[head * length + row] * LOG2E : 0.0f;
     row_delta[r] = row < length ? delta[head * length + row] : 0.0f;
   }
+  wait_for_stage(true);
+  unsigned q_rows[HEAD / 16][4], grad_out_rows[HEAD / 16][4];
+  load_rows<HEAD>(q_rows, tiles[1][0], row0, lane);
+  load_rows<HEAD>(grad_out_rows, tiles[1][1], row0, lane);
+  const float scale_log2 = scale * LOG2E;
   float q_sums[HEAD / 8][4] = {};
-  for (int first_key = 0; first_key <= first_query; first_key += BLOCK) {
-    __syncthreads();  // every warp is done with the previous keys
-    stage<HEAD>(k_tile, k + offset, inputs.row, first_key, length);
-    commit_copies();
-    stage<HEAD>(v_tile, v + offset, inputs.row, first_key, length);  // on its way during p
-    commit_copies();
-    wait_copies<1>();
-    __syncthreads();
+  for (int first_key = 0, now = 0; first_key <= first_query; first_key += BLOCK, now ^= 1) {
+    __syncthreads();  // every warp is done with the other stage
+    const bool next = first_key + BLOCK <= first_query;
+    if (next) stage_pair<HEAD>(tiles[now ^ 1], k + offset, inputs.row, v + offset, inputs.row, first_key + BLOCK, length);
+    wait_for_stage(next);
     float p[BLOCK / 8][4] = {};
-    rows_times_rows<HEAD>(p, q_tile, row0, k_tile, lane);
-    probabilities(p, first_query, row0, first_key, false, length, scale, row_lse, nullptr, lane);
-    wait_copies<0>();
-    __syncthreads();  // the values have landed
+    rows_times_rows<HEAD>(p, q_rows, tiles[now][0], lane);
+    probabilities(p, first_query, row0, first_key, false, first_key == first_query, length, scale_log2, row_lse,
+                  nullptr, lane);
     float dp[BLOCK / 8][4] = {};
-    rows_times_rows<HEAD>(dp, grad_out_tile, row0, v_tile, lane);
+    rows_times_rows<HEAD>(dp, grad_out_rows, tiles[now][1], lane);
     score_gradients(dp, p, false, row_delta, nullptr, lane);
-    weights_times_rows<HEAD>(q_sums, dp, k_tile, lane);
+    weights_times_rows<HEAD>(q_sums, dp, tiles[now][0], lane);
   }
   const float by_scale[2] = {scale, scale};
   store_rows<HEAD>(grad_q + offset, inputs.row, q_sums, first_query, row0, length, by_scale, lane);

@@ -38,10 +38,10 @@ from minimoe.cuda import build
 BLOCK = 64  # queries (or keys) of one block of the kernels; the keys of one step of the recurrence
 WARPS = 4  # 16 rows of the block per warp
 HEAD_WIDTHS = (16, 32, 48, 64)  # the head widths the kernels are built for
-DELTA_WARPS = 8
-build.register("flash_attention.cu", "attention_delta",
-               *(f"flash_attention_{part}<{width}>" for part in ("forward", "backward_keys", "backward_queries")
-                 for width in HEAD_WIDTHS),
+DELTA_THREADS = 256  # the delta kernel's block: a thread per row
+build.register("flash_attention.cu",
+               *(f"{kernel}<{width}>" for kernel in ("flash_attention_forward", "attention_delta",
+                 "flash_attention_backward_keys", "flash_attention_backward_queries") for width in HEAD_WIDTHS),
                constants=dict(BLOCK=BLOCK, WARPS=WARPS))
 
 
@@ -174,7 +174,7 @@ def _gpu_forward(q: Any, k: Any, v: Any, out: Any) -> tuple[Any, Any]:
     lse = cupy.empty((heads, length), dtype=cupy.float32)
     if heads and length:
         build.kernel("flash_attention.cu", f"flash_attention_forward<{width}>")(
-            (-(-length // BLOCK), heads), (32 * WARPS,),
+            (heads, -(-length // BLOCK)), (32 * WARPS,),
             (q3, k3, v3, out3, lse, np.int32(length), np.float32(1.0 / width**0.5), *_launch_layouts(inputs, outputs)))
     _write_back([out], [out3])
     return out, lse.reshape(q.shape[:-1])
@@ -195,10 +195,10 @@ def _gpu_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, gra
         rows = heads * length
         layouts = _launch_layouts(inputs, outputs)
         delta = cupy.empty(rows, dtype=cupy.float32)
-        build.kernel("flash_attention.cu", "attention_delta")(
-            (-(-rows // DELTA_WARPS),), (32 * DELTA_WARPS,),
-            (grad_out3, out3, delta, np.int64(rows), np.int32(length), np.int32(width), *layouts))
-        grid, scale = (-(-length // BLOCK), heads), np.float32(1.0 / width**0.5)
+        build.kernel("flash_attention.cu", f"attention_delta<{width}>")(
+            (-(-rows // DELTA_THREADS),), (DELTA_THREADS,),
+            (grad_out3, out3, delta, np.int64(rows), np.int32(length), *layouts))
+        grid, scale = (heads, -(-length // BLOCK)), np.float32(1.0 / width**0.5)
         build.kernel("flash_attention.cu", f"flash_attention_backward_keys<{width}>")(
             grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_k, grad_v, np.int32(length), scale, *layouts))
         build.kernel("flash_attention.cu", f"flash_attention_backward_queries<{width}>")(

@@ -226,8 +226,7 @@ __global__ void __launch_bounds__(MMA_THREADS, 6)  // six blocks to an SM, as ma
 #pragma unroll
       for (int kk = 0; kk < MMA_CHUNK; kk += TILE) {
         unsigned strip[2][2];  // the warp's two 16 x 8 pieces of the weight at rows kk .. kk + 15
-        load_b(strip[0], staged.w, kk, TILE * warp, lane);
-        load_b(strip[1], staged.w, kk, TILE * warp + 8, lane);
+        load_b(strip, staged.w, kk, TILE * warp, lane);
 #pragma unroll
         for (int t = 0; t < MMA_ROWS / TILE; ++t) {
           if (t >= row_tiles) break;

@@ -1,5 +1,5 @@
 // The tensor cores' bf16 product, PTX's mma.m16n8k16 (sm_80 and later), and how a warp loads its pieces
-// of the three matrices from tiles in shared memory. No header dependency (inline PTX).
+// of the three matrices from tiles in shared memory (inline PTX).
 //
 // One product: sums [16 x 8] += a [16 x 16] @ b [16 x 8], bf16 inputs, float32 sums. The 32 lanes of the
 // warp each hold pieces of the three matrices, two bf16 to a register (the first in the low half). With
@@ -28,35 +28,50 @@ __device__ __forceinline__ unsigned pair(float low, float high) {
 }
 
 struct Lane {  // a lane's place in the fragments above
-  int g, q;
-  __device__ Lane() : g(threadIdx.x % 32 / 4), q(threadIdx.x % 4) {}
+  int id, g, q;
+  __device__ Lane() : id(threadIdx.x % 32), g(threadIdx.x % 32 / 4), q(threadIdx.x % 4) {}
 };
 
-// The tiles are row-major bf16 arrays in shared memory with rows of STRIDE elements.
-// a = tile[row .. row + 15][col .. col + 15]
+// ldmatrix: a warp loads four 8 x 8 bf16 matrices from shared memory in one instruction, lanes 8i .. 8i + 7
+// naming the 16-byte rows of matrix i, and every lane gets one register of each matrix: plainly, row g,
+// columns 2q and 2q + 1 (the pieces of `a` above, and of `b` held transposed); transposed (.trans), rows
+// 2q and 2q + 1 of column g (the pieces of `b` held as it is). Without it a lane gathers its pieces two
+// bf16 at a time, and the transposed ones one bf16 at a time.
+template <bool TRANSPOSED>
+__device__ __forceinline__ void load_matrices(unsigned& m0, unsigned& m1, unsigned& m2, unsigned& m3,
+                                              const bf16* row) {
+  if constexpr (TRANSPOSED)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(m0), "=r"(m1), "=r"(m2), "=r"(m3) : "r"(shared_address(row)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(m0), "=r"(m1), "=r"(m2), "=r"(m3) : "r"(shared_address(row)));
+}
+
+// The tiles are row-major bf16 arrays in shared memory with rows of STRIDE elements, each row 16-byte
+// aligned (STRIDE a multiple of 8, the tile aligned), and the columns asked for a multiple of 8.
+// a = tile[row .. row + 15][col .. col + 15]: matrices (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8).
 template <int STRIDE>
 __device__ __forceinline__ void load_a(unsigned a[4], const bf16 (*tile)[STRIDE], int row, int col, Lane lane) {
-  const int r = row + lane.g, c = col + 2 * lane.q;
-  a[0] = pair(tile[r][c], tile[r][c + 1]);
-  a[1] = pair(tile[r + 8][c], tile[r + 8][c + 1]);
-  a[2] = pair(tile[r][c + 8], tile[r][c + 9]);
-  a[3] = pair(tile[r + 8][c + 8], tile[r + 8][c + 9]);
+  load_matrices<false>(a[0], a[1], a[2], a[3],
+                       &tile[row + lane.id % 8 + 8 * (lane.id / 8 % 2)][col + 8 * (lane.id / 16)]);
 }
-// b = tile[row .. row + 15][col .. col + 7]: the tile holds b as it is (K rows, N columns)
+// b of two products side by side, b[0] columns col .. col + 7 and b[1] columns col + 8 .. col + 15, over
+// K rows row .. row + 15: the tile holds b as it is (K rows, N columns); the matrices as load_a's,
+// transposed.
 template <int STRIDE>
-__device__ __forceinline__ void load_b(unsigned b[2], const bf16 (*tile)[STRIDE], int row, int col, Lane lane) {
-  const int r = row + 2 * lane.q, c = col + lane.g;
-  b[0] = pair(tile[r][c], tile[r + 1][c]);
-  b[1] = pair(tile[r + 8][c], tile[r + 9][c]);
+__device__ __forceinline__ void load_b(unsigned b[2][2], const bf16 (*tile)[STRIDE], int row, int col, Lane lane) {
+  load_matrices<true>(b[0][0], b[0][1], b[1][0], b[1][1],
+                      &tile[row + lane.id % 8 + 8 * (lane.id / 8 % 2)][col + 8 * (lane.id / 16)]);
 }
-// b = the transpose of tile[row .. row + 7][col .. col + 15]: the tile holds b's columns as its rows, as
-// a product with keys (q @ k^T) wants them
+// The same two b when the tile holds b's columns as its rows, as a product with keys (q @ k^T) wants
+// them: b[0] has the columns tile[row .. row + 7], b[1] tile[row + 8 .. row + 15], over K = the tile's
+// columns col .. col + 15. Matrices (+0, +0), (+0, +8), (+8, +0), (+8, +8).
 template <int STRIDE>
-__device__ __forceinline__ void load_b_transposed(unsigned b[2], const bf16 (*tile)[STRIDE], int row, int col,
+__device__ __forceinline__ void load_b_transposed(unsigned b[2][2], const bf16 (*tile)[STRIDE], int row, int col,
                                                   Lane lane) {
-  const int r = row + lane.g, c = col + 2 * lane.q;
-  b[0] = pair(tile[r][c], tile[r][c + 1]);
-  b[1] = pair(tile[r][c + 8], tile[r][c + 9]);
+  load_matrices<false>(b[0][0], b[0][1], b[1][0], b[1][1],
+                       &tile[row + lane.id % 8 + 8 * (lane.id / 16)][col + 8 * (lane.id / 8 % 2)]);
 }
 // a = the 16 x 16 matrix whose columns 0-7 are the sums `left` and 8-15 the sums `right`, in bf16
 __device__ __forceinline__ void a_from_sums(unsigned a[4], const float left[4], const float right[4]) {

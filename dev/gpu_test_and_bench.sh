@@ -27,6 +27,7 @@
 #   train-step   bench train-step alone (minimoe against the PyTorch peers, torch.compile included)
 #   serve-before-after  bench serve at the commit in .whl/before (as for before-after), then at this tree
 #   train-before-after  bench train-step --no-peers likewise
+#   attention-before-after  bench attention likewise
 #   decode-before-after  bench decode likewise (DECODE_FLAGS, by default --no-peers --batches 1,64)
 #   before-after bench moe-layer --no-peers twice, interleaved, at the commit in .whl/before (a git archive
 #                of it: git archive COMMIT | tar -x -C .whl/before) and at this tree
@@ -133,6 +134,9 @@ for what in "$@"; do
     train-before-after)  # twice each, interleaved: the step moves by several percent from run to run
       before_tree
       for round in 1 2; do before_and_after bench_train_before_after.log 150 bench train-step --no-peers; done ;;
+    attention-before-after)
+      before_tree
+      before_and_after bench_attention_before_after.log 120 bench attention ;;
     decode-before-after)
       before_tree
       before_and_after bench_decode_before_after.log 300 bench decode ${DECODE_FLAGS:---no-peers --batches 1,64} ;;
