@@ -2,13 +2,48 @@
 // x is [rows, d]; statistics (mean, rstd) are float32 whatever the storage type.
 #include "common.cuh"
 
-// One warp per row: the mean, then the variance of (x - mean) (two passes over the row, the second
-// from cache, numerically safer than E[x^2] - E[x]^2), then y = (x - mean) * rstd * weight + bias.
-// With `addend` (not null) the row is the residual sum x + addend, rounded to T as a separate add would
-// store it, and the last pass also stores that sum (one launch and one pass over memory fewer than an
-// add before the LayerNorm). The passes recompute it rather than read `sum` back, which the read-only
-// loads of x would not see.
-template <typename T, bool VEC>
+// A warp's walk over its row in pieces of R::per_load elements, lane l taking pieces l, l + 32, ...
+// HELD > 0 (the row has at most 32 HELD pieces, bench train-step's 768 bf16 take 3): the lane's pieces
+// are read once, into registers, and every pass walks the registers, so the row crosses memory once
+// rather than once a pass. HELD = 0 (wider rows): every pass reads them again (from cache).
+//   Walk<R, HELD, ARRAYS> walk(lane, width);  walk.pass(load, visit)
+// load(i, values[ARRAYS][per_load]) fetches piece i of each of the ARRAYS arrays the passes read;
+// visit(i, values) uses it.
+template <typename R, int HELD, int ARRAYS>
+struct Walk {
+  static constexpr int N = R::per_load;
+  float held[HELD > 0 ? HELD : 1][ARRAYS][N];
+  int lane, width;
+  template <typename Load>
+  __device__ Walk(int lane_, int width_, Load load) : lane(lane_), width(width_) {
+    if constexpr (HELD > 0) {
+#pragma unroll
+      for (int k = 0; k < HELD; ++k)
+        if ((32 * k + lane) * N < width) load((32 * k + lane) * N, held[k]);
+    }
+  }
+  template <typename Load, typename Visit>
+  __device__ void pass(Load load, Visit visit) {
+    if constexpr (HELD > 0) {
+#pragma unroll
+      for (int k = 0; k < HELD; ++k)
+        if ((32 * k + lane) * N < width) visit((32 * k + lane) * N, held[k]);
+    } else {
+      for (int i = lane * N; i < width; i += 32 * N) {
+        float values[ARRAYS][N];
+        load(i, values);
+        visit(i, values);
+      }
+    }
+  }
+};
+
+// One warp per row: the mean, then the variance of (x - mean) (two passes over the row, numerically safer
+// than E[x^2] - E[x]^2), then y = (x - mean) * rstd * weight + bias. With `addend` (not null) the row is
+// the residual sum x + addend, rounded to T as a separate add would store it, and the last pass also
+// stores that sum (one launch and one pass over memory fewer than an add before the LayerNorm). Without
+// HELD the passes recompute the sum rather than read `sum` back, which the read-only loads of x would not see.
+template <typename T, bool VEC, int HELD>
 __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ addend, const T* __restrict__ weight,
                                   const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
                                   float* __restrict__ mean_out, float* __restrict__ rstd_out, int rows, int width,
@@ -18,41 +53,37 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const long long row_start = row * width;
-  auto load = [&](int i, float* v) {
-    R::load(x + row_start, i, v);
+  auto load = [&](int i, float (*v)[R::per_load]) {
+    R::load(x + row_start, i, v[0]);
     if (addend) {
       float a[R::per_load];
       R::load(addend + row_start, i, a);
 #pragma unroll
-      for (int j = 0; j < R::per_load; ++j) v[j] = to_float(from_float<T>(v[j] + a[j]));
+      for (int j = 0; j < R::per_load; ++j) v[0][j] = to_float(from_float<T>(v[0][j] + a[j]));
     }
   };
+  Walk<R, HELD, 1> walk(lane, width, load);
   float total = 0.0f;
-  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
-    float v[R::per_load];
-    load(i, v);
+  walk.pass(load, [&](int, float (*v)[R::per_load]) {
 #pragma unroll
-    for (int j = 0; j < R::per_load; ++j) total += v[j];
-  }
+    for (int j = 0; j < R::per_load; ++j) total += v[0][j];
+  });
   const float mean = warp_sum(total) / width;
   float squares = 0.0f;
-  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
-    float v[R::per_load];
-    load(i, v);
+  walk.pass(load, [&](int, float (*v)[R::per_load]) {
 #pragma unroll
-    for (int j = 0; j < R::per_load; ++j) squares += (v[j] - mean) * (v[j] - mean);
-  }
+    for (int j = 0; j < R::per_load; ++j) squares += (v[0][j] - mean) * (v[0][j] - mean);
+  });
   const float rstd = rsqrtf(warp_sum(squares) / width + eps);
-  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
-    float v[R::per_load], w[R::per_load], b[R::per_load];
-    load(i, v);
-    if (addend) R::store(sum + row_start, i, v);
+  walk.pass(load, [&](int i, float (*v)[R::per_load]) {
+    float w[R::per_load], b[R::per_load], out[R::per_load];
+    if (addend) R::store(sum + row_start, i, v[0]);
     R::load(weight, i, w);
     R::load(bias, i, b);
 #pragma unroll
-    for (int j = 0; j < R::per_load; ++j) v[j] = (v[j] - mean) * rstd * w[j] + b[j];
-    R::store(y + row_start, i, v);
-  }
+    for (int j = 0; j < R::per_load; ++j) out[j] = (v[0][j] - mean) * rstd * w[j] + b[j];
+    R::store(y + row_start, i, out);
+  });
   if (lane == 0) {
     mean_out[row] = mean;
     rstd_out[row] = rstd;
@@ -60,10 +91,10 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (x - mean) * rstd.
-// One warp per row: two row reductions, then the write. With `grad_sum` (not null: x is a residual sum
-// whose other uses sent it this gradient) dx is rounded to T and grad_sum added, as the tape would add
-// the two gradients of x.
-template <typename T, bool VEC>
+// One warp per row: two row reductions, then the write (dy and x held as the forward holds x). With
+// `grad_sum` (not null: x is a residual sum whose other uses sent it this gradient) dx is rounded to T
+// and grad_sum added, as the tape would add the two gradients of x.
+template <typename T, bool VEC, int HELD>
 __global__ void layernorm_backward_input(const T* __restrict__ grad_y, const T* __restrict__ x,
                                          const T* __restrict__ weight, const float* __restrict__ mean,
                                          const float* __restrict__ rstd, const T* __restrict__ grad_sum,
@@ -73,28 +104,29 @@ __global__ void layernorm_backward_input(const T* __restrict__ grad_y, const T* 
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const float row_mean = mean[row], row_rstd = rstd[row];
+  auto load = [&](int i, float (*v)[R::per_load]) {  // v[0]: dy, v[1]: x
+    R::load(grad_y + row * width, i, v[0]);
+    R::load(x + row * width, i, v[1]);
+  };
+  Walk<R, HELD, 2> walk(lane, width, load);
   float sum_g = 0.0f, sum_g_xhat = 0.0f;
-  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
-    float dy[R::per_load], v[R::per_load], w[R::per_load];
-    R::load(grad_y + row * width, i, dy);
-    R::load(x + row * width, i, v);
+  walk.pass(load, [&](int i, float (*v)[R::per_load]) {
+    float w[R::per_load];
     R::load(weight, i, w);
 #pragma unroll
     for (int j = 0; j < R::per_load; ++j) {
-      const float g = dy[j] * w[j];
+      const float g = v[0][j] * w[j];
       sum_g += g;
-      sum_g_xhat += g * (v[j] - row_mean) * row_rstd;
+      sum_g_xhat += g * (v[1][j] - row_mean) * row_rstd;
     }
-  }
+  });
   const float mean_g = warp_sum(sum_g) / width, mean_g_xhat = warp_sum(sum_g_xhat) / width;
-  for (int i = lane * R::per_load; i < width; i += 32 * R::per_load) {
-    float dy[R::per_load], v[R::per_load], w[R::per_load], out[R::per_load];
-    R::load(grad_y + row * width, i, dy);
-    R::load(x + row * width, i, v);
+  walk.pass(load, [&](int i, float (*v)[R::per_load]) {
+    float w[R::per_load], out[R::per_load];
     R::load(weight, i, w);
 #pragma unroll
     for (int j = 0; j < R::per_load; ++j)
-      out[j] = row_rstd * (dy[j] * w[j] - mean_g - (v[j] - row_mean) * row_rstd * mean_g_xhat);
+      out[j] = row_rstd * (v[0][j] * w[j] - mean_g - (v[1][j] - row_mean) * row_rstd * mean_g_xhat);
     if (grad_sum) {
       float other[R::per_load];
       R::load(grad_sum + row * width, i, other);
@@ -102,7 +134,7 @@ __global__ void layernorm_backward_input(const T* __restrict__ grad_y, const T* 
       for (int j = 0; j < R::per_load; ++j) out[j] = to_float(from_float<T>(out[j])) + other[j];
     }
     R::store(grad_x + row * width, i, out);
-  }
+  });
 }
 
 // Partial parameter gradients: thread = one column, block row y = one slice of the rows (every

@@ -12,7 +12,8 @@ The residual stream's add and the LayerNorm that reads it can run as one: add_la
 sum = x + addend beside LN(sum), and layernorm_backward adds `grad_sum`, the gradient that the sum's other
 uses sent it, into dx (the gradient of both x and addend).
 
-GPU: cuda/layernorm.cu: one warp per row, float32 statistics for bf16 or float32 rows; the parameter
+GPU: cuda/layernorm.cu: one warp per row (held in registers when it is short enough, so that it crosses
+memory once), float32 statistics for bf16 or float32 rows; the parameter
 gradients as per-slice column sums added up afterwards (deterministic, no atomics).
 """
 
@@ -24,8 +25,10 @@ from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build
 from minimoe.cuda.partial_sums import sum_partials
 
-build.register("layernorm.cu", *(f"layernorm_{kind}<{t}, {v}>" for kind in ("forward", "backward_input")
-                                 for t in ("float", "bf16") for v in ("true", "false")),
+MAX_HELD = 4  # a lane holds up to this many pieces of its row in registers (cuda/layernorm.cu's Walk)
+build.register("layernorm.cu", *(f"layernorm_{kind}<{t}, {v}, {held}>" for kind in ("forward", "backward_input")
+                                 for t in ("float", "bf16") for v in ("true", "false")
+                                 for held in range(MAX_HELD + 1)),
                "layernorm_backward_params<float>", "layernorm_backward_params<bf16>")
 WARPS_PER_BLOCK = 8
 # Rows per slice of the parameter-gradient kernel: short enough that its blocks fill the GPU (64 slices of
@@ -72,6 +75,15 @@ def layernorm_backward(
     return grad_x, (grad_y * xhat).sum(axis=leading), grad_y.sum(axis=leading)
 
 
+def _row_kernel(kind: str, x: Any) -> str:
+    """The name of layernorm_<kind> for x's rows: its type, whether its rows are read in 16-byte vectors,
+    and the pieces of a row a lane holds in registers (0 where the row is too wide to hold)."""
+    vectorised = build.row_vectors(x)
+    per_load = 16 // x.dtype.itemsize if vectorised == "true" else 1
+    held = -(-x.shape[-1] // (32 * per_load))
+    return f"layernorm_{kind}<{build.type_name(x)}, {vectorised}, {held if held <= MAX_HELD else 0}>"
+
+
 def _gpu_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any, Any]:
     """(y, mean, rstd, sum): with addend None the kernel normalises x itself (sum is None)."""
     import cupy
@@ -83,8 +95,7 @@ def _gpu_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float) -> tup
     total = None if addend is None else cupy.empty(x.shape, x.dtype)
     mean = cupy.empty((*x.shape[:-1], 1), dtype=cupy.float32)
     rstd = cupy.empty(mean.shape, mean.dtype)
-    type_name, vectorised = build.type_name(x), build.row_vectors(x)
-    build.kernel("layernorm.cu", f"layernorm_forward<{type_name}, {vectorised}>")(
+    build.kernel("layernorm.cu", _row_kernel("forward", x))(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
         (x, build.optional_array(addend, x.dtype), weight, bias, y, build.optional_array(total, x.dtype), mean, rstd,
          np.int32(rows), np.int32(width), np.float32(eps)))
@@ -98,15 +109,14 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_s
     rows = x.size // width
     grad_y, x = cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(x)
     grad_x = cupy.empty(x.shape, x.dtype)
-    type_name, vectorised = build.type_name(x), build.row_vectors(x)
-    build.kernel("layernorm.cu", f"layernorm_backward_input<{type_name}, {vectorised}>")(
+    build.kernel("layernorm.cu", _row_kernel("backward_input", x))(
         ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
         (grad_y, x, cupy.ascontiguousarray(weight, dtype=x.dtype), mean, rstd, build.optional_array(grad_sum, x.dtype),
          grad_x, np.int32(rows), np.int32(width)))
     slices = min(MAX_SLICES, max(-(-rows // ROWS_PER_SLICE), 1))
     partial_weight = cupy.empty((slices, width), dtype=cupy.float32)
     partial_bias = cupy.empty(partial_weight.shape, partial_weight.dtype)
-    build.kernel("layernorm.cu", f"layernorm_backward_params<{type_name}>")(
+    build.kernel("layernorm.cu", f"layernorm_backward_params<{build.type_name(x)}>")(
         ((width + 255) // 256, slices), (256,),
         (grad_y, x, mean, rstd, partial_weight, partial_bias, np.int32(rows), np.int32(width)))
     return grad_x, *(sum_partials(partial[None], weight.dtype)[0] for partial in (partial_weight, partial_bias))

@@ -150,7 +150,10 @@ class MatMul(Function):
 
     The common case in a transformer, activations [..., k] times a weight [k, n], folds the leading
     axes into one so that forward and both gradients are single large GEMMs, not one per batch row.
-    Gradients: grad_a = grad @ b^T, grad_b = a^T @ grad (cuda/gemm.py takes the transposes as flags)."""
+    Gradients: grad_a = grad @ b^T, grad_b = a^T @ grad (cuda/gemm.py takes the transposes as flags).
+    A b that is the transposed view of a matrix (the tied output layer's embedding^T) gets its gradient
+    as the transpose of (grad^T @ a), the same product: transposed back by Transpose's backward, it is
+    then contiguous, as the embedding's own gradient that the tape adds to it is."""
 
     def forward(ctx, a, b):
         if a.ndim < 2 or b.ndim < 2:
@@ -164,8 +167,10 @@ class MatMul(Function):
         a, b = ctx.saved
         if b.ndim == 2:
             rows_a, rows_grad = a.reshape(-1, a.shape[-1]), grad.reshape(-1, grad.shape[-1])
-            return (gemm.matmul(rows_grad, b, transpose_b=True).reshape(a.shape),
-                    gemm.matmul(rows_a, rows_grad, transpose_a=True))
+            transposed_b = b.flags.f_contiguous and not b.flags.c_contiguous
+            grad_b = (gemm.matmul(rows_grad, rows_a, transpose_a=True).T if transposed_b
+                      else gemm.matmul(rows_a, rows_grad, transpose_a=True))
+            return gemm.matmul(rows_grad, b, transpose_b=True).reshape(a.shape), grad_b
         return gemm.matmul(grad, b, transpose_b=True), gemm.matmul(a, grad, transpose_a=True)
 
 

@@ -320,8 +320,8 @@ def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
         assert_close(to_host(gpu), cpu.astype(np.float64), "float32", "MoE layer output or gradient")
 
 
-@given(rows=st.integers(1, 300), width=st.sampled_from([1, 7, 8, 64, 130, 768, 1024]), dtype=dtypes, seed=seeds,
-       residual=st.booleans(), poison=st.sampled_from([0xFF, 0x7F]))
+@given(rows=st.integers(1, 300), width=st.sampled_from([1, 7, 8, 64, 130, 300, 512, 768, 1024, 2000]), dtype=dtypes,
+       seed=seeds, residual=st.booleans(), poison=st.sampled_from([0xFF, 0x7F]))
 def test_layernorm_matches_reference(rows, width, dtype, seed, residual, poison):
     """LayerNorm forward and backward; with `residual`, fused with the residual add before it (the sum
     as a separate add would round it, and the sum's other gradient added into grad x)."""

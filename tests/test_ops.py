@@ -45,6 +45,18 @@ def test_batched_matmul_gradients_with_broadcast_batch_axes(shapes, m, k, n, see
     check_gradients(ops.matmul, [a, b])
 
 
+@given(leading=st.integers(1, 3), m=st.integers(2, 4), k=st.integers(2, 4), n=st.integers(2, 4), seed=seeds)
+def test_matmul_with_a_transposed_weight_gradients_and_layout(leading, m, k, n, seed):
+    """x @ w^T (the tied output layer): float64 gradients, and w's gradient comes out in w's own layout
+    (C-contiguous, so the tape adds the embedding's gradient to it in one vectorised pass)."""
+    x, w = randn(seed, (leading, m, k)), randn(seed + 1, (n, k))
+    check_gradients(lambda a, b: a @ b.transpose(), [x, w])
+    weight = Tensor(w, requires_grad=True)
+    (Tensor(x) @ weight.transpose()).sum().backward()
+    assert weight.grad.flags.c_contiguous
+    np.testing.assert_allclose(weight.grad, np.ones((leading, m, n)).reshape(-1, n).T @ x.reshape(-1, k))
+
+
 @given(shape=small_shapes, seed=seeds)
 def test_reshape_and_transpose_gradients(shape, seed):
     x = randn(seed, shape)
