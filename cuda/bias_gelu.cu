@@ -49,7 +49,7 @@ __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict_
   if (column < features) {
     const long long first_row = (long long)group * rows_per_group + (long long)tile * TILE;
     float shift[R::per_load] = {};
-    if (GELU) R::load(bias + (long long)group * features, column, shift);
+    if (GELU && bias) R::load(bias + (long long)group * features, column, shift);  // null: x holds x + bias
 #pragma unroll 4
     for (int r = warp; r < rows; r += WARPS) {
       const long long offset = (first_row + r) * features;

@@ -33,11 +33,12 @@ def bias_gelu_forward(x: Any, bias: Any) -> Any:
     return gelu_forward(x + bias)
 
 
-def bias_gelu_backward(grad_y: Any, x: Any, bias: Any) -> tuple[Any, Any]:
-    """(grad_x, grad_bias) with grad_bias summed over the rows in float32, then cast to bias's dtype."""
+def bias_gelu_backward(grad_y: Any, x: Any, bias: Any, biased: bool = False) -> tuple[Any, Any]:
+    """(grad_x, grad_bias) with grad_bias summed over the rows in float32, then cast to bias's dtype.
+    biased: x already holds x + bias (a product's epilogue added it: cuda/epilogue.py)."""
     if _on_gpu(x, bias):
-        return _gpu_backward(grad_y, x, bias, gelu=True)
-    grad_pre = gelu_backward(grad_y, x + bias)
+        return _gpu_backward(grad_y, x, bias, gelu=True, biased=biased)
+    grad_pre = gelu_backward(grad_y, x if biased else x + bias)
     return grad_pre, _bias_gradient(grad_pre, bias)
 
 
@@ -98,8 +99,9 @@ def _gpu_forward(x: Any, bias: Any, gelu: bool) -> Any:
     return y
 
 
-def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool) -> tuple[Any, Any]:
-    """Without GELU, x is not read and grad_y is returned as grad_x."""
+def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool, biased: bool = False) -> tuple[Any, Any]:
+    """Without GELU, x is not read and grad_y is returned as grad_x. biased: x holds x + bias (the kernel
+    is given no bias to add)."""
     import cupy
 
     groups, rows_per_group, features, type_name, vectorised = _layout(grad_y, bias)
@@ -111,5 +113,6 @@ def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool) -> tuple[Any, Any]
         per_load = 16 // grad_y.dtype.itemsize if vectorised == "true" else 1
         build.kernel("bias_gelu.cu", f"bias_backward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
             (tiles, (features // per_load + 31) // 32, groups), (32 * WARPS,),
-            (grad_y, x, bias, grad_pre, partial, np.int32(rows_per_group), np.int32(features)))
+            (grad_y, x, build.optional_array(None if biased else bias, bias.dtype), grad_pre, partial,
+             np.int32(rows_per_group), np.int32(features)))
     return grad_pre, sum_partials(partial, bias.dtype).reshape(bias.shape)

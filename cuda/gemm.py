@@ -27,13 +27,13 @@ from minimoe.backend import is_gpu
 
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUDA_R_32F, CUDA_R_16BF = 0, 14
-_CUDA_TYPES = {"float32": CUDA_R_32F, "bfloat16": CUDA_R_16BF}
+CUDA_TYPES = {"float32": CUDA_R_32F, "bfloat16": CUDA_R_16BF}
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 # alpha and beta: host scalars for cuBLAS's default host pointer mode, their addresses read once
 # (a NumPy array's .ctypes builds a new object on every access: microseconds per GEMM otherwise).
 _ONE, _ZERO = np.array(1.0, np.float32), np.array(0.0, np.float32)
-_ONE_ADDRESS, _ZERO_ADDRESS = _ONE.ctypes.data, _ZERO.ctypes.data
+ONE_ADDRESS, ZERO_ADDRESS = _ONE.ctypes.data, _ZERO.ctypes.data
 WORKSPACE_BYTES = 32 * 2**20  # cuBLAS's workspace on Hopper, as NVIDIA recommends; set once per handle
 _GEMM_ARGUMENTS = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
@@ -53,34 +53,39 @@ def _reference_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> A
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
-    """The cuBLAS library CuPy loaded (found in the process's memory map), for calls through ctypes."""
+def loaded_library(name: str) -> ctypes.CDLL:
+    """The library `name` (libcublas, or libcublasLt, which it loads) as CuPy loaded it (found in the
+    process's memory map), for calls through ctypes."""
     import cupy
 
-    cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded it
+    cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded cuBLAS
     with open("/proc/self/maps") as maps:
-        paths = {match.group(0) for match in re.finditer(r"/\S*/libcublas\.so[.\d]*", maps.read())}
+        paths = {match.group(0) for match in re.finditer(rf"/\S*/{name}\.so[.\d]*", maps.read())}
     if not paths:
-        raise RuntimeError("cuBLAS is not loaded in this process (CuPy's cuBLAS handle was created without it)")
-    library = ctypes.CDLL(sorted(paths)[0])
+        raise RuntimeError(f"{name} is not loaded in this process (CuPy's cuBLAS handle was created without it)")
+    return ctypes.CDLL(sorted(paths)[0])
+
+
+def _library() -> ctypes.CDLL:
+    library = loaded_library("libcublas")
     library.cublasGemmStridedBatchedEx.argtypes = _GEMM_ARGUMENTS
     return library
 
 
 @functools.cache
-def _handle(device: int) -> tuple[int, Any]:
+def cublas_handle(device: int) -> tuple[int, Any]:
     """A cuBLAS handle of our own for GPU `device`, and the workspace it keeps (never freed)."""
     import cupy
 
     handle = ctypes.c_void_p()
-    _check(_library().cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+    check(_library().cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
     workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
-    _check(_library().cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr),
+    check(_library().cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr),
                                             ctypes.c_size_t(WORKSPACE_BYTES)), "cublasSetWorkspace")
     return handle.value, workspace
 
 
-def _check(status: int, call: str) -> None:
+def check(status: int, call: str) -> None:
     if status != 0:
         raise RuntimeError(f"{call} failed with cuBLAS status {status}")
 
@@ -102,7 +107,7 @@ def _operand(x: Any, transposed: bool) -> tuple[Any, bool]:
 def _gpu_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
     import cupy
 
-    data_type = _CUDA_TYPES.get(a.dtype.name) if a.dtype == b.dtype else None
+    data_type = CUDA_TYPES.get(a.dtype.name) if a.dtype == b.dtype else None
     if data_type is None:
         raise TypeError(f"GPU matmul takes two bfloat16 or two float32 operands, got {a.dtype} and {b.dtype}")
     a_batch, b_batch = a.shape[:-2], b.shape[:-2]
@@ -116,14 +121,14 @@ def _gpu_matmul(a: Any, b: Any, transpose_a: bool, transpose_b: bool) -> Any:
     batch_shape = a_batch or b_batch
     batch = math.prod(batch_shape)
     out = cupy.empty((*batch_shape, m, n), dtype=a.dtype)
-    library, (handle, _) = _library(), _handle(out.device.id)
-    _check(library.cublasSetStream_v2(ctypes.c_void_p(handle), ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)),
+    library, (handle, _) = _library(), cublas_handle(out.device.id)
+    check(library.cublasSetStream_v2(ctypes.c_void_p(handle), ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)),
            "cublasSetStream")
-    _check(library.cublasGemmStridedBatchedEx(
+    check(library.cublasGemmStridedBatchedEx(
         handle, CUBLAS_OP_T if transpose_b else CUBLAS_OP_N, CUBLAS_OP_T if transpose_a else CUBLAS_OP_N,
-        n, m, k, _ONE_ADDRESS,
+        n, m, k, ONE_ADDRESS,
         b.data.ptr, data_type, b.shape[-1], b.shape[-1] * b.shape[-2] if b_batch else 0,
         a.data.ptr, data_type, a.shape[-1], a.shape[-1] * a.shape[-2] if a_batch else 0,
-        _ZERO_ADDRESS, out.data.ptr, data_type, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT,
+        ZERO_ADDRESS, out.data.ptr, data_type, n, m * n, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT,
     ), "cublasGemmStridedBatchedEx")
     return out

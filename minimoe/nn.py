@@ -108,9 +108,12 @@ class Linear(Module):
         self.weight = Parameter(normal_init((in_features, out_features), std, rng), keep_float32=keep_float32)
         self.bias = Parameter(np.zeros(out_features, np.float32), decay=False) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
+        """x @ weight + bias; with gelu, GELU of it (one node with the bias: ops.linear)."""
+        if self.bias is not None:
+            return ops.linear(x, self.weight, self.bias, gelu=gelu)
         y = x @ self.weight
-        return ops.bias_add(y, self.bias) if self.bias is not None else y
+        return ops.gelu(y) if gelu else y
 
 
 class Embedding(Module):
@@ -156,9 +159,7 @@ class MLP(Module):
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        pre = x @ self.fc.weight
-        hidden = ops.bias_gelu(pre, self.fc.bias) if self.fc.bias is not None else ops.gelu(pre)
-        return ops.dropout(self.proj(hidden), self.dropout, self.training)
+        return ops.dropout(self.proj(self.fc(x, gelu=True)), self.dropout, self.training)
 
 
 class CausalSelfAttention(Module):

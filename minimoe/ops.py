@@ -20,6 +20,7 @@ import minimoe.cuda.bias_gelu as bias_gelu_kernels
 import minimoe.cuda.distillation as distillation_kernels
 import minimoe.cuda.dropout as dropout_kernels
 import minimoe.cuda.embedding as embedding_kernels
+import minimoe.cuda.epilogue as epilogue
 import minimoe.cuda.flash_attention as flash_attention_kernels
 import minimoe.cuda.gelu as gelu_kernels
 import minimoe.cuda.gemm as gemm
@@ -339,6 +340,30 @@ def bias_add(x: Tensor, bias: Tensor) -> Tensor:
     """x + bias (bias [features], or [groups, 1, features] for x [groups, rows, features]), the bias
     gradient summed by the same kernel family as bias_gelu's."""
     return BiasAdd.apply(x, bias)
+
+
+class Linear(Function):
+    """x @ weight + bias, or gelu(x @ weight + bias): a dense layer as one node, so that on the GPU the
+    bias and GELU ride in the product's epilogue and the bias gradient in the weight gradient's
+    (cuda/epilogue.py); x [..., in], weight [in, out], bias [out]."""
+
+    def forward(ctx, x, weight, bias, gelu):
+        rows = x.reshape(-1, x.shape[-1])
+        y, saved, saved_has_bias = epilogue.linear_forward(rows, weight, bias, gelu)
+        ctx.save(rows, weight, bias, saved)
+        ctx.gelu, ctx.saved_has_bias, ctx.input_shape = gelu, saved_has_bias, x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[1])
+
+    def backward(ctx, grad):
+        rows, weight, bias, saved = ctx.saved
+        grad_x, grad_weight, grad_bias = epilogue.linear_backward(
+            grad.reshape(-1, grad.shape[-1]), rows, weight, bias, saved, ctx.saved_has_bias, ctx.gelu)
+        return grad_x.reshape(ctx.input_shape), grad_weight, grad_bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False) -> Tensor:
+    """x @ weight + bias (gelu'd with gelu=True) for a 2-D weight and a 1-D bias, in one node."""
+    return Linear.apply(x, weight, bias, gelu=gelu)
 
 
 class Softmax(Function):

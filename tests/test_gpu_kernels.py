@@ -320,6 +320,50 @@ def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
         assert_close(to_host(gpu), cpu.astype(np.float64), "float32", "MoE layer output or gradient")
 
 
+@given(rows=st.integers(1, 300), width=st.sampled_from([8, 20, 24, 64, 200, 768]),
+       features=st.sampled_from([8, 40, 64, 3072]), gelu=st.booleans(), dtype=dtypes, seed=seeds,
+       poison=st.sampled_from([0xFF, 0x7F]))
+def test_linear_epilogue_matches_reference(rows, width, features, gelu, dtype, seed, poison):
+    """cuda/epilogue.py's dense layer (the bias and GELU in cuBLASLt's epilogue, the bias gradient in the
+    weight gradient's, where cuBLASLt has an algorithm; else the product and cuda/bias_gelu.py's kernels)
+    against the float64 reference: y, then the gradients of x, weight and bias."""
+    from minimoe.cuda import epilogue
+
+    rng = np.random.default_rng(seed)
+    x, x_values = to_gpu(rng.standard_normal((rows, width)), dtype)
+    weight, weight_values = to_gpu(rng.standard_normal((width, features)) / width**0.5, dtype)
+    bias, bias_values = to_gpu(rng.standard_normal(features), dtype)
+    grad, grad_values = to_gpu(rng.standard_normal((rows, features)), dtype)
+    poison_pool(poison)
+    y, saved, saved_has_bias = epilogue.linear_forward(x, weight, bias, gelu)
+    expected_y, expected_saved, expected_has_bias = epilogue.linear_forward(x_values, weight_values, bias_values, gelu)
+    assert_close(to_host(y), expected_y, dtype, "linear output")
+    poison_pool(poison)
+    grads = epilogue.linear_backward(grad, x, weight, bias, saved, saved_has_bias, gelu)
+    expected = epilogue.linear_backward(grad_values, x_values, weight_values, bias_values, expected_saved,
+                                        expected_has_bias, gelu)
+    magnitude = np.abs(grad_values)  # |grad_pre| up to gelu' <= 1.13: the scales of the sums that cancel
+    scales = (magnitude @ np.abs(weight_values).T, np.abs(x_values).T @ magnitude, magnitude.sum(axis=0))
+    for name, actual, expected_grad, scale in zip(("x", "weight", "bias"), grads, expected, scales):
+        assert actual.shape == expected_grad.shape
+        assert_close(to_host(actual), expected_grad, dtype, f"linear grad {name}", scale=scale)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_epilogue_runs_in_cublaslt_at_the_models_shapes(gelu):
+    """At bench train-step's layer shapes, bf16, cuBLASLt has algorithms for both epilogues: the fused
+    path runs (else the test above would pass on the fallback alone)."""
+    from minimoe.backend import bfloat16
+    from minimoe.cuda import epilogue
+
+    cupy = cupy_module()
+    x, weight, bias = (cupy.ones(shape, dtype=bfloat16()) for shape in ((64, 768), (768, 3072), (3072,)))
+    y, saved, saved_has_bias = epilogue.linear_forward(x, weight, bias, gelu)
+    assert saved_has_bias
+    grad_pre = cupy.ones(y.shape, y.dtype)
+    assert epilogue._plan(grad_pre, x, weight, epilogue.EPILOGUE_BGRADA, forward=False) is not None
+
+
 @given(rows=st.integers(1, 300), width=st.sampled_from([1, 7, 8, 64, 130, 300, 512, 768, 1024, 2000]), dtype=dtypes,
        seed=seeds, residual=st.booleans(), poison=st.sampled_from([0xFF, 0x7F]))
 def test_layernorm_matches_reference(rows, width, dtype, seed, residual, poison):

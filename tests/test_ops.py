@@ -57,6 +57,19 @@ def test_matmul_with_a_transposed_weight_gradients_and_layout(leading, m, k, n, 
     np.testing.assert_allclose(weight.grad, np.ones((leading, m, n)).reshape(-1, n).T @ x.reshape(-1, k))
 
 
+@given(leading=st.integers(1, 3), rows=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 4),
+       gelu=st.booleans(), seed=seeds)
+def test_linear_gradients(leading, rows, k, n, gelu, seed):
+    """ops.linear, the dense layer as one node (x @ w + b, GELU'd or not), against float64 differences,
+    and its value against the ops it fuses."""
+    x, w, b = randn(seed, (leading, rows, k)), randn(seed + 1, (k, n)), randn(seed + 2, (n,))
+    check_gradients(lambda *ts: ops.linear(*ts, gelu=gelu), [x, w, b])
+    with no_grad():
+        fused = ops.linear(Tensor(x), Tensor(w), Tensor(b), gelu=gelu).data
+        pre = Tensor(x) @ Tensor(w) + Tensor(b)
+        np.testing.assert_allclose(fused, (ops.gelu(pre) if gelu else pre).data, rtol=1e-12, atol=1e-12)
+
+
 @given(shape=small_shapes, seed=seeds)
 def test_reshape_and_transpose_gradients(shape, seed):
     x = randn(seed, shape)
