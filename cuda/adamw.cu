@@ -13,6 +13,24 @@ __device__ __forceinline__ float load_grad(unsigned long long grad, int is_bf16,
   return is_bf16 ? to_float(reinterpret_cast<const bf16*>(grad)[i]) : reinterpret_cast<const float*>(grad)[i];
 }
 
+// One element's update (cuda/adamw.py states it): g the scaled gradient, p, m, v updated in place.
+struct AdamW {
+  float beta1, beta2, eps, lr, bias_correction1, bias_correction2, decay;
+  __device__ __forceinline__ void update(float g, float& p, float& m, float& v) const {
+    m = beta1 * m + (1.0f - beta1) * g;
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    p = p * (1.0f - lr * decay) - (lr / bias_correction1) * m / (sqrtf(v / bias_correction2) + eps);
+  }
+};
+
+__device__ __forceinline__ bool aligned(const void* pointer, int bytes) {
+  return reinterpret_cast<unsigned long long>(pointer) % bytes == 0;
+}
+
+// The update is a pass over memory (about 28 bytes an element with a bf16 gradient and working copy), so
+// each thread moves 4 consecutive elements at a time in 16-byte loads and stores (8-byte for the bf16
+// arrays) where the tensor's arrays are aligned for it; the chunk's last few elements, and every element
+// of a tensor that is not, go one at a time.
 extern "C" __global__ void adamw_multi_tensor(
     const unsigned long long* __restrict__ values, const unsigned long long* __restrict__ exp_avgs,
     const unsigned long long* __restrict__ exp_avg_sqs, const unsigned long long* __restrict__ grads,
@@ -22,24 +40,51 @@ extern "C" __global__ void adamw_multi_tensor(
     const float* __restrict__ hyper, const float* __restrict__ grad_scale) {
   const float scale = grad_scale[0];
   if (!isfinite(scale)) return;  // a non-finite loss or gradient norm: the step changes nothing
-  const float lr = hyper[0], bias_correction1 = hyper[1], bias_correction2 = hyper[2];
   const int tensor = chunk_tensor[blockIdx.x];
+  const AdamW adamw{beta1, beta2, eps, hyper[0], hyper[1], hyper[2], weight_decay[tensor]};
   const long long start = chunk_start[blockIdx.x];
   const long long end = min(start + chunk, sizes[tensor]);
   float* value = reinterpret_cast<float*>(values[tensor]);
   float* m = reinterpret_cast<float*>(exp_avgs[tensor]);
   float* v = reinterpret_cast<float*>(exp_avg_sqs[tensor]);
   bf16* copy = reinterpret_cast<bf16*>(working[tensor]);
-  const float decay = weight_decay[tensor];
-  for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-    const float g = load_grad(grads[tensor], grad_is_bf16[tensor], i) * scale;
-    const float m_new = beta1 * m[i] + (1.0f - beta1) * g;
-    const float v_new = beta2 * v[i] + (1.0f - beta2) * g * g;
-    float p = value[i] * (1.0f - lr * decay);
-    p -= (lr / bias_correction1) * m_new / (sqrtf(v_new / bias_correction2) + eps);
-    m[i] = m_new;
-    v[i] = v_new;
+  const int is_bf16 = grad_is_bf16[tensor];
+  const bool vectors = aligned(value + start, 16) && aligned(m + start, 16) && aligned(v + start, 16) &&
+                       (is_bf16 ? aligned(reinterpret_cast<const bf16*>(grads[tensor]) + start, 8)
+                                : aligned(reinterpret_cast<const float*>(grads[tensor]) + start, 16)) &&
+                       (!copy || aligned(copy + start, 8));
+  const long long vector_end = vectors ? start + (end - start) / 4 * 4 : start;
+  for (long long i = start + 4 * threadIdx.x; i < vector_end; i += 4 * blockDim.x) {
+    float4 p = *reinterpret_cast<const float4*>(value + i), m4 = *reinterpret_cast<const float4*>(m + i),
+           v4 = *reinterpret_cast<const float4*>(v + i), g;
+    if (is_bf16) {
+      union { uint2 vector; bf16 elements[4]; } bits;
+      bits.vector = *reinterpret_cast<const uint2*>(reinterpret_cast<const bf16*>(grads[tensor]) + i);
+      g = make_float4(to_float(bits.elements[0]), to_float(bits.elements[1]), to_float(bits.elements[2]),
+                      to_float(bits.elements[3]));
+    } else {
+      g = *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(grads[tensor]) + i);
+    }
+    adamw.update(g.x * scale, p.x, m4.x, v4.x);
+    adamw.update(g.y * scale, p.y, m4.y, v4.y);
+    adamw.update(g.z * scale, p.z, m4.z, v4.z);
+    adamw.update(g.w * scale, p.w, m4.w, v4.w);
+    *reinterpret_cast<float4*>(value + i) = p;
+    *reinterpret_cast<float4*>(m + i) = m4;
+    *reinterpret_cast<float4*>(v + i) = v4;
+    if (copy) {
+      union { uint2 vector; bf16 elements[4]; } bits;
+      bits.elements[0] = from_float<bf16>(p.x), bits.elements[1] = from_float<bf16>(p.y);
+      bits.elements[2] = from_float<bf16>(p.z), bits.elements[3] = from_float<bf16>(p.w);
+      *reinterpret_cast<uint2*>(copy + i) = bits.vector;
+    }
+  }
+  for (long long i = vector_end + threadIdx.x; i < end; i += blockDim.x) {
+    float p = value[i], m1 = m[i], v1 = v[i];
+    adamw.update(load_grad(grads[tensor], is_bf16, i) * scale, p, m1, v1);
     value[i] = p;
+    m[i] = m1;
+    v[i] = v1;
     if (copy) copy[i] = from_float<bf16>(p);
   }
 }

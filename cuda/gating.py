@@ -61,6 +61,7 @@ from minimoe import backend
 from minimoe.backend import array_module, is_gpu
 from minimoe.cuda import build, philox
 from minimoe.cuda.gemm import matmul
+from minimoe.cuda.partial_sums import sum_partials
 from minimoe.cuda.softmax import logsumexp, softmax_backward, softmax_forward
 
 WARP = 32
@@ -422,14 +423,14 @@ def _gpu_gate_logits_backward(grad_logits: Any, x: Any, weight: Any) -> tuple[An
     x, weight = cupy.ascontiguousarray(x), cupy.ascontiguousarray(weight)
     grad_x = cupy.empty(x.shape, x.dtype)
     tiles = -(-num_tokens // GRAD_TILE)
-    partial = cupy.empty((tiles, width, num_experts), dtype=cupy.float32)
+    partial = cupy.empty((1, tiles, width * num_experts), dtype=cupy.float32)
     if num_tokens and width:
         sizes = (np.int32(num_tokens), np.int32(width), np.int32(num_experts))
         build.kernel("gating.cu", f"gate_logits_grad_x<{build.type_name(x)}>")(
             (-(-num_tokens // GRAD_TOKENS),), (LOGITS_THREADS,), (grad_logits, weight, grad_x, *sizes))
         build.kernel("gating.cu", f"gate_logits_grad_weight<{build.type_name(x)}>")(
             (tiles, -(-width // LOGITS_THREADS)), (LOGITS_THREADS,), (x, grad_logits, partial, *sizes))
-    return grad_x, partial.sum(axis=0)
+    return grad_x, sum_partials(partial, np.float32).reshape(width, num_experts)
 
 
 def _gpu_gate_logits(x: Any, weight: Any) -> Any:

@@ -430,7 +430,8 @@ def test_cross_entropy_matches_reference(rows, vocab, dtype, seed, ignored, in_p
        seed=seeds, data=st.data())
 def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, data):
     """One launch over several tensors (one larger than a chunk), float32 and bf16 gradients, with and
-    without bf16 working copies, a device clip factor; against adamw_step per tensor on the host."""
+    without bf16 working copies, a device clip factor, some tensors' arrays one element off 16-byte
+    alignment (the kernel's element-at-a-time path); against adamw_step per tensor on the host."""
     from minimoe.cuda.adamw import adamw_update, hyperparameters, sum_of_squares
 
     cupy = cupy_module()
@@ -440,7 +441,9 @@ def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, dat
     host["v"] = [np.abs(rng.standard_normal(n)).astype(np.float32) for n in sizes]
     grads = [to_gpu(rng.standard_normal(n), kind) for n, kind in zip(sizes, kinds)]
     decays = [float(d) for d in rng.choice([0.0, 0.1], len(sizes))]
-    device = {name: [cupy.asarray(a) for a in arrays] for name, arrays in host.items()}
+    shifts = [data.draw(st.sampled_from([0, 1])) for _ in sizes]  # 1: a view one float32 past an allocation
+    device = {name: [cupy.concatenate([cupy.zeros(shift, cupy.float32), cupy.asarray(a)])[shift:]
+                     for a, shift in zip(arrays, shifts)] for name, arrays in host.items()}
     from minimoe.backend import bfloat16
 
     working = [cupy.empty(n, dtype=bfloat16()) if kind == "bfloat16" else None for n, kind in zip(sizes, kinds)]
