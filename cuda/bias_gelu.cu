@@ -8,19 +8,18 @@
 #error "bias_gelu.cu's constants come from cuda/bias_gelu.py: compile it through minimoe.cuda.build"
 #endif
 
-// y = gelu(x + bias), or x + bias. One block per row; threads stride over the features in 16-byte
-// vectors. Each element is read once and written once, the bias row stays in L1/L2: the kernel runs at
-// memory speed.
+// y = gelu(x + bias), or x + bias; with a null bias, gelu(x) (x already holds a sum with its bias). One
+// block per row; threads stride over the features in 16-byte vectors. Each element is read once and
+// written once, the bias row stays in L1/L2: the kernel runs at memory speed.
 template <typename T, bool VEC, bool GELU>
 __global__ void bias_forward(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
                              int rows_per_group, int features) {
   using R = Row<T, VEC>;
   const long long row = blockIdx.x;
-  const T* bias_row = bias + (row / rows_per_group) * features;
   for (int i = threadIdx.x * R::per_load; i < features; i += blockDim.x * R::per_load) {
-    float values[R::per_load], shift[R::per_load];
+    float values[R::per_load], shift[R::per_load] = {};
     R::load(x + row * features, i, values);
-    R::load(bias_row, i, shift);
+    if (bias) R::load(bias + (row / rows_per_group) * features, i, shift);
 #pragma unroll
     for (int j = 0; j < R::per_load; ++j) values[j] = GELU ? gelu_tanh(values[j] + shift[j]) : values[j] + shift[j];
     R::store(y + row * features, i, values);
@@ -29,6 +28,8 @@ __global__ void bias_forward(const T* __restrict__ x, const T* __restrict__ bias
 
 // The bias gradient's partial sums, and with GELU grad_pre = grad_y * gelu'(x + bias), recomputing
 // x + bias instead of storing it (without GELU the gradient of x is grad_y itself: nothing to write).
+// A null bias: x already holds x + bias. A non-null `hidden` (GELU): the pass also writes gelu(x + bias),
+// the activation that an MLP recomputes in its backward rather than keeping it from the forward.
 // Block (row tile, column tile, group) covers TILE consecutive rows of one group and 32 lanes' columns
 // (a 16-byte vector each where rows allow); warp w takes rows w, w + WARPS, ... of the tile, four rows'
 // loads in flight. The warps' float32 column sums are added in shared memory in a fixed order and written
@@ -37,8 +38,8 @@ __global__ void bias_forward(const T* __restrict__ x, const T* __restrict__ bias
 // threads idle.
 template <typename T, bool VEC, bool GELU>
 __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict__ x, const T* __restrict__ bias,
-                              T* __restrict__ grad_pre, float* __restrict__ partial, int rows_per_group,
-                              int features) {
+                              T* __restrict__ grad_pre, T* __restrict__ hidden, float* __restrict__ partial,
+                              int rows_per_group, int features) {
   using R = Row<T, VEC>;
   __shared__ float warp_sums[WARPS][32 * R::per_load];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -49,7 +50,7 @@ __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict_
   if (column < features) {
     const long long first_row = (long long)group * rows_per_group + (long long)tile * TILE;
     float shift[R::per_load] = {};
-    if (GELU && bias) R::load(bias + (long long)group * features, column, shift);  // null: x holds x + bias
+    if (GELU && bias) R::load(bias + (long long)group * features, column, shift);
 #pragma unroll 4
     for (int r = warp; r < rows; r += WARPS) {
       const long long offset = (first_row + r) * features;
@@ -59,8 +60,15 @@ __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict_
         float pre[R::per_load];
         R::load(x + offset, column, pre);
 #pragma unroll
-        for (int j = 0; j < R::per_load; ++j) grad[j] *= gelu_tanh_grad(pre[j] + shift[j]);
+        for (int j = 0; j < R::per_load; ++j) pre[j] += shift[j];
+#pragma unroll
+        for (int j = 0; j < R::per_load; ++j) grad[j] *= gelu_tanh_grad(pre[j]);
         R::store(grad_pre + offset, column, grad);
+        if (hidden) {
+#pragma unroll
+          for (int j = 0; j < R::per_load; ++j) pre[j] = gelu_tanh(pre[j]);
+          R::store(hidden + offset, column, pre);
+        }
       }
 #pragma unroll
       for (int j = 0; j < R::per_load; ++j) column_sum[j] += grad[j];

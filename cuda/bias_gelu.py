@@ -27,7 +27,10 @@ build.register("bias_gelu.cu", *(f"bias_{direction}<{t}, {v}, {g}>" for directio
                constants={"TILE": TILE, "WARPS": WARPS})
 
 
-def bias_gelu_forward(x: Any, bias: Any) -> Any:
+def bias_gelu_forward(x: Any, bias: Any | None) -> Any:
+    """gelu(x + bias); with bias None, gelu(x) (x already holds a sum with its bias: cuda/epilogue.py)."""
+    if bias is None:
+        return _gpu_forward(x, None, gelu=True) if is_gpu(x) and x.dtype.name in build.KERNEL_TYPES else gelu_forward(x)
     if _on_gpu(x, bias):
         return _gpu_forward(x, bias, gelu=True)
     return gelu_forward(x + bias)
@@ -36,10 +39,21 @@ def bias_gelu_forward(x: Any, bias: Any) -> Any:
 def bias_gelu_backward(grad_y: Any, x: Any, bias: Any, biased: bool = False) -> tuple[Any, Any]:
     """(grad_x, grad_bias) with grad_bias summed over the rows in float32, then cast to bias's dtype.
     biased: x already holds x + bias (a product's epilogue added it: cuda/epilogue.py)."""
+    return _gelu_backward(grad_y, x, bias, biased, recompute=False)
+
+
+def bias_gelu_backward_recomputing(grad_y: Any, x: Any, bias: Any, biased: bool = False) -> tuple[Any, Any, Any]:
+    """(grad_x, grad_bias, y): bias_gelu_backward's two, and y = gelu(x + bias) recomputed in the same pass
+    (one more write, no more reads): for an MLP that keeps x, not y, from its forward (ops.MLP)."""
+    return _gelu_backward(grad_y, x, bias, biased, recompute=True)
+
+
+def _gelu_backward(grad_y: Any, x: Any, bias: Any, biased: bool, recompute: bool) -> tuple[Any, ...]:
     if _on_gpu(x, bias):
-        return _gpu_backward(grad_y, x, bias, gelu=True, biased=biased)
-    grad_pre = gelu_backward(grad_y, x if biased else x + bias)
-    return grad_pre, _bias_gradient(grad_pre, bias)
+        return _gpu_backward(grad_y, x, bias, gelu=True, biased=biased, recompute=recompute)
+    pre = x if biased else x + bias
+    grad_pre = gelu_backward(grad_y, pre)
+    return (grad_pre, _bias_gradient(grad_pre, bias)) + ((gelu_forward(pre),) if recompute else ())
 
 
 def bias_add_forward(x: Any, bias: Any) -> Any:
@@ -80,10 +94,10 @@ def _check_shapes(x: Any, bias: Any) -> None:
 
 
 def _layout(x: Any, bias: Any) -> tuple[int, int, int, str, str]:
-    """(groups, rows per group, features, kernel type name, vectorised) for x and its bias."""
+    """(groups, rows per group, features, kernel type name, vectorised) for x and its bias (or None)."""
     features = x.shape[-1]
     rows = x.size // features
-    groups = 1 if bias.ndim == 1 else bias.shape[0]
+    groups = 1 if bias is None or bias.ndim == 1 else bias.shape[0]
     return groups, rows // groups, features, build.type_name(x), build.row_vectors(x)
 
 
@@ -91,28 +105,32 @@ def _gpu_forward(x: Any, bias: Any, gelu: bool) -> Any:
     import cupy
 
     groups, rows_per_group, features, type_name, vectorised = _layout(x, bias)
-    x, bias = cupy.ascontiguousarray(x), cupy.ascontiguousarray(bias)
+    x = cupy.ascontiguousarray(x)
     y = cupy.empty(x.shape, x.dtype)
     if y.size:
         build.kernel("bias_gelu.cu", f"bias_forward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
-            (groups * rows_per_group,), (THREADS,), (x, bias, y, np.int32(rows_per_group), np.int32(features)))
+            (groups * rows_per_group,), (THREADS,),
+            (x, build.optional_array(bias, x.dtype), y, np.int32(rows_per_group), np.int32(features)))
     return y
 
 
-def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool, biased: bool = False) -> tuple[Any, Any]:
-    """Without GELU, x is not read and grad_y is returned as grad_x. biased: x holds x + bias (the kernel
-    is given no bias to add)."""
+def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool, biased: bool = False,
+                  recompute: bool = False) -> tuple[Any, ...]:
+    """(grad_x, grad_bias), and with recompute gelu(x + bias) too. Without GELU, x is not read and grad_y
+    is returned as grad_x. biased: x holds x + bias (the kernel is given no bias to add)."""
     import cupy
 
     groups, rows_per_group, features, type_name, vectorised = _layout(grad_y, bias)
     grad_y, x, bias = (cupy.ascontiguousarray(a) for a in (grad_y, x, bias))
     tiles = (rows_per_group + TILE - 1) // TILE
     grad_pre = cupy.empty(grad_y.shape, grad_y.dtype) if gelu else grad_y
+    hidden = cupy.empty(x.shape, x.dtype) if recompute else None
     partial = cupy.empty((groups, tiles, features), dtype=cupy.float32)
     if partial.size:
         per_load = 16 // grad_y.dtype.itemsize if vectorised == "true" else 1
         build.kernel("bias_gelu.cu", f"bias_backward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
             (tiles, (features // per_load + 31) // 32, groups), (32 * WARPS,),
-            (grad_y, x, build.optional_array(None if biased else bias, bias.dtype), grad_pre, partial,
-             np.int32(rows_per_group), np.int32(features)))
-    return grad_pre, sum_partials(partial, bias.dtype).reshape(bias.shape)
+            (grad_y, x, build.optional_array(None if biased else bias, bias.dtype), grad_pre,
+             build.optional_array(hidden, x.dtype), partial, np.int32(rows_per_group), np.int32(features)))
+    grad_bias = sum_partials(partial, bias.dtype).reshape(bias.shape)
+    return (grad_pre, grad_bias) + ((hidden,) if recompute else ())

@@ -1,23 +1,22 @@
-"""A dense layer with its bias, and GELU, applied where the product is written: y = x @ weight + bias,
-or y = gelu(x @ weight + bias) (GELU's formula: cuda/gelu.py), for x [rows, in], weight [in, out],
-bias [out]; and its backward,
+"""A product with its bias added where the product is written: y = x @ weight + bias, for x [rows, in],
+weight [in, out], bias [out]; and its backward,
 
-    grad_pre  = grad_y * gelu'(pre)   (grad_y itself without GELU),   pre = x @ weight + bias
-    grad_x    = grad_pre @ weight^T,   grad_weight = x^T @ grad_pre,   grad_bias = sum over rows of grad_pre
+    grad_x = grad_y @ weight^T,   grad_weight = x^T @ grad_y,   grad_bias = sum over rows of grad_y
 
-Reference: cuda/gemm.py's products and cuda/bias_gelu.py's kernels, one after the other (the forward
-keeps the product without its bias; the backward recomputes pre from it). GPU: cuBLASLt's epilogues,
-where cuBLASLt has an algorithm for the shapes: the forward's product writes y with the bias added (and
-GELU applied: CUBLASLT_EPILOGUE_GELU_AUX_BIAS, which also writes pre, the backward's input); the
-weight's gradient product also sums grad_pre's rows into the bias gradient (CUBLASLT_EPILOGUE_BGRADA).
-Each saves a pass of its own over a [rows, out] array and a launch. cuBLASLt sums in float32 and rounds
-once: y = round(gelu(x @ weight + bias)) rather than the reference's round(gelu(round(x @ weight) + bias)).
+Reference: cuda/gemm.py's products and cuda/bias_gelu.py's bias kernels, one after the other; also
+what runs for batched products (x [E, C, in], weight [E, in, out], bias [E, 1, out]: the experts). GPU:
+cuBLASLt's epilogues, where cuBLASLt has an algorithm for the shapes: the product writes y with the bias
+added (CUBLASLT_EPILOGUE_BIAS), and the weight's gradient product also sums grad_y's rows into the bias
+gradient (CUBLASLT_EPILOGUE_BGRADA). The first saves a pass over a [rows, out] array and a launch; the
+second runs as a kernel of cuBLASLt's own after the product, about as fast as cuda/bias_gelu.py's.
+cuBLASLt adds the bias to the float32 sums and rounds once: round(x @ weight + bias), not the
+reference's round(round(x @ weight) + bias).
 
 cuBLASLt is called through ctypes, as cuda/gemm.py calls cuBLAS, with the same column-major reading of
 row-major arrays: y [rows, out] is the column-major y^T [out, rows] = weight^T [out, in] @ x^T [in, rows],
 so weight is cuBLASLt's A and x its B; out is "m", rows "n", in "k", and the bias runs along m. The
-weight's gradient [in, out] is the column-major [out, in] = grad_pre^T [out, rows] @ x [rows, in]: A is
-grad_pre (m = out), B is x transposed, and BGRADA sums A over k (the rows).
+weight's gradient [in, out] is the column-major [out, in] = grad_y^T [out, rows] @ x [rows, in]: A is
+grad_y (m = out), B is x transposed, and BGRADA sums A over k (the rows).
 """
 
 from __future__ import annotations
@@ -31,56 +30,52 @@ from minimoe.cuda import bias_gelu, gemm
 
 # cublasLt.h's values
 CUBLAS_COMPUTE_32F = 68
-DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER, DESC_AUX_POINTER, DESC_AUX_LD = 3, 4, 7, 8, 11, 12
+DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 PREFERENCE_MAX_WORKSPACE_BYTES = 1
-EPILOGUE_BIAS, EPILOGUE_GELU_AUX_BIAS, EPILOGUE_BGRADA = 4, 164, 256
+EPILOGUE_BIAS, EPILOGUE_BGRADA = 4, 256
 HEURISTIC_RESULT_BYTES = 96  # cublasLtMatmulHeuristicResult_t: the algorithm (64 bytes) first
 
 
-def linear_forward(x: Any, weight: Any, bias: Any, gelu: bool) -> tuple[Any, Any, bool]:
-    """(y, saved, saved_has_bias): y, and what linear_backward needs besides x and weight: with GELU the
-    product before the activation (with the bias when the epilogue added it, else without), else None."""
+def biased_product(x: Any, weight: Any, bias: Any) -> tuple[Any, bool]:
+    """(x @ weight + bias, True) where cuBLASLt adds the bias in the product's epilogue; else (x @ weight,
+    False), the bias left to the caller (which may add it in a kernel of its own: ops.MLP's GELU)."""
     if _fits(x, weight, bias):
         out = _empty((x.shape[0], weight.shape[1]), x.dtype)
-        pre = _empty(out.shape, out.dtype) if gelu else None
-        if _matmul(_plan(weight, x, out, EPILOGUE_GELU_AUX_BIAS if gelu else EPILOGUE_BIAS, forward=True),
-                   weight, x, out, bias, pre):
-            return out, pre, True
-    product = gemm.matmul(x, weight)
-    if gelu:
-        return bias_gelu.bias_gelu_forward(product, bias), product, False
-    return bias_gelu.bias_add_forward(product, bias), None, False
+        if _matmul(_plan(weight, x, out, EPILOGUE_BIAS, forward=True), weight, x, out, bias):
+            return out, True
+    return gemm.matmul(x, weight), False
 
 
-def linear_backward(grad_y: Any, x: Any, weight: Any, bias: Any, saved: Any, saved_has_bias: bool,
-                    gelu: bool) -> tuple[Any, Any, Any]:
-    """(grad_x, grad_weight, grad_bias) from linear_forward's y gradient and what it saved."""
-    if gelu:
-        grad_pre, grad_bias = bias_gelu.bias_gelu_backward(grad_y, saved, bias, biased=saved_has_bias)
-    else:
-        grad_pre, grad_bias = grad_y, None
-    grad_x = gemm.matmul(grad_pre, weight, transpose_b=True)
-    if grad_bias is None and _fits(x, weight, bias) and grad_pre.flags.c_contiguous:
-        grad_weight = _empty(weight.shape, weight.dtype)
+def linear_forward(x: Any, weight: Any, bias: Any) -> Any:
+    """x @ weight + bias."""
+    product, has_bias = biased_product(x, weight, bias)
+    return product if has_bias else bias_gelu.bias_add_forward(product, bias)
+
+
+def weight_gradients(x: Any, grad_y: Any, bias: Any) -> tuple[Any, Any]:
+    """(grad_weight, grad_bias) = (x^T @ grad_y, grad_y summed over its rows)."""
+    if _fits(x, grad_y, bias):
+        grad_weight = _empty((x.shape[1], grad_y.shape[1]), x.dtype)
         grad_bias = _empty(bias.shape, bias.dtype)
-        if _matmul(_plan(grad_pre, x, grad_weight, EPILOGUE_BGRADA, forward=False), grad_pre, x, grad_weight,
-                   grad_bias, None):
-            return grad_x, grad_weight, grad_bias
-    grad_weight = gemm.matmul(x, grad_pre, transpose_a=True)
-    if grad_bias is None:
-        grad_bias = bias_gelu.bias_add_backward(grad_pre, bias)[1]
-    return grad_x, grad_weight, grad_bias
+        if _matmul(_plan(grad_y, x, grad_weight, EPILOGUE_BGRADA, forward=False), grad_y, x, grad_weight, grad_bias):
+            return grad_weight, grad_bias
+    return gemm.matmul(x, grad_y, transpose_a=True), bias_gelu.bias_add_backward(grad_y, bias)[1]
+
+
+def linear_backward(grad_y: Any, x: Any, weight: Any, bias: Any) -> tuple[Any, Any, Any]:
+    """(grad_x, grad_weight, grad_bias) of linear_forward."""
+    return gemm.matmul(grad_y, weight, transpose_b=True), *weight_gradients(x, grad_y, bias)
 
 
 # ----------------------------------------------------------------------------- GPU: cuBLASLt
 
 
-def _fits(x: Any, weight: Any, bias: Any) -> bool:
-    """cuBLASLt's epilogues take these operands: on the GPU, one dtype (bf16 or float32), C-contiguous 2-D
-    x and weight, a 1-D bias, rows of whole 16-byte vectors (in and out)."""
-    return (is_gpu(x) and x.dtype == weight.dtype == bias.dtype and x.dtype.name in gemm.CUDA_TYPES
-            and x.ndim == 2 and weight.ndim == 2 and bias.ndim == 1 and x.flags.c_contiguous
-            and weight.flags.c_contiguous and all(size * x.dtype.itemsize % 16 == 0 for size in weight.shape))
+def _fits(x: Any, other: Any, bias: Any) -> bool:
+    """cuBLASLt's epilogues take these operands (other: the weight, or grad_y): on the GPU, one dtype
+    (bf16 or float32), C-contiguous 2-D arrays, a 1-D bias, rows of whole 16-byte vectors (in and out)."""
+    return (is_gpu(x) and x.dtype == other.dtype == bias.dtype and x.dtype.name in gemm.CUDA_TYPES
+            and x.ndim == 2 and other.ndim == 2 and bias.ndim == 1 and x.flags.c_contiguous
+            and other.flags.c_contiguous and all(size * x.dtype.itemsize % 16 == 0 for size in (x.shape[1], bias.size)))
 
 
 def _empty(shape: tuple[int, ...], dtype: Any) -> Any:
@@ -126,8 +121,6 @@ def _cached_plan(key: tuple[int, ...]) -> tuple[Any, ...] | None:
     for attribute, value in ((DESC_TRANSA, gemm.CUBLAS_OP_N), (DESC_TRANSB, gemm.CUBLAS_OP_T if transpose_b
                                                                 else gemm.CUBLAS_OP_N), (DESC_EPILOGUE, epilogue)):
         _set(library.cublasLtMatmulDescSetAttribute, descriptor.value, attribute, ctypes.c_int32(value))
-    if epilogue == EPILOGUE_GELU_AUX_BIAS:
-        _set(library.cublasLtMatmulDescSetAttribute, descriptor.value, DESC_AUX_LD, ctypes.c_int64(m))
     layouts = (_layout(data_type, m, k, m), _layout(data_type, n, k, n) if transpose_b else _layout(data_type, k, n, k),
                _layout(data_type, m, n, m))
     preference = ctypes.c_void_p()
@@ -153,9 +146,9 @@ def _plan(a: Any, b: Any, out: Any, epilogue: int, forward: bool) -> tuple[Any, 
     return _cached_plan((out.device.id, gemm.CUDA_TYPES[a.dtype.name], m, n, k, int(not forward), epilogue))
 
 
-def _matmul(plan: tuple[Any, ...] | None, a: Any, b: Any, out: Any, bias: Any, aux: Any) -> bool:
-    """Run a plan: out = A @ B with its epilogue, the bias (or the bias gradient) at `bias` and, for GELU,
-    pre at `aux`. False (nothing run) when the plan is None."""
+def _matmul(plan: tuple[Any, ...] | None, a: Any, b: Any, out: Any, bias: Any) -> bool:
+    """Run a plan: out = A @ B with its epilogue, the bias (or the bias gradient) at `bias`. False (nothing
+    run) when the plan is None."""
     if plan is None:
         return False
     import cupy
@@ -163,8 +156,6 @@ def _matmul(plan: tuple[Any, ...] | None, a: Any, b: Any, out: Any, bias: Any, a
     descriptor, layout_a, layout_b, layout_d, algorithm = plan
     library = _library()
     _set(library.cublasLtMatmulDescSetAttribute, descriptor, DESC_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))
-    if aux is not None:
-        _set(library.cublasLtMatmulDescSetAttribute, descriptor, DESC_AUX_POINTER, ctypes.c_void_p(aux.data.ptr))
     _, workspace = gemm.cublas_handle(out.device.id)
     gemm.check(library.cublasLtMatmul(
         ctypes.c_void_p(_handle(out.device.id)), ctypes.c_void_p(descriptor), ctypes.c_void_p(gemm.ONE_ADDRESS),

@@ -1,7 +1,7 @@
 """The sum of float32 partial sums over their middle axis, cast to a parameter's dtype: the second stage of
 the parameter gradients that sum over every row of a batch (LayerNorm's weight and bias in
-cuda/layernorm.py, the bias of a product in cuda/bias_gelu.py, the gate's weight in cuda/gating.py). Their first stage writes one row of sums
-per slice of rows, [groups, slices, width]; this adds the slices:
+cuda/layernorm.py, the bias of a product in cuda/bias_gelu.py, the gate's weight in cuda/gating.py).
+Their first stage writes one row of sums per slice of rows, [groups, slices, width]; this adds the slices:
 
     out[g, c] = sum_p partial[g, p, c]
 

@@ -108,12 +108,8 @@ class Linear(Module):
         self.weight = Parameter(normal_init((in_features, out_features), std, rng), keep_float32=keep_float32)
         self.bias = Parameter(np.zeros(out_features, np.float32), decay=False) if bias else None
 
-    def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
-        """x @ weight + bias; with gelu, GELU of it (one node with the bias: ops.linear)."""
-        if self.bias is not None:
-            return ops.linear(x, self.weight, self.bias, gelu=gelu)
-        y = x @ self.weight
-        return ops.gelu(y) if gelu else y
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias) if self.bias is not None else x @ self.weight
 
 
 class Embedding(Module):
@@ -159,7 +155,10 @@ class MLP(Module):
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.dropout(self.proj(self.fc(x, gelu=True)), self.dropout, self.training)
+        if self.fc.bias is None:
+            return ops.dropout(self.proj(ops.gelu(self.fc(x))), self.dropout, self.training)
+        out = ops.mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias)
+        return ops.dropout(out, self.dropout, self.training)
 
 
 class CausalSelfAttention(Module):

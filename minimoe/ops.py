@@ -311,59 +311,61 @@ def gelu(x: Tensor) -> Tensor:
     return Gelu.apply(x)
 
 
-class BiasGelu(Function):
-    def forward(ctx, x, bias):
-        ctx.save(x, bias)
-        return bias_gelu_kernels.bias_gelu_forward(x, bias)
-
-    def backward(ctx, grad):
-        return bias_gelu_kernels.bias_gelu_backward(grad, *ctx.saved)
-
-
-def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
-    """gelu(x + bias), fused (bias [features], or [groups, 1, features] for x [groups, rows, features])."""
-    return BiasGelu.apply(x, bias)
-
-
-class BiasAdd(Function):
-    """x + bias with the bias broadcast over the rows; its gradient sums the rows in one kernel pass."""
-
-    def forward(ctx, x, bias):
-        ctx.bias = bias
-        return bias_gelu_kernels.bias_add_forward(x, bias)
-
-    def backward(ctx, grad):
-        return bias_gelu_kernels.bias_add_backward(grad, ctx.bias)
-
-
-def bias_add(x: Tensor, bias: Tensor) -> Tensor:
-    """x + bias (bias [features], or [groups, 1, features] for x [groups, rows, features]), the bias
-    gradient summed by the same kernel family as bias_gelu's."""
-    return BiasAdd.apply(x, bias)
-
-
 class Linear(Function):
-    """x @ weight + bias, or gelu(x @ weight + bias): a dense layer as one node, so that on the GPU the
-    bias and GELU ride in the product's epilogue and the bias gradient in the weight gradient's
-    (cuda/epilogue.py); x [..., in], weight [in, out], bias [out]."""
+    """x @ weight + bias as one node, so that on the GPU the bias rides in the product's epilogue and its
+    gradient in the weight gradient's (cuda/epilogue.py); x [..., in], weight [in, out], bias [out]."""
 
-    def forward(ctx, x, weight, bias, gelu):
+    def forward(ctx, x, weight, bias):
         rows = x.reshape(-1, x.shape[-1])
-        y, saved, saved_has_bias = epilogue.linear_forward(rows, weight, bias, gelu)
-        ctx.save(rows, weight, bias, saved)
-        ctx.gelu, ctx.saved_has_bias, ctx.input_shape = gelu, saved_has_bias, x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[1])
+        ctx.save(rows, weight, bias)
+        ctx.input_shape = x.shape
+        return epilogue.linear_forward(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[1])
 
     def backward(ctx, grad):
-        rows, weight, bias, saved = ctx.saved
-        grad_x, grad_weight, grad_bias = epilogue.linear_backward(
-            grad.reshape(-1, grad.shape[-1]), rows, weight, bias, saved, ctx.saved_has_bias, ctx.gelu)
+        rows, weight, bias = ctx.saved
+        grad_x, grad_weight, grad_bias = epilogue.linear_backward(grad.reshape(-1, grad.shape[-1]), rows, weight,
+                                                                  bias)
         return grad_x.reshape(ctx.input_shape), grad_weight, grad_bias
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False) -> Tensor:
-    """x @ weight + bias (gelu'd with gelu=True) for a 2-D weight and a 1-D bias, in one node."""
-    return Linear.apply(x, weight, bias, gelu=gelu)
+def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x @ weight + bias for a 2-D weight and a 1-D bias, in one node."""
+    return Linear.apply(x, weight, bias)
+
+
+class MLP(Function):
+    """gelu(x @ fc_weight + fc_bias) @ proj_weight + proj_bias, a transformer's feed-forward block, as one
+    node: dense (x [..., d], 2-D weights, 1-D biases) or E experts at once (x [E, C, d], weights [E, d, f]
+    and [E, f, d], biases [E, 1, f] and [E, 1, d]). It keeps the product before GELU from the forward, not
+    the activation after it: the backward recomputes gelu in the pass that takes GELU's gradient (one
+    more write, no more reads), so the activation, the MLP's largest array, is not held from the forward
+    to the backward. (torch.compile makes the same trade for the PyTorch peer of bench train-step.)
+    The 2-D products add their biases in cuBLASLt's epilogue where it runs (cuda/epilogue.py)."""
+
+    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias):
+        rows = x.reshape(-1, x.shape[-1]) if fc_weight.ndim == 2 else x
+        pre, pre_has_bias = epilogue.biased_product(rows, fc_weight, fc_bias)
+        hidden = bias_gelu_kernels.bias_gelu_forward(pre, None if pre_has_bias else fc_bias)
+        y = epilogue.linear_forward(hidden, proj_weight, proj_bias)
+        ctx.save(rows, fc_weight, fc_bias, pre, proj_weight, proj_bias)
+        ctx.pre_has_bias, ctx.input_shape = pre_has_bias, x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def backward(ctx, grad):
+        rows, fc_weight, fc_bias, pre, proj_weight, proj_bias = ctx.saved
+        grad_y = grad.reshape(-1, grad.shape[-1]) if fc_weight.ndim == 2 else grad
+        grad_hidden = gemm.matmul(grad_y, proj_weight, transpose_b=True)
+        grad_pre, grad_fc_bias, hidden = bias_gelu_kernels.bias_gelu_backward_recomputing(
+            grad_hidden, pre, fc_bias, biased=ctx.pre_has_bias)
+        grad_proj_weight, grad_proj_bias = epilogue.weight_gradients(hidden, grad_y, proj_bias)
+        grad_x = gemm.matmul(grad_pre, fc_weight, transpose_b=True)
+        return (grad_x.reshape(ctx.input_shape), gemm.matmul(rows, grad_pre, transpose_a=True), grad_fc_bias,
+                grad_proj_weight, grad_proj_bias)
+
+
+def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor) -> Tensor:
+    """gelu(x @ fc_weight + fc_bias) @ proj_weight + proj_bias in one node (ops.MLP): dense or batched."""
+    return MLP.apply(x, fc_weight, fc_bias, proj_weight, proj_bias)
 
 
 class Softmax(Function):

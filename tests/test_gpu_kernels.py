@@ -84,7 +84,13 @@ def test_gemm_matches_reference(batch, m, k, n, transpose_a, transpose_b, broadc
 @given(groups=st.integers(1, 4), rows=st.integers(1, 300), features=st.integers(1, 200), per_expert=st.booleans(),
        dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
 def test_bias_gelu_and_bias_add_match_reference(groups, rows, features, per_expert, dtype, seed, poison):
-    from minimoe.cuda.bias_gelu import bias_add_backward, bias_add_forward, bias_gelu_backward, bias_gelu_forward
+    from minimoe.cuda.bias_gelu import (
+        bias_add_backward,
+        bias_add_forward,
+        bias_gelu_backward,
+        bias_gelu_backward_recomputing,
+        bias_gelu_forward,
+    )
 
     rng = np.random.default_rng(seed)
     x, x_values = to_gpu(rng.standard_normal((groups, rows, features)) * 2, dtype)
@@ -104,6 +110,22 @@ def test_bias_gelu_and_bias_add_match_reference(groups, rows, features, per_expe
     terms = np.abs(expected_grad_x)
     absolute_sum = terms.sum(axis=1, keepdims=True) if per_expert else terms.reshape(-1, features).sum(axis=0)
     assert_close(to_host(grad_bias), expected_grad_bias, dtype, "bias_gelu grad bias", scale=absolute_sum)
+
+    # x already holding its bias (ops.MLP after cuBLASLt's epilogue): GELU alone, and the backward that
+    # also recomputes the activation, bit for bit what the forward wrote
+    poison_pool(poison)
+    y = bias_gelu_forward(x, None)
+    grad_x, grad_bias, recomputed = bias_gelu_backward_recomputing(grad, x, bias, biased=True)
+    expected_grad_x, expected_grad_bias, expected_y = bias_gelu_backward_recomputing(grad_values, x_values, bias_values,
+                                                                                     biased=True)
+    assert_close(to_host(y), expected_y, dtype, "gelu forward", scale=np.abs(x_values))
+    np.testing.assert_array_equal(to_host(recomputed), to_host(y))
+    assert_close(to_host(grad_x), expected_grad_x, dtype, "gelu grad x (biased)", scale=np.abs(grad_values))
+    assert_close(to_host(grad_bias), expected_grad_bias, dtype, "gelu grad bias (biased)",
+                 scale=np.abs(grad_values).sum(axis=1, keepdims=True) if per_expert
+                 else np.abs(grad_values).reshape(-1, features).sum(axis=0))
+    _, _, recomputed = bias_gelu_backward_recomputing(grad, x, bias)
+    np.testing.assert_array_equal(to_host(recomputed), to_host(bias_gelu_forward(x, bias)))
 
     poison_pool(poison)
     y = bias_add_forward(x, bias)
@@ -321,12 +343,11 @@ def test_moe_layer_on_gpu_matches_cpu_in_float32(k, residual):
 
 
 @given(rows=st.integers(1, 300), width=st.sampled_from([8, 20, 24, 64, 200, 768]),
-       features=st.sampled_from([8, 40, 64, 3072]), gelu=st.booleans(), dtype=dtypes, seed=seeds,
-       poison=st.sampled_from([0xFF, 0x7F]))
-def test_linear_epilogue_matches_reference(rows, width, features, gelu, dtype, seed, poison):
-    """cuda/epilogue.py's dense layer (the bias and GELU in cuBLASLt's epilogue, the bias gradient in the
-    weight gradient's, where cuBLASLt has an algorithm; else the product and cuda/bias_gelu.py's kernels)
-    against the float64 reference: y, then the gradients of x, weight and bias."""
+       features=st.sampled_from([8, 40, 64, 3072]), dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_linear_epilogue_matches_reference(rows, width, features, dtype, seed, poison):
+    """cuda/epilogue.py's product with its bias (the bias in cuBLASLt's epilogue, the bias gradient in
+    the weight gradient's, where cuBLASLt has an algorithm; else the product and cuda/bias_gelu.py's
+    kernels) against the float64 reference: y, then the gradients of x, weight and bias."""
     from minimoe.cuda import epilogue
 
     rng = np.random.default_rng(seed)
@@ -335,22 +356,19 @@ def test_linear_epilogue_matches_reference(rows, width, features, gelu, dtype, s
     bias, bias_values = to_gpu(rng.standard_normal(features), dtype)
     grad, grad_values = to_gpu(rng.standard_normal((rows, features)), dtype)
     poison_pool(poison)
-    y, saved, saved_has_bias = epilogue.linear_forward(x, weight, bias, gelu)
-    expected_y, expected_saved, expected_has_bias = epilogue.linear_forward(x_values, weight_values, bias_values, gelu)
-    assert_close(to_host(y), expected_y, dtype, "linear output")
+    y = epilogue.linear_forward(x, weight, bias)
+    assert_close(to_host(y), epilogue.linear_forward(x_values, weight_values, bias_values), dtype, "linear output")
     poison_pool(poison)
-    grads = epilogue.linear_backward(grad, x, weight, bias, saved, saved_has_bias, gelu)
-    expected = epilogue.linear_backward(grad_values, x_values, weight_values, bias_values, expected_saved,
-                                        expected_has_bias, gelu)
-    magnitude = np.abs(grad_values)  # |grad_pre| up to gelu' <= 1.13: the scales of the sums that cancel
+    grads = epilogue.linear_backward(grad, x, weight, bias)
+    expected = epilogue.linear_backward(grad_values, x_values, weight_values, bias_values)
+    magnitude = np.abs(grad_values)  # the scales of the sums that cancel
     scales = (magnitude @ np.abs(weight_values).T, np.abs(x_values).T @ magnitude, magnitude.sum(axis=0))
     for name, actual, expected_grad, scale in zip(("x", "weight", "bias"), grads, expected, scales):
         assert actual.shape == expected_grad.shape
         assert_close(to_host(actual), expected_grad, dtype, f"linear grad {name}", scale=scale)
 
 
-@pytest.mark.parametrize("gelu", [False, True])
-def test_linear_epilogue_runs_in_cublaslt_at_the_models_shapes(gelu):
+def test_linear_epilogue_runs_in_cublaslt_at_the_models_shapes():
     """At bench train-step's layer shapes, bf16, cuBLASLt has algorithms for both epilogues: the fused
     path runs (else the test above would pass on the fallback alone)."""
     from minimoe.backend import bfloat16
@@ -358,10 +376,38 @@ def test_linear_epilogue_runs_in_cublaslt_at_the_models_shapes(gelu):
 
     cupy = cupy_module()
     x, weight, bias = (cupy.ones(shape, dtype=bfloat16()) for shape in ((64, 768), (768, 3072), (3072,)))
-    y, saved, saved_has_bias = epilogue.linear_forward(x, weight, bias, gelu)
-    assert saved_has_bias
-    grad_pre = cupy.ones(y.shape, y.dtype)
-    assert epilogue._plan(grad_pre, x, weight, epilogue.EPILOGUE_BGRADA, forward=False) is not None
+    product, has_bias = epilogue.biased_product(x, weight, bias)
+    assert has_bias
+    grad_y = cupy.ones(product.shape, product.dtype)
+    assert epilogue._plan(grad_y, x, weight, epilogue.EPILOGUE_BGRADA, forward=False) is not None
+
+
+@given(batched=st.booleans(), groups=st.integers(1, 3), rows=st.integers(1, 70), width=st.sampled_from([20, 64]),
+       hidden=st.sampled_from([24, 256]), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_mlp_op_matches_reference(batched, groups, rows, width, hidden, seed, poison):
+    """ops.mlp in bf16 on the GPU (dense: the biases in cuBLASLt's epilogue where the widths allow;
+    batched experts: the kernels) against the same op in float64 on the host: output and all five
+    gradients, the backward recomputing the GELU the forward did not keep."""
+    from minimoe import ops
+    from minimoe.tensor import Tensor
+
+    rng = np.random.default_rng(seed)
+    experts = (groups,) if batched else ()
+    shapes = ((groups, rows, width), (*experts, width, hidden), (*experts, 1, hidden) if batched else (hidden,),
+              (*experts, hidden, width), (*experts, 1, width) if batched else (width,))
+    scales = (1.0, width**-0.5, 1.0, hidden**-0.5, 1.0)
+    pairs = [to_gpu(rng.standard_normal(shape) * scale, "bfloat16") for shape, scale in zip(shapes, scales)]
+    grad, grad_values = to_gpu(rng.standard_normal((groups, rows, width)), "bfloat16")
+    results = []
+    for arrays, upstream in (([device for device, _ in pairs], grad), ([host for _, host in pairs], grad_values)):
+        poison_pool(poison)
+        tensors = [Tensor(a, requires_grad=True) for a in arrays]
+        out = ops.mlp(*tensors)
+        (out * Tensor(upstream)).sum().backward()
+        results.append([out.data] + [t.grad for t in tensors])
+    for name, actual, expected in zip(("out", "x", "fc weight", "fc bias", "proj weight", "proj bias"), *results):
+        assert actual.shape == expected.shape
+        assert_close(to_host(actual), expected, "bfloat16", f"mlp {name}")
 
 
 @given(rows=st.integers(1, 300), width=st.sampled_from([1, 7, 8, 64, 130, 300, 512, 768, 1024, 2000]), dtype=dtypes,

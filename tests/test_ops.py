@@ -57,17 +57,32 @@ def test_matmul_with_a_transposed_weight_gradients_and_layout(leading, m, k, n, 
     np.testing.assert_allclose(weight.grad, np.ones((leading, m, n)).reshape(-1, n).T @ x.reshape(-1, k))
 
 
-@given(leading=st.integers(1, 3), rows=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 4),
-       gelu=st.booleans(), seed=seeds)
-def test_linear_gradients(leading, rows, k, n, gelu, seed):
-    """ops.linear, the dense layer as one node (x @ w + b, GELU'd or not), against float64 differences,
-    and its value against the ops it fuses."""
+@given(leading=st.integers(1, 3), rows=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 4), seed=seeds)
+def test_linear_gradients(leading, rows, k, n, seed):
+    """ops.linear (x @ w + b as one node) against float64 differences, and its value against x @ w + b."""
     x, w, b = randn(seed, (leading, rows, k)), randn(seed + 1, (k, n)), randn(seed + 2, (n,))
-    check_gradients(lambda *ts: ops.linear(*ts, gelu=gelu), [x, w, b])
+    check_gradients(ops.linear, [x, w, b])
     with no_grad():
-        fused = ops.linear(Tensor(x), Tensor(w), Tensor(b), gelu=gelu).data
-        pre = Tensor(x) @ Tensor(w) + Tensor(b)
-        np.testing.assert_allclose(fused, (ops.gelu(pre) if gelu else pre).data, rtol=1e-12, atol=1e-12)
+        expected = (Tensor(x) @ Tensor(w) + Tensor(b)).data
+        np.testing.assert_allclose(ops.linear(Tensor(x), Tensor(w), Tensor(b)).data, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(batched=st.booleans(), groups=st.integers(1, 3), rows=st.integers(1, 4), width=st.integers(1, 4),
+       hidden=st.integers(1, 5), seed=seeds)
+def test_mlp_gradients(batched, groups, rows, width, hidden, seed):
+    """ops.mlp, the feed-forward block as one node that recomputes its GELU in the backward, against float64
+    differences and against the ops it stands for: dense (2-D weights) or batched experts (3-D)."""
+    experts = (groups,) if batched else ()
+    x = randn(seed, (groups, rows, width))
+    fc_weight, proj_weight = randn(seed + 1, (*experts, width, hidden)), randn(seed + 2, (*experts, hidden, width))
+    fc_bias = randn(seed + 3, (*experts, 1, hidden) if batched else (hidden,))
+    proj_bias = randn(seed + 4, (*experts, 1, width) if batched else (width,))
+    arguments = [x, fc_weight, fc_bias, proj_weight, proj_bias]
+    check_gradients(ops.mlp, arguments)
+    with no_grad():
+        x_, w1, b1, w2, b2 = (Tensor(a) for a in arguments)
+        expected = (ops.gelu(x_ @ w1 + b1) @ w2 + b2).data
+        np.testing.assert_allclose(ops.mlp(x_, w1, b1, w2, b2).data, expected, rtol=1e-12, atol=1e-12)
 
 
 @given(shape=small_shapes, seed=seeds)
@@ -285,19 +300,11 @@ def test_backward_needs_a_scalar_or_a_gradient():
         (Tensor(np.ones(3), requires_grad=True) * 2).backward()
 
 
-@given(groups=st.integers(1, 3), rows=st.integers(1, 4), features=st.integers(1, 5), seed=seeds)
-def test_bias_gelu_and_bias_add_gradients_for_dense_and_per_expert_bias(groups, rows, features, seed):
-    x = randn(seed, (groups, rows, features))
-    check_gradients(ops.bias_gelu, [x, randn(seed + 1, (features,))])
-    check_gradients(ops.bias_gelu, [x, randn(seed + 2, (groups, 1, features))])
-    check_gradients(ops.bias_add, [x, randn(seed + 3, (features,))])
-    check_gradients(ops.bias_add, [x, randn(seed + 4, (groups, 1, features))])
-
-
 def test_a_bias_that_does_not_fit_is_refused_with_both_shapes():
-    x = Tensor(np.ones((2, 3, 4)))
-    for op in (ops.bias_add, ops.bias_gelu):
-        with pytest.raises(ValueError, match=r"bias of shape \(5,\) does not fit x of shape \(2, 3, 4\)"):
-            op(x, Tensor(np.ones(5)))
-        with pytest.raises(ValueError, match=r"expected \(4,\) or \(2, 1, 4\)"):
-            op(x, Tensor(np.ones((3, 1, 4))))
+    x, weight = Tensor(np.ones((2, 3, 4))), Tensor(np.ones((4, 4)))
+    with pytest.raises(ValueError, match=r"bias of shape \(5,\) does not fit x of shape \(6, 4\)"):
+        ops.linear(x, weight, Tensor(np.ones(5)))
+    experts_weight, experts_bias = Tensor(np.ones((2, 4, 4))), Tensor(np.ones((2, 1, 4)))
+    expected = r"\(3, 1, 4\) does not fit x of shape \(2, 3, 4\): expected \(4,\) or \(2, 1, 4\)"
+    with pytest.raises(ValueError, match=expected):
+        ops.mlp(x, experts_weight, Tensor(np.ones((3, 1, 4))), experts_weight, experts_bias)

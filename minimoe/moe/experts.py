@@ -27,5 +27,4 @@ class Experts(Module):
             parameter.data = parameter.data[first:first + count].copy()
 
     def forward(self, buffer: Tensor) -> Tensor:
-        hidden = ops.bias_gelu(buffer @ self.fc_weight, self.fc_bias)
-        return ops.bias_add(hidden @ self.proj_weight, self.proj_bias)
+        return ops.mlp(buffer, self.fc_weight, self.fc_bias, self.proj_weight, self.proj_bias)
