@@ -6,6 +6,10 @@ x is [..., rows, features] with bias [features] (a dense layer) or x [groups, ro
 bias) with GELU, grad_y itself without) and grad_bias, grad_x summed over the rows (accumulated in at
 least float32). GPU: cuda/bias_gelu.cu, one pass over the data each way: the add, the GELU and the
 bias gradient's row sums never take passes of their own.
+
+Two variants serve ops.MLP, which keeps the product before GELU and not the activation: x that already
+holds its bias (cuBLASLt added it, cuda/epilogue.py: bias None in the forward, biased=True in the
+backward), and a backward that also writes y = gelu(x + bias) again, the bits the forward wrote.
 """
 
 from __future__ import annotations
@@ -36,15 +40,15 @@ def bias_gelu_forward(x: Any, bias: Any | None) -> Any:
     return gelu_forward(x + bias)
 
 
-def bias_gelu_backward(grad_y: Any, x: Any, bias: Any, biased: bool = False) -> tuple[Any, Any]:
-    """(grad_x, grad_bias) with grad_bias summed over the rows in float32, then cast to bias's dtype.
-    biased: x already holds x + bias (a product's epilogue added it: cuda/epilogue.py)."""
-    return _gelu_backward(grad_y, x, bias, biased, recompute=False)
+def bias_gelu_backward(grad_y: Any, x: Any, bias: Any) -> tuple[Any, Any]:
+    """(grad_x, grad_bias) with grad_bias summed over the rows in float32, then cast to bias's dtype."""
+    return _gelu_backward(grad_y, x, bias, biased=False, recompute=False)
 
 
 def bias_gelu_backward_recomputing(grad_y: Any, x: Any, bias: Any, biased: bool = False) -> tuple[Any, Any, Any]:
     """(grad_x, grad_bias, y): bias_gelu_backward's two, and y = gelu(x + bias) recomputed in the same pass
-    (one more write, no more reads): for an MLP that keeps x, not y, from its forward (ops.MLP)."""
+    (one more write, no more reads): for an MLP that keeps x, not y, from its forward (ops.MLP). biased:
+    x already holds x + bias (a product's epilogue added it: cuda/epilogue.py)."""
     return _gelu_backward(grad_y, x, bias, biased, recompute=True)
 
 

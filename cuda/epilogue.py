@@ -112,7 +112,7 @@ def _layout(data_type: int, rows: int, columns: int, leading: int) -> int:
 def _cached_plan(key: tuple[int, ...]) -> tuple[Any, ...] | None:
     """(descriptor, layouts A, B, D, algorithm) of one product and epilogue, or None when cuBLASLt has no
     algorithm for it. key: (device, data type, m, n, k, whether B is transposed, epilogue). The
-    descriptor's bias and aux pointers are set by each call (_matmul)."""
+    descriptor's bias pointer is set by each call (_matmul)."""
     device, data_type, m, n, k, transpose_b, epilogue = key
     library = _library()
     descriptor = ctypes.c_void_p()
@@ -140,7 +140,7 @@ def _cached_plan(key: tuple[int, ...]) -> tuple[Any, ...] | None:
 
 def _plan(a: Any, b: Any, out: Any, epilogue: int, forward: bool) -> tuple[Any, ...] | None:
     """The plan of out = a-and-b's product with `epilogue`: the forward's (weight, x) as cuBLASLt's (A, B),
-    both as they are; the weight gradient's (grad_pre, x), B transposed."""
+    both as they are; the weight gradient's (grad_y, x), B transposed."""
     m = a.shape[1]
     n, k = (b.shape[0], b.shape[1]) if forward else (b.shape[1], b.shape[0])
     return _cached_plan((out.device.id, gemm.CUDA_TYPES[a.dtype.name], m, n, k, int(not forward), epilogue))
@@ -156,7 +156,7 @@ def _matmul(plan: tuple[Any, ...] | None, a: Any, b: Any, out: Any, bias: Any) -
     descriptor, layout_a, layout_b, layout_d, algorithm = plan
     library = _library()
     _set(library.cublasLtMatmulDescSetAttribute, descriptor, DESC_BIAS_POINTER, ctypes.c_void_p(bias.data.ptr))
-    _, workspace = gemm.cublas_handle(out.device.id)
+    _, workspace = gemm.cublas_handle(out.device.id)  # shared: both libraries run on the caller's stream, in turn
     gemm.check(library.cublasLtMatmul(
         ctypes.c_void_p(_handle(out.device.id)), ctypes.c_void_p(descriptor), ctypes.c_void_p(gemm.ONE_ADDRESS),
         ctypes.c_void_p(a.data.ptr), ctypes.c_void_p(layout_a), ctypes.c_void_p(b.data.ptr), ctypes.c_void_p(layout_b),
