@@ -131,9 +131,8 @@ def _gpu_backward(grad_y: Any, x: Any, bias: Any, gelu: bool, biased: bool = Fal
     hidden = cupy.empty(x.shape, x.dtype) if recompute else None
     partial = cupy.empty((groups, tiles, features), dtype=cupy.float32)
     if partial.size:
-        per_load = 16 // grad_y.dtype.itemsize if vectorised == "true" else 1
         build.kernel("bias_gelu.cu", f"bias_backward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
-            (tiles, (features // per_load + 31) // 32, groups), (32 * WARPS,),
+            (tiles, (features // build.per_load(grad_y) + 31) // 32, groups), (32 * WARPS,),
             (grad_y, x, build.optional_array(None if biased else bias, bias.dtype), grad_pre,
              build.optional_array(hidden, x.dtype), partial, np.int32(rows_per_group), np.int32(features)))
     grad_bias = sum_partials(partial, bias.dtype).reshape(bias.shape)

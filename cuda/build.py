@@ -52,6 +52,12 @@ def row_vectors(array: Any) -> str:
     return "true" if (array.shape[-1] * array.dtype.itemsize) % 16 == 0 else "false"
 
 
+def per_load(array: Any) -> int:
+    """Elements of the array's rows that one Row<T, VEC> load reads: a 16-byte vector where row_vectors
+    says so, else one."""
+    return 16 // array.dtype.itemsize if row_vectors(array) == "true" else 1
+
+
 def register(filename: str, *name_expressions: str, constants: dict[str, int] | None = None) -> None:
     """Declare the (templated) kernel names a .cu file must export, and the compile-time constants its
     Python side also uses (tile sizes, threads per block): defined once, in the .py file, and given to the

@@ -66,6 +66,7 @@ def loaded_library(name: str) -> ctypes.CDLL:
     return ctypes.CDLL(sorted(paths)[0])
 
 
+@functools.cache
 def _library() -> ctypes.CDLL:
     library = loaded_library("libcublas")
     library.cublasGemmStridedBatchedEx.argtypes = _GEMM_ARGUMENTS

@@ -94,8 +94,7 @@ def _gpu_launch(name: str, cache_k: Any, cache_v: Any, qkv: Any, slot: Any, star
         if out is None:
             kernel((n * length, heads), (min(width, THREADS),), (cache_k, cache_v, qkv, slot, start, *sizes))
         else:  # shared memory: scores [L], the query [D], the thread groups' sums [parts][D]
-            per_load = 16 // qkv.dtype.itemsize if build.row_vectors(qkv) == "true" else 1
-            parts = THREADS // min(-(-width // per_load), THREADS)
+            parts = THREADS // min(-(-width // build.per_load(qkv)), THREADS)
             kernel((n * length, heads), (THREADS,), (cache_k, cache_v, qkv, slot, start, out, *sizes,
                                                      np.float32(1.0 / width**0.5)),
                    shared_mem=4 * (context + width + parts * width))

@@ -78,10 +78,8 @@ def layernorm_backward(
 def _row_kernel(kind: str, x: Any) -> str:
     """The name of layernorm_<kind> for x's rows: its type, whether its rows are read in 16-byte vectors,
     and the pieces of a row a lane holds in registers (0 where the row is too wide to hold)."""
-    vectorised = build.row_vectors(x)
-    per_load = 16 // x.dtype.itemsize if vectorised == "true" else 1
-    held = -(-x.shape[-1] // (32 * per_load))
-    return f"layernorm_{kind}<{build.type_name(x)}, {vectorised}, {held if held <= MAX_HELD else 0}>"
+    held = -(-x.shape[-1] // (32 * build.per_load(x)))
+    return f"layernorm_{kind}<{build.type_name(x)}, {build.row_vectors(x)}, {held if held <= MAX_HELD else 0}>"
 
 
 def _gpu_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any, Any]:
