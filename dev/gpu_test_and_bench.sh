@@ -12,7 +12,7 @@
 #   k=EXPR       the gpu-marked tests whose names match pytest's -k EXPR (the script stops if one fails)
 #   flash        the attention kernels' tests and the training tests (the script stops if one fails)
 #   train-step-alone  bench train-step without its PyTorch peers
-#   breakdown    bench train-step --no-peers --breakdown: minimoe's step by part of the model
+#   breakdown    bench train-step --breakdown: the step by part of the model, minimoe's and the compiled peer's
 #   attention    bench attention: flash against materialised attention, chunked against materialised loss
 #   serve        bench serve (the server's wheels, which the device lacks, from .whl/serve: fastapi,
 #                starlette, uvicorn, pydantic and its two helpers, downloaded here with pip download)
@@ -85,7 +85,7 @@ for what in "$@"; do
     train-step-alone)
       timeout 120 python3 -m minimoe.cli bench train-step --no-peers 2>&1 | grep -v Warning | tee "$out/bench_train-step-alone.log" ;;
     breakdown)
-      timeout 150 python3 -m minimoe.cli bench train-step --no-peers --breakdown 2>&1 | grep -v Warning |
+      timeout 480 python3 -m minimoe.cli bench train-step --breakdown 2>&1 | grep -v Warning |
         tee "$out/bench_train-step-breakdown.log" ;;
     attention)
       timeout 120 python3 -m minimoe.cli bench attention 2>&1 | grep -v Warning | tee "$out/bench_attention.log" ;;

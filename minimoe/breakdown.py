@@ -101,13 +101,21 @@ def timed(name: str, phase: str) -> contextlib.AbstractContextManager:
 
 
 def step_table(step: Callable[[], Any], steps: int) -> list[str]:
-    """Lines of a table: step() run `steps` times under measure(), its spans by part (forward, backward,
-    update) in milliseconds per step, their share of the step, and the step's time outside any span."""
+    """Lines of a table: step() run `steps` times under measure(), its spans by part (table())."""
     with measure() as spans:
         for _ in range(steps):
             with timed("step", "all"):
                 step()
     seconds = {key: value / steps for key, value in spans.seconds().items()}
+    return table(seconds, f"{1e3 * seconds['step', 'all']:.2f} ms, measured; spans add host time per op")
+
+
+def table(seconds: dict[tuple[str, str], float], step: str) -> list[str]:
+    """Lines of a table from seconds per step by (part, phase), ("step", "all") the whole step's: each
+    part's forward, backward and update in milliseconds, its share of the step, and the step's time
+    outside any span; `step` says what the step's time is (bench train-step --breakdown also gives it the
+    PyTorch peer's kernel time by part)."""
+    seconds = dict(seconds)
     total = seconds.pop(("step", "all"))
     parts = sorted({name for name, _ in seconds}, key=lambda name: -sum(v for k, v in seconds.items() if k[0] == name))
     lines = [f"{'part':<22}{'forward ms':>12}{'backward ms':>13}{'update ms':>11}{'share':>8}"]
@@ -116,6 +124,6 @@ def step_table(step: Callable[[], Any], steps: int) -> list[str]:
         lines.append(f"{name:<22}" + "".join(f"{1e3 * t:>{w}.2f}" for t, w in zip(times, (12, 13, 11)))
                      + f"{100 * sum(times) / total:>7.1f}%")
     outside = total - sum(seconds.values())
-    lines.append(f"{'outside any op':<58}{100 * outside / total:>7.1f}%   ({1e3 * outside:.2f} ms)")
-    lines.append(f"{'step':<58}{'':>8}   ({1e3 * total:.2f} ms, measured; spans add host time per op)")
+    lines.append(f"{'outside any span':<58}{100 * outside / total:>7.1f}%   ({1e3 * outside:.2f} ms)")
+    lines.append(f"{'step':<58}{'':>8}   ({step})")
     return lines

@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dropless", action="store_true", help="moe-layer: no capacity, no dropped tokens")
     bench.add_argument("--no-peers", action="store_true", help="moe-layer, decode, train-step: time minimoe only")
     bench.add_argument("--breakdown", action="store_true",
-                       help="train-step, cpu-step: also minimoe's step by part of the model (minimoe/breakdown.py)")
+                       help="train-step, cpu-step: also the step by part of the model (minimoe/breakdown.py); "
+                            "train-step: the compiled peer's too")
     bench.add_argument("--batches", default="1,8,64,256", help="decode: batch sizes, comma-separated")
     bench.add_argument("--clients", type=int, default=64, help="serve: concurrent clients")
     bench.add_argument("--requests", type=int, default=256, help="serve: requests in all")

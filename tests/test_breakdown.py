@@ -37,4 +37,4 @@ def test_step_table_lists_every_part_once():
     tokens = np.random.default_rng(1).integers(0, 11, (2, 8))
     lines = breakdown.step_table(lambda: model(tokens, tokens).loss.backward(), steps=2)
     assert sorted(line.split("  ")[0].strip() for line in lines[1:-2]) == sorted(PARTS)
-    assert lines[-2].startswith("outside any op") and lines[-1].startswith("step")
+    assert lines[-2].startswith("outside any span") and lines[-1].startswith("step")

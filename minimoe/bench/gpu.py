@@ -19,8 +19,10 @@ Correctness first: the bf16 layer's output against the same layer in float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -527,53 +529,89 @@ def _minimoe_train_step(tokens: Any, targets: Any, graphs: bool) -> tuple[Callab
     return step, memory_gib, model.num_parameters()
 
 
-def _torch_train_step(tokens: Any, targets: Any, grouped: bool, compiled: bool) -> Callable[[], Any]:
+def _torch_train_step(tokens: Any, targets: Any, grouped: bool, compiled: bool,
+                      parts: TorchParts | None = None) -> Callable[[], Any]:
     """The same GPT-MoE in PyTorch: pre-LayerNorm blocks, fused SDPA attention, tanh-GELU MLPs, top-2
     softmax MoE in every other block, tied embeddings; bf16 autocast with float32 weights. grouped: the
     MoE as _grouped_moe (torchtitan's) with the fused AdamW, the peer a PyTorch user who cares about speed
     runs; else the naive loop over experts (_eager_moe) with the default multi-tensor AdamW. compiled:
-    the model under torch.compile."""
+    the model under torch.compile. parts: mark every part of the model for the profiler (TorchParts);
+    each part is then compiled on its own, as the hooks that mark it must run outside compiled code.
+
+    The model is cut where minimoe's is (breakdown.py's parts), each part a module with a `part` name:
+    the embeddings, every LayerNorm with the residual add before it (minimoe's add_and_normalise; inductor
+    fuses the two as well), attention, the MLP or MoE, and the tied output layer with the loss. A part
+    takes the weights it shares as arguments, so their gradients count in the part."""
     import torch
     import torch.nn.functional as F
 
     width, heads, layers = STEP_MODEL["n_embd"], STEP_MODEL["n_head"], STEP_MODEL["n_layer"]
     experts, vocab, length = STEP_MODEL["experts_per_layer"][0], STEP_MODEL["vocab_size"], STEP_MODEL["block_size"]
 
-    def mlp() -> Any:
-        return torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(approximate="tanh"),
-                                   torch.nn.Linear(4 * width, width))
+    class Embedding(torch.nn.Module):
+        part = "embedding"
 
-    def moe() -> Any:
-        build = _grouped_module if grouped else _loop_module
-        return build(width, 4 * width, experts, 2, torch.float32)
+        def forward(self, idx: Any, wte: Any, wpe: Any) -> Any:
+            return F.embedding(idx, wte) + wpe[:idx.shape[1]]
 
-    class Block(torch.nn.Module):
-        def __init__(self, is_moe: bool) -> None:
+    class AddNorm(torch.nn.Module):
+        part = "layernorm"
+
+        def __init__(self) -> None:
             super().__init__()
-            self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
-            self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
-            self.mlp = moe() if is_moe else mlp()
+            self.ln = torch.nn.LayerNorm(width)
 
-        def forward(self, x: Any) -> Any:
-            batch, steps, _ = x.shape
-            q, k, v = self.qkv(self.ln_1(x)).view(batch, steps, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        def forward(self, x: Any, y: Any = None) -> tuple[Any, Any]:
+            """The residual stream plus a block's output y (none before the first block), and its LayerNorm."""
+            x = x if y is None else x + y
+            return x, self.ln(x)
+
+    class Attention(torch.nn.Module):
+        part = "attention"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+        def forward(self, h: Any) -> Any:
+            batch, steps, _ = h.shape
+            q, k, v = self.qkv(h).view(batch, steps, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.proj(attended.transpose(1, 2).reshape(batch, steps, width))
-            return x + self.mlp(self.ln_2(x))
+            return self.proj(attended.transpose(1, 2).reshape(batch, steps, width))
+
+    class Output(torch.nn.Module):
+        part = "output layer, loss"
+
+        def forward(self, h: Any, wte: Any, targets: Any) -> Any:
+            logits = h @ wte.T  # tied: the output layer is the embedding matrix
+            return F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
+
+    def feed_forward(is_moe: bool) -> Any:
+        if is_moe:
+            module = (_grouped_module if grouped else _loop_module)(width, 4 * width, experts, 2, torch.float32)
+            module.part = "moe"
+        else:
+            module = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(approximate="tanh"),
+                                         torch.nn.Linear(4 * width, width))
+            module.part = "mlp"
+        return module
 
     class GPT(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.wte, self.wpe = torch.nn.Embedding(vocab, width), torch.nn.Embedding(length, width)
-            self.blocks = torch.nn.ModuleList(Block((i + 1) % 2 == 0) for i in range(layers))
-            self.ln_f = torch.nn.LayerNorm(width)
+            self.wte = torch.nn.Parameter(torch.empty(vocab, width))
+            self.wpe = torch.nn.Parameter(torch.empty(length, width))
+            self.embedding, self.output = Embedding(), Output()
+            self.norms = torch.nn.ModuleList(AddNorm() for _ in range(2 * layers + 1))  # ln_1, ln_2 ..., ln_f
+            self.attentions = torch.nn.ModuleList(Attention() for _ in range(layers))
+            self.feed_forwards = torch.nn.ModuleList(feed_forward((i + 1) % 2 == 0) for i in range(layers))
 
         def forward(self, idx: Any, targets: Any) -> Any:
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-            for block in self.blocks:
-                x = block(x)
-            logits = self.ln_f(x) @ self.wte.weight.T
-            return F.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
+            x, h = self.norms[0](self.embedding(idx, self.wte, self.wpe))
+            for layer, (attention, feed_forward) in enumerate(zip(self.attentions, self.feed_forwards)):
+                x, h = self.norms[2 * layer + 1](x, attention(h))
+                x, h = self.norms[2 * layer + 2](x, feed_forward(h))
+            return self.output(h, self.wte, targets)
 
     model = GPT().cuda()
     for parameter in model.parameters():
@@ -581,18 +619,111 @@ def _torch_train_step(tokens: Any, targets: Any, grouped: bool, compiled: bool) 
             torch.nn.init.normal_(parameter, std=0.02)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=grouped or None)
     idx, tgt = torch.as_tensor(tokens, device="cuda"), torch.as_tensor(targets, device="cuda")
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if compiled and parts is None else model
+    if parts is not None:
+        # Every part compiled on its own; the 25 LayerNorms (and the 12 attentions) are one code object,
+        # which would pass the default limit on recompilations and fall back to eager.
+        torch._dynamo.config.recompile_limit = 64
+        for module in model.modules():
+            if hasattr(module, "part"):
+                if compiled:
+                    module.forward = torch.compile(module.forward)
+                parts.hook(module, module.part)
+
+    def update() -> None:
+        with parts.timed("optimizer", "update") if parts is not None else contextlib.nullcontext():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     def step() -> Any:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = forward(idx, tgt)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update()
         return loss.detach()
 
     return step
+
+
+class TorchParts:
+    """The PyTorch peer's kernel time by part of the model. Module hooks open a profiler range when a
+    part's forward starts (forward pre-hook) and close it when it ends (forward hook); its backward
+    likewise, from its full backward pre-hook (the gradient of its outputs is there) to its full backward
+    hook (the gradient of its inputs is). torch.profiler ties every kernel to the range it was launched
+    in, so a part's time is the sum of its kernels' durations: GPU time without the host's gaps between
+    them, which kernel_ms() gives for the whole step."""
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[int, str], Any] = {}
+
+    def hook(self, module: Any, name: str) -> None:
+        import torch
+
+        def enter(phase: str) -> Callable[..., None]:
+            def hook(*_: Any) -> None:  # (a hook that returns something replaces the module's output)
+                self.open[id(module), phase] = torch.profiler.record_function(f"{name}|{phase}").__enter__()
+            return hook
+
+        def leave(phase: str) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                self.open.pop((id(module), phase)).__exit__(None, None, None)
+            return hook
+
+        module.register_forward_pre_hook(enter("forward"))
+        module.register_forward_hook(leave("forward"))
+        module.register_full_backward_pre_hook(enter("backward"))
+        module.register_full_backward_hook(leave("backward"))
+
+    @staticmethod
+    def timed(name: str, phase: str) -> Any:
+        import torch
+
+        return torch.profiler.record_function(f"{name}|{phase}")
+
+    @staticmethod
+    def profile(step: Callable[[], Any], steps: int) -> tuple[dict[tuple[str, str], float], float]:
+        """step() run `steps` times under torch.profiler: (kernel seconds per step by (part, phase) of
+        the ranges named "part|phase", all kernel seconds per step)."""
+        import torch
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        seconds: dict[tuple[str, str], float] = defaultdict(float)
+        kernels = 0.0
+        for event in profiler.events():
+            if event.device_type != torch.autograd.DeviceType.CPU:
+                continue  # (the ranges' mirrors on the GPU's timeline)
+            kernels += event.self_device_time_total / 1e6 / steps  # every kernel counts in one op, its launcher
+            if event.name.count("|") == 1:
+                name, phase = event.name.split("|")
+                seconds[name, phase] += event.device_time_total / 1e6 / steps
+        return dict(seconds), kernels
+
+
+def _torch_breakdown(inputs: Any, targets: Any, steps: int = 5) -> list[str]:
+    """Lines on the compiled grouped_mm peer's step: its kernel time by part (TorchParts, every part
+    compiled on its own, as the hooks must run outside compiled code), then the whole model compiled:
+    its kernel time against its step's time."""
+    parts = TorchParts()
+    step = _torch_train_step(inputs, targets, grouped=True, compiled=True, parts=parts)
+    for _ in range(3):  # compiles, then warms up
+        step()
+    seconds, kernels = parts.profile(step, steps)
+    part_ms = torch_ms(step, warmup=0, repeats=10)
+    lines = breakdown.table({**seconds, ("step", "all"): kernels}, f"{1e3 * kernels:.2f} ms of kernels")
+    lines.append(f"(with every part compiled on its own, a step takes {part_ms:.1f} ms)")
+    whole = _torch_train_step(inputs, targets, grouped=True, compiled=True)
+    for _ in range(3):
+        whole()
+    whole_ms = torch_ms(whole, warmup=0, repeats=10)
+    _, whole_kernels = TorchParts.profile(whole, steps)
+    lines.append(f"the whole model compiled: {1e3 * whole_kernels:.2f} ms of kernels in a {whole_ms:.1f} ms step "
+                 f"(the GPU waits {whole_ms - 1e3 * whole_kernels:.2f} ms a step for the host)")
+    return lines
 
 
 def bench_train_step(args: argparse.Namespace) -> None:
@@ -654,6 +785,9 @@ def bench_train_step(args: argparse.Namespace) -> None:
         fastest = min(minimoe_ms, key=minimoe_ms.get)
         print(f"minimoe's throughput ({fastest}) is {peers[best] / minimoe_ms[fastest]:.2f}x the strongest peer's "
               f"({best})")
+    if args.breakdown:
+        print("The compiled grouped_mm peer's kernel time by part of the model, per step (torch.profiler, 5 steps):")
+        print("\n".join(_torch_breakdown(inputs, targets)))
 
 
 def _peak_gib(fn: Callable[[], Any]) -> float:
