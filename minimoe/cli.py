@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="cpu-step: timed steps (after 2 warm-up steps)")
     bench.add_argument("--k", type=int, choices=[1, 2], help="moe-layer: top-k (default: both)")
     bench.add_argument("--dropless", action="store_true", help="moe-layer: no capacity, no dropped tokens")
-    bench.add_argument("--no-peers", action="store_true", help="moe-layer, decode, train-step: time minimoe only")
+    bench.add_argument("--no-peers", action="store_true",
+                       help="moe-layer, decode, train-step, attention: time minimoe only")
     bench.add_argument("--breakdown", action="store_true",
                        help="train-step, cpu-step: also the step by part of the model (minimoe/breakdown.py); "
                             "train-step: the compiled peer's too")

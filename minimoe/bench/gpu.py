@@ -847,6 +847,28 @@ def bench_attention(args: argparse.Namespace) -> None:
                      ("output layer + loss, chunked", chunked), ("output layer + loss, logits materialised", logits)):
         gib = _peak_gib(fn)
         print(f"{name:<58}{event_ms(fn, warmup=2, repeats=10):>8.2f}{gib:>10.2f}")
+    if not args.no_peers:
+        print(_sdpa_peer(q, k, v, grad))
+
+
+def _sdpa_peer(q: Any, k: Any, v: Any, grad: Any) -> str:
+    """The row of PyTorch's fused attention (scaled_dot_product_attention, causal, the backend PyTorch
+    picks) on the same q, k, v [B, H, T, D] and output gradient, forward + backward, in bench attention's
+    table (its memory column left out: PyTorch's pool is not CuPy's)."""
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        q, k, v = (torch.from_dlpack(a).detach().requires_grad_() for a in (q, k, v))
+        grad = torch.from_dlpack(grad)
+
+        def sdpa() -> None:  # (the gradients as new arrays, as minimoe's: autograd.grad adds into no .grad)
+            torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
+
+        name = f"attention, PyTorch {torch.__version__} scaled_dot_product_attention"
+        return f"{name:<58}{torch_ms(sdpa, 2, 10):>8.2f}"
+    except Exception as error:  # a peer that cannot run here is reported, not fatal
+        return f"attention, PyTorch scaled_dot_product_attention: could not run: {type(error).__name__}: {error}"
 
 
 BENCHMARKS = {"moe-layer": bench_moe_layer, "gating": bench_gating, "dispatch": bench_dispatch,
