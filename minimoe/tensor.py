@@ -23,6 +23,7 @@ import numpy as np
 
 from minimoe import backend, breakdown
 from minimoe.cuda.accumulate import add_gradients
+from minimoe.cuda.embedding import RowGradient
 
 _grad_enabled = True
 
@@ -96,7 +97,7 @@ class Tensor:
                 if isinstance(parent, Tensor) and parent.requires_grad and parent_grad is not None:
                     parent_grad = unbroadcast(parent_grad, parent.shape)
                     if parent.creator is None:  # a leaf: the gradient stays on the tensor
-                        parent.grad = parent_grad if parent.grad is None else add_gradients(parent.grad, parent_grad)
+                        parent.grad = sum_gradients(parent.grad, parent_grad)
                     else:  # an intermediate: it waits in its creator until that Function's turn
                         parent.creator.add_output_grad(parent.output_index, parent_grad)
             # The Function's saved arrays and gradients are not needed again: unlinking it from its outputs
@@ -199,8 +200,7 @@ class Function:
         return cls()(*inputs, **options)
 
     def add_output_grad(ctx, index: int, grad: Any) -> None:
-        current = ctx.output_grads[index]
-        ctx.output_grads[index] = grad if current is None else add_gradients(current, grad)
+        ctx.output_grads[index] = sum_gradients(ctx.output_grads[index], grad)
 
     def release(ctx) -> None:
         """Unlink from the outputs and drop everything forward saved (after backward has run)."""
@@ -230,6 +230,14 @@ def _topological_order(root: Function) -> list[Function]:
             if isinstance(parent, Tensor) and parent.creator is not None and id(parent.creator) not in visited:
                 stack.append((parent.creator, False))
     return order
+
+
+def sum_gradients(current: Any, grad: Any) -> Any:
+    """The tape's sum of two gradients of one tensor (current: None before the first). An embedding's
+    comes as the rows it read (RowGradient), which add into a dense gradient without one of their own."""
+    if isinstance(grad, RowGradient):
+        return grad.dense() if current is None else grad.added_to(current)
+    return grad if current is None else add_gradients(current, grad)
 
 
 def unbroadcast(grad: Any, shape: tuple[int, ...]) -> Any:

@@ -607,6 +607,29 @@ def test_add_gradients_matches_reference(shape, offset, dtype, seed, poison):
                  scale=np.abs(a_values) + np.abs(b_values))
 
 
+@given(rows=st.integers(1, 300), vocab=st.integers(1, 50), width=st.sampled_from([1, 3, 64, 768]), dtype=dtypes,
+       seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_embedding_row_gradient_adds_into_a_dense_gradient(rows, vocab, width, dtype, seed, poison):
+    """A lookup's gradient (the rows it read, indices repeating when the table has fewer rows than were
+    read) added into the table's gradient: each row's float32 sum added with one rounding. The sums'
+    scratch comes from the poisoned pool, so a row the kernels did not zero shows; the gradient given is
+    left as it was (the tape may hold it elsewhere too)."""
+    from minimoe.cuda.embedding import RowGradient
+
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, vocab, rows)
+    grad, grad_values = to_gpu(rng.standard_normal((vocab, width)), dtype)
+    row_grads, row_values = to_gpu(rng.standard_normal((rows, width)), dtype)
+    expected, magnitude = grad_values.copy(), np.abs(grad_values)
+    np.add.at(expected, indices, row_values)
+    np.add.at(magnitude, indices, np.abs(row_values))
+    poison_pool(poison)
+    out = RowGradient(row_grads, cupy_module().asarray(indices), vocab).added_to(grad)
+    assert out.shape == grad.shape and out.dtype == grad.dtype
+    assert_close(to_host(out), expected, dtype, "RowGradient.added_to", scale=magnitude)
+    np.testing.assert_array_equal(to_host(grad), grad_values)
+
+
 def test_multi_tensor_adamw_with_a_nan_scale_writes_nothing():
     """A NaN scale (clip_scale's answer to a non-finite loss or norm) leaves values, moments and working
     copies untouched: the refusal a CUDA graph of the step relies on."""

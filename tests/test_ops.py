@@ -202,6 +202,15 @@ def test_embedding_gradients_with_repeated_indices(vocab, width, batch, length, 
     check_gradients(lambda w: ops.embedding_lookup(w, indices), [randn(seed, (vocab, width))])
 
 
+@given(vocab=st.integers(1, 6), width=st.integers(1, 4), length=st.integers(1, 5), seed=seeds)
+def test_tied_embedding_gradients(vocab, width, length, seed):
+    """The table read by a lookup and multiplied as an output layer, as GPT ties them: the lookup's
+    gradient (the rows it read) meets the product's dense one on the tape, whichever comes first."""
+    indices = np.random.default_rng(seed).integers(0, vocab, length)
+    check_gradients(lambda w: ops.embedding_lookup(w, indices) @ w.transpose(), [randn(seed, (vocab, width))])
+    check_gradients(lambda w: w @ ops.embedding_lookup(w, indices).transpose(), [randn(seed, (vocab, width))])
+
+
 @given(shape=small_shapes, p=st.floats(0.1, 0.9), seed=seeds)
 def test_dropout_gradients_and_keep_rate(shape, p, seed):
     x = randn(seed, shape)
