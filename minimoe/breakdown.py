@@ -5,12 +5,14 @@ Inside `with breakdown.measure() as spans:`, every autograd op (tensor.Function)
 and its backward run, and the time goes to the part of the model that was current when the op ran
 forward: a module names its part in its class (nn.Module.part, e.g. "attention"; its calls then run
 inside `breakdown.part(name)`, the innermost part winning), so an op's backward counts where its
-forward did. Code that is no op (the optimizer's update) is timed with
+forward did, with the tape's sums of the gradients it hands on (an embedding's rows added into the tied
+table's gradient, the residual stream's two gradients). Code that is no op (the optimizer's update) is timed with
 `breakdown.timed(part, phase)`. On the GPU a span is two CUDA events on the current stream around the
 op, so it is the GPU's time from the op's first launch to its last, waits for the host in between
 included; on the CPU it is the wall clock. What no span covers (gaps between ops) is the step's time
-minus the spans'. Outside measure() the hooks cost an op two reads of this module's globals (`current`,
-`active`); inside, the events cost some host time per op, so the step is a little slower than unmeasured.
+minus the spans'. Outside measure() the hooks cost an op a few reads of this module's globals
+(`current`, `active`) and a shared context that does nothing; inside, the events cost some host time per
+op, so the step is a little slower than unmeasured.
 """
 
 from __future__ import annotations

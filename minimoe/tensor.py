@@ -86,20 +86,18 @@ class Tensor:
             return
         self.creator.add_output_grad(self.output_index, grad)
         for function in reversed(_topological_order(self.creator)):
-            if breakdown.active is None:
+            # (breakdown.py: the op's backward and the sums its gradients join count in its part)
+            with breakdown.timed(function.part, "backward"):
                 input_grads = function.backward(*function.output_grads)
-            else:
-                with breakdown.timed(function.part, "backward"):
-                    input_grads = function.backward(*function.output_grads)
-            if not isinstance(input_grads, tuple):
-                input_grads = (input_grads,)
-            for parent, parent_grad in zip(function.inputs, input_grads):
-                if isinstance(parent, Tensor) and parent.requires_grad and parent_grad is not None:
-                    parent_grad = unbroadcast(parent_grad, parent.shape)
-                    if parent.creator is None:  # a leaf: the gradient stays on the tensor
-                        parent.grad = sum_gradients(parent.grad, parent_grad)
-                    else:  # an intermediate: it waits in its creator until that Function's turn
-                        parent.creator.add_output_grad(parent.output_index, parent_grad)
+                if not isinstance(input_grads, tuple):
+                    input_grads = (input_grads,)
+                for parent, parent_grad in zip(function.inputs, input_grads):
+                    if isinstance(parent, Tensor) and parent.requires_grad and parent_grad is not None:
+                        parent_grad = unbroadcast(parent_grad, parent.shape)
+                        if parent.creator is None:  # a leaf: the gradient stays on the tensor
+                            parent.grad = sum_gradients(parent.grad, parent_grad)
+                        else:  # an intermediate: it waits in its creator until that Function's turn
+                            parent.creator.add_output_grad(parent.output_index, parent_grad)
             # The Function's saved arrays and gradients are not needed again: unlinking it from its outputs
             # frees them here, which keeps peak memory near one forward pass, as in PyTorch.
             function.release()
