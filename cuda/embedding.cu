@@ -8,9 +8,8 @@
 //                     so a repeated index's other threads find 0 and write nothing
 #include "common.cuh"
 
-template <typename T>
-__global__ void zero_row_sums(float* __restrict__ sums, const long long* __restrict__ indices, long long size,
-                              int width) {
+extern "C" __global__ void zero_row_sums(float* __restrict__ sums, const long long* __restrict__ indices,
+                                         long long size, int width) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += (long long)gridDim.x * blockDim.x)
     sums[indices[i / width] * width + i % width] = 0.0f;
 }

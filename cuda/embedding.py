@@ -22,8 +22,8 @@ from minimoe.cuda import build
 
 THREADS = 256
 MAX_BLOCKS = 4096  # the threads stride on past this many blocks
-build.register("embedding.cu", *(f"{kernel}<{t}>" for kernel in ("zero_row_sums", "scatter_row_sums", "add_row_sums")
-                                 for t in build.KERNEL_TYPES.values()))
+build.register("embedding.cu", *(f"{kernel}<{t}>" for kernel in ("scatter_row_sums", "add_row_sums")
+                                 for t in build.KERNEL_TYPES.values()))  # (and zero_row_sums, extern "C")
 
 
 def embedding_forward(weight: Any, indices: Any) -> Any:
@@ -47,7 +47,8 @@ class RowGradient:
         """grad + this gradient in a new array: each row's sum in float32 added to grad's row, one rounding."""
         if not (is_gpu(grad) and grad.dtype == self.dtype and grad.dtype.name in build.KERNEL_TYPES
                 and grad.shape == self.shape):
-            return (grad.astype(self._sums().dtype) + self._sums()).astype(grad.dtype)
+            sums = self._sums()
+            return (grad.astype(sums.dtype) + sums).astype(grad.dtype)
         import cupy
 
         out = grad.copy()  # (grad may be another tensor's gradient too: the tape hands arrays on)
@@ -57,7 +58,7 @@ class RowGradient:
         if size:
             launch = ((min(MAX_BLOCKS, -(-int(size) // THREADS)),), (THREADS,))
             name = f"<{build.type_name(out)}>"
-            build.kernel("embedding.cu", "zero_row_sums" + name)(*launch, (sums, indices, size, width))
+            build.kernel("embedding.cu", "zero_row_sums")(*launch, (sums, indices, size, width))
             build.kernel("embedding.cu", "scatter_row_sums" + name)(*launch, (rows, indices, sums, size, width))
             build.kernel("embedding.cu", "add_row_sums" + name)(*launch, (out, indices, sums, size, width))
         return out
