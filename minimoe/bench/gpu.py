@@ -651,8 +651,8 @@ class TorchParts:
     part's forward starts (forward pre-hook) and close it when it ends (forward hook); its backward
     likewise, from its full backward pre-hook (the gradient of its outputs is there) to its full backward
     hook (the gradient of its inputs is). torch.profiler ties every kernel to the range it was launched
-    in, so a part's time is the sum of its kernels' durations: GPU time without the host's gaps between
-    them, which kernel_ms() gives for the whole step."""
+    in, so a part's time is the sum of its kernels' durations: GPU time without the gaps between them
+    (profile() also sums every kernel of the step, which set against the step's time gives the gaps)."""
 
     def __init__(self) -> None:
         self.open: dict[tuple[int, str], Any] = {}
@@ -722,7 +722,7 @@ def _torch_breakdown(inputs: Any, targets: Any, steps: int = 5) -> list[str]:
     whole_ms = torch_ms(whole, warmup=0, repeats=10)
     _, whole_kernels = TorchParts.profile(whole, steps)
     lines.append(f"the whole model compiled: {1e3 * whole_kernels:.2f} ms of kernels in a {whole_ms:.1f} ms step "
-                 f"(the GPU waits {whole_ms - 1e3 * whole_kernels:.2f} ms a step for the host)")
+                 f"(the GPU idle between kernels {whole_ms - 1e3 * whole_kernels:.2f} ms a step, waiting for launches)")
     return lines
 
 
