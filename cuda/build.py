@@ -10,6 +10,12 @@ directives keep compiler messages pointing at the right file and line, and a com
 as a KernelBuildError that names them, not NVRTC's temporary file. Constants that a kernel and its
 Python launcher share are registered with the file (register's `constants`) and reach the compiler as
 -D defines; CuPy's cache key holds the options too.
+
+A file registered as architecture-specific is compiled, on a Hopper GPU (compute capability 9.0), for
+sm_90a rather than sm_90: the target whose instructions (wgmma, the warpgroup's tensor-core product) run
+only on that architecture, and which the file uses where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. CuPy
+always names the device's plain target itself, so such a file goes to NVRTC directly (compiled once per
+process, without CuPy's disk cache).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ KERNEL_DIR = Path(__file__).resolve().parent
 # Template instantiations each file provides, so that one compile makes all of them available.
 _NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {}
 _CONSTANTS: dict[str, dict[str, int]] = {}  # compile-time constants of each file, see register()
+_ARCHITECTURE_SPECIFIC: set[str] = set()  # files compiled for sm_90a on Hopper, see register()
 
 
 class KernelBuildError(RuntimeError):
@@ -58,12 +65,16 @@ def per_load(array: Any) -> int:
     return 16 // array.dtype.itemsize if row_vectors(array) == "true" else 1
 
 
-def register(filename: str, *name_expressions: str, constants: dict[str, int] | None = None) -> None:
+def register(filename: str, *name_expressions: str, constants: dict[str, int] | None = None,
+             architecture_specific: bool = False) -> None:
     """Declare the (templated) kernel names a .cu file must export, and the compile-time constants its
     Python side also uses (tile sizes, threads per block): defined once, in the .py file, and given to the
-    compiler as -D defines, so that the two sides cannot disagree."""
+    compiler as -D defines, so that the two sides cannot disagree. `architecture_specific`: on Hopper,
+    compile for sm_90a (see the module's docstring)."""
     _NAME_EXPRESSIONS[filename] = tuple(name_expressions)
     _CONSTANTS[filename] = dict(constants or {})
+    if architecture_specific:
+        _ARCHITECTURE_SPECIFIC.add(filename)
 
 
 def compile_options(filename: str) -> tuple[str, ...]:
@@ -97,10 +108,39 @@ def _readable_log(log: str) -> str:
     return re.sub(r"([\w.]+\.cuh?)\((\d+)\)", lambda m: f"{KERNEL_DIR / m.group(1)}:{m.group(2)}", log)
 
 
+class _HopperModule:
+    """A .cu file compiled by NVRTC for sm_90a: the module and its kernels' lowered (mangled) names."""
+
+    def __init__(self, filename: str) -> None:
+        import cupy
+        from cupy_backends.cuda.libs import nvrtc
+
+        names = _NAME_EXPRESSIONS.get(filename, ())
+        program = nvrtc.createProgram(_source(filename), filename, (), ())
+        try:
+            for name in names:
+                nvrtc.addNameExpression(program, name)
+            try:  # -ftz=true as CuPy compiles every other file
+                nvrtc.compileProgram(program, [*compile_options(filename), "-ftz=true", "-arch=sm_90a"])
+            except nvrtc.NVRTCError:
+                raise KernelBuildError(_readable_log(nvrtc.getProgramLog(program))) from None
+            self.lowered = {name: nvrtc.getLoweredName(program, name) for name in names}
+            cubin = nvrtc.getCUBIN(program)
+        finally:
+            nvrtc.destroyProgram(program)
+        self.module = cupy.cuda.function.Module()
+        self.module.load(cubin)
+
+    def get_function(self, name: str) -> Any:
+        return self.module.get_function(self.lowered[name])
+
+
 @functools.cache
 def load_module(filename: str) -> Any:
     import cupy
 
+    if filename in _ARCHITECTURE_SPECIFIC and cupy.cuda.Device().compute_capability == "90":
+        return _HopperModule(filename)
     module = cupy.RawModule(code=_source(filename), options=compile_options(filename),
                             name_expressions=_NAME_EXPRESSIONS.get(filename, ()))
     try:

@@ -8,9 +8,11 @@
 // A block of WARPS warps takes BLOCK rows (queries in the forward and in dq, keys in dk and dv), 16 rows
 // per warp, holds them in registers, and walks over the other side in tiles of BLOCK rows staged in
 // shared memory, the next tile's copies in flight during the products on this one. Every product runs on
-// the tensor cores (tensor_cores.cuh) with float32 sums; a lane holds, of each 16-row piece, rows g and
-// g + 8 (g = lane / 4), so a row's sums are spread over the 4 lanes of a quad, which warp_max(value, 4)
-// and warp_sum(value, 4) reduce. Only the diagonal tile (and the tile past T) is masked; the blocks with
+// the tensor cores (tensor_cores.cuh) with float32 sums: on Hopper (sm_90a) as wgmma, the block's four warps
+// one warpgroup that multiplies its 64 rows at once, reading the staged tile directly; elsewhere as
+// mma.sync, each warp its 16 rows, the tile's pieces fetched by ldmatrix. Both leave the sums in one
+// layout: a lane holds, of each 16-row piece, rows g and g + 8 (g = lane / 4), so a row's sums are spread
+// over the 4 lanes of a quad, which warp_max(value, 4) and warp_sum(value, 4) reduce. Only the diagonal tile (and the tile past T) is masked; the blocks with
 // the most tiles start first, so the short ones fill the last wave.
 #include "common.cuh"
 #include "tensor_cores.cuh"
@@ -21,9 +23,9 @@
 #error "flash_attention.cu's constants come from cuda/flash_attention.py: compile it through minimoe.cuda.build"
 #endif
 static_assert(BLOCK == 16 * WARPS, "a warp per 16 rows of the block");
-constexpr int PAD = 8;  // a staged row is 16 bytes longer: the rows start in different banks
+static_assert(BLOCK == 64 && WARPS == 4, "wgmma: the block is one warpgroup, its products 64 x 64");
 
-template <int HEAD> using Tile = bf16[BLOCK][HEAD + PAD];
+using Tile = SwizzledTile<BLOCK>;  // BLOCK rows of up to 64 bf16 (HEAD <= 64), 8 KB
 
 // Where the matrices of an operand lie: row t of head y (= batch * heads + head) at element
 // y / heads * batch + y % heads * head + t * row. Contiguous [B*H, T, HEAD]: row HEAD, batch T * HEAD
@@ -44,20 +46,20 @@ struct Layout {
 // tile = rows first .. first + BLOCK - 1 of one head's matrix (rows `row` elements apart), zeros past T:
 // the copies are issued (async_copy.cuh), all of a thread's at once; the caller commits and waits for them.
 template <int HEAD>
-__device__ void stage(Tile<HEAD>& tile, const bf16* __restrict__ matrix, long long row, int first, int length) {
+__device__ void stage(Tile& tile, const bf16* __restrict__ matrix, long long row, int first, int length) {
   constexpr int VECTORS = HEAD / 8;  // 8 bf16 per 16 bytes
 #pragma unroll
   for (int i = threadIdx.x; i < BLOCK * VECTORS; i += WARPS * 32) {
     const int r = i / VECTORS, c = i % VECTORS * 8;
     const bool real = first + r < length;
-    copy_async(&tile[r][c], real ? matrix + (first + r) * row + c : matrix, real);
+    copy_async(element(tile, r, c), real ? matrix + (first + r) * row + c : matrix, real);
   }
 }
 
 // The warp's 16 rows row0 .. row0 + 15 of a staged tile as the `a` of products over HEAD, kept in registers
 // for the whole kernel: the block's own rows (queries in the forward and in dq, keys and values in dk, dv).
 template <int HEAD>
-__device__ void load_rows(unsigned rows[HEAD / 16][4], const Tile<HEAD>& tile, int row0, Lane lane) {
+__device__ void load_rows(unsigned rows[HEAD / 16][4], const Tile& tile, int row0, Lane lane) {
 #pragma unroll
   for (int kk = 0; kk < HEAD / 16; ++kk) load_a(rows[kk], tile, row0, 16 * kk, lane);
 }
@@ -65,8 +67,14 @@ __device__ void load_rows(unsigned rows[HEAD / 16][4], const Tile<HEAD>& tile, i
 // sums [16, BLOCK] += rows @ b^T: the warp's 16 rows (load_rows) against all BLOCK rows of the tile b, a
 // product over HEAD. Scores q k^T (and k q^T), and the gradients' dout v^T (and v dout^T).
 template <int HEAD>
-__device__ void rows_times_rows(float sums[BLOCK / 8][4], const unsigned rows[HEAD / 16][4], const Tile<HEAD>& b,
+__device__ void rows_times_rows(float sums[BLOCK / 8][4], const unsigned rows[HEAD / 16][4], const Tile& b,
                                 Lane lane) {
+#if WGMMA
+  wgmma_begin(sums);
+#pragma unroll
+  for (int kk = 0; kk < HEAD / 16; ++kk) wgmma_64x64x16<false>(sums, rows[kk], tile_descriptor(element(b, 0, 16 * kk)));
+  wgmma_end(sums);
+#else
 #pragma unroll
   for (int kk = 0; kk < HEAD / 16; ++kk)
 #pragma unroll
@@ -76,14 +84,28 @@ __device__ void rows_times_rows(float sums[BLOCK / 8][4], const unsigned rows[HE
       mma_16x8x16(sums[2 * n], rows[kk], columns[0]);
       mma_16x8x16(sums[2 * n + 1], rows[kk], columns[1]);
     }
+#endif
 }
 
 // sums [16, HEAD] += weights [16, BLOCK] @ b: weights in registers, as rows_times_rows leaves its sums
 // (rounded to bf16 on the way), times all BLOCK rows of the tile b. Probabilities times values, and the
 // gradients' p^T dout, ds k, ds^T q.
 template <int HEAD>
-__device__ void weights_times_rows(float sums[HEAD / 8][4], const float weights[BLOCK / 8][4], const Tile<HEAD>& b,
+__device__ void weights_times_rows(float sums[HEAD / 8][4], const float weights[BLOCK / 8][4], const Tile& b,
                                    Lane lane) {
+#if WGMMA
+  if constexpr (HEAD == 64) {  // wgmma's products here are 64 columns wide
+    wgmma_begin(sums);
+#pragma unroll
+    for (int kt = 0; kt < BLOCK / 16; ++kt) {
+      unsigned rows[4];
+      a_from_sums(rows, weights[2 * kt], weights[2 * kt + 1]);
+      wgmma_64x64x16<true>(sums, rows, tile_descriptor(element(b, 16 * kt, 0)));
+    }
+    wgmma_end(sums);
+    return;
+  }
+#endif
 #pragma unroll
   for (int kt = 0; kt < BLOCK / 16; ++kt) {
     unsigned rows[4];
@@ -123,23 +145,27 @@ __device__ void store_rows(bf16* __restrict__ matrix, long long stride, const fl
 //   own rows -> stage 1, commit; first tiles -> stage 0, commit; wait_copies<1>; sync; load_rows
 //   per tile: sync (every warp done with the other stage); next tiles -> other stage, commit;
 //             wait for this stage; sync; products
-template <int HEAD> using Stages = Tile<HEAD>[2][2];
+using Stages = Tile[2][2];
 
 // Issue the copies of two tiles, rows first .. first + BLOCK - 1 of two matrices, into one stage, as one group.
 template <int HEAD>
-__device__ void stage_pair(Tile<HEAD> (&tiles)[2], const bf16* first_matrix, long long first_row,
+__device__ void stage_pair(Tile (&tiles)[2], const bf16* first_matrix, long long first_row,
                            const bf16* second_matrix, long long second_row, int first, int length) {
   stage<HEAD>(tiles[0], first_matrix, first_row, first, length);
   stage<HEAD>(tiles[1], second_matrix, second_row, first, length);
   commit_copies();
 }
 
-// Wait for this stage's copies (and with `next`, not for the group issued after them).
+// Wait for this stage's copies (and with `next`, not for the group issued after them). wgmma reads shared
+// memory through the async proxy, which sees a thread's copies only after its fence.proxy.async.
 __device__ __forceinline__ void wait_for_stage(bool next) {
   if (next)
     wait_copies<1>();
   else
     wait_copies<0>();
+#if WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
   __syncthreads();
 }
 
@@ -158,7 +184,7 @@ __global__ void __launch_bounds__(WARPS * 32)
                             bf16* __restrict__ out, float* __restrict__ lse, int length, float scale,
                             LAYOUT_ARGUMENTS) {
   LAYOUTS;
-  __shared__ __align__(16) Stages<HEAD> tiles;  // [stage][keys, values]
+  __shared__ __align__(1024) Stages tiles;  // [stage][keys, values]
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_query = (gridDim.y - 1 - blockIdx.y) * BLOCK;
   const long long head = blockIdx.x, offset = inputs.offset(head);
@@ -278,7 +304,7 @@ __global__ void __launch_bounds__(WARPS * 32)
                                   const float* __restrict__ delta, bf16* __restrict__ grad_k,
                                   bf16* __restrict__ grad_v, int length, float scale, LAYOUT_ARGUMENTS) {
   LAYOUTS;
-  __shared__ __align__(16) Stages<HEAD> tiles;  // [stage][queries, grad_out]
+  __shared__ __align__(1024) Stages tiles;  // [stage][queries, grad_out]
   __shared__ float lse_tile[2][BLOCK], delta_tile[2][BLOCK];  // log2 units
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_key = blockIdx.y * BLOCK;
@@ -331,7 +357,7 @@ __global__ void __launch_bounds__(WARPS * 32)
                                      const float* __restrict__ lse, const float* __restrict__ delta,
                                      bf16* __restrict__ grad_q, int length, float scale, LAYOUT_ARGUMENTS) {
   LAYOUTS;
-  __shared__ __align__(16) Stages<HEAD> tiles;  // [stage][keys, values]
+  __shared__ __align__(1024) Stages tiles;  // [stage][keys, values]
   const Lane lane;
   const int row0 = 16 * (threadIdx.x / 32), first_query = (gridDim.y - 1 - blockIdx.y) * BLOCK;
   const long long head = blockIdx.x, offset = inputs.offset(head);

@@ -42,7 +42,7 @@ DELTA_THREADS = 256  # the delta kernel's block: a thread per row
 build.register("flash_attention.cu",
                *(f"{kernel}<{width}>" for kernel in ("flash_attention_forward", "attention_delta",
                  "flash_attention_backward_keys", "flash_attention_backward_queries") for width in HEAD_WIDTHS),
-               constants=dict(BLOCK=BLOCK, WARPS=WARPS))
+               constants=dict(BLOCK=BLOCK, WARPS=WARPS), architecture_specific=True)  # wgmma on Hopper
 
 
 def runs_on_kernels(q: Any) -> bool:

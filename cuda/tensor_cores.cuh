@@ -48,30 +48,50 @@ __device__ __forceinline__ void load_matrices(unsigned& m0, unsigned& m1, unsign
                  : "=r"(m0), "=r"(m1), "=r"(m2), "=r"(m3) : "r"(shared_address(row)));
 }
 
-// The tiles are row-major bf16 arrays in shared memory with rows of STRIDE elements, each row 16-byte
-// aligned (STRIDE a multiple of 8, the tile aligned), and the columns asked for a multiple of 8.
+// Where the loads find element (row, col) of a tile in shared memory: a row-major bf16 array with rows of
+// STRIDE elements, each row 16-byte aligned (STRIDE a multiple of 8, the tile aligned), or a SwizzledTile
+// (below). The columns asked for are a multiple of 8.
+template <int ROWS, int STRIDE>
+__device__ __forceinline__ const bf16* element(const bf16 (&tile)[ROWS][STRIDE], int row, int col) {
+  return &tile[row][col];
+}
+
+// A tile of ROWS rows of up to 64 bf16, 128 bytes a row, whose 16-byte pieces are permuted within their row:
+// piece p of row r lies at p ^ (r % 8). ldmatrix's eight rows of one piece then fall in eight different
+// banks without padding, and it is the layout that wgmma's 128-byte swizzle reads (below): the hardware
+// applies the same XOR to address bits 4-6 with bits 7-9, so the tile must be 1024-byte aligned.
+template <int ROWS> struct SwizzledTile {
+  bf16 data[ROWS * 64];
+};
+template <int ROWS>
+__device__ __forceinline__ const bf16* element(const SwizzledTile<ROWS>& tile, int row, int col) {
+  return &tile.data[row * 64 + ((col / 8) ^ (row % 8)) * 8 + col % 8];
+}
+template <int ROWS> __device__ __forceinline__ bf16* element(SwizzledTile<ROWS>& tile, int row, int col) {
+  return const_cast<bf16*>(element(static_cast<const SwizzledTile<ROWS>&>(tile), row, col));
+}
+
 // a = tile[row .. row + 15][col .. col + 15]: matrices (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8).
-template <int STRIDE>
-__device__ __forceinline__ void load_a(unsigned a[4], const bf16 (*tile)[STRIDE], int row, int col, Lane lane) {
+template <class Tile>
+__device__ __forceinline__ void load_a(unsigned a[4], const Tile& tile, int row, int col, Lane lane) {
   load_matrices<false>(a[0], a[1], a[2], a[3],
-                       &tile[row + lane.id % 8 + 8 * (lane.id / 8 % 2)][col + 8 * (lane.id / 16)]);
+                       element(tile, row + lane.id % 8 + 8 * (lane.id / 8 % 2), col + 8 * (lane.id / 16)));
 }
 // b of two products side by side, b[0] columns col .. col + 7 and b[1] columns col + 8 .. col + 15, over
 // K rows row .. row + 15: the tile holds b as it is (K rows, N columns); the matrices as load_a's,
 // transposed.
-template <int STRIDE>
-__device__ __forceinline__ void load_b(unsigned b[2][2], const bf16 (*tile)[STRIDE], int row, int col, Lane lane) {
+template <class Tile>
+__device__ __forceinline__ void load_b(unsigned b[2][2], const Tile& tile, int row, int col, Lane lane) {
   load_matrices<true>(b[0][0], b[0][1], b[1][0], b[1][1],
-                      &tile[row + lane.id % 8 + 8 * (lane.id / 8 % 2)][col + 8 * (lane.id / 16)]);
+                      element(tile, row + lane.id % 8 + 8 * (lane.id / 8 % 2), col + 8 * (lane.id / 16)));
 }
 // The same two b when the tile holds b's columns as its rows, as a product with keys (q @ k^T) wants
 // them: b[0] has the columns tile[row .. row + 7], b[1] tile[row + 8 .. row + 15], over K = the tile's
 // columns col .. col + 15. Matrices (+0, +0), (+0, +8), (+8, +0), (+8, +8).
-template <int STRIDE>
-__device__ __forceinline__ void load_b_transposed(unsigned b[2][2], const bf16 (*tile)[STRIDE], int row, int col,
-                                                  Lane lane) {
+template <class Tile>
+__device__ __forceinline__ void load_b_transposed(unsigned b[2][2], const Tile& tile, int row, int col, Lane lane) {
   load_matrices<false>(b[0][0], b[0][1], b[1][0], b[1][1],
-                       &tile[row + lane.id % 8 + 8 * (lane.id / 16)][col + 8 * (lane.id / 8 % 2)]);
+                       element(tile, row + lane.id % 8 + 8 * (lane.id / 16), col + 8 * (lane.id / 8 % 2)));
 }
 // a = the 16 x 16 matrix whose columns 0-7 are the sums `left` and 8-15 the sums `right`, in bf16
 __device__ __forceinline__ void a_from_sums(unsigned a[4], const float left[4], const float right[4]) {
@@ -80,3 +100,61 @@ __device__ __forceinline__ void a_from_sums(unsigned a[4], const float left[4], 
   a[2] = pair(right[0], right[1]);
   a[3] = pair(right[2], right[3]);
 }
+
+// Hopper's warpgroup product, wgmma (PTX's wgmma.mma_async, sm_90a: compiled where NVRTC's target is sm_90a,
+// which build.py chooses on such a device for the files registered as architecture-specific). The four
+// warps of a warpgroup (128 threads) multiply together, sums [64 x 64] += a [64 x 16] @ b [16 x 64]:
+//   a: from registers, warp w holding rows 16 w .. 16 w + 15 as mma_16x8x16's a (so a_from_sums and
+//      load_a make it);
+//   b: read by the tensor cores themselves from a SwizzledTile, through a descriptor of its address;
+//   sums: warp w's rows, as eight mma_16x8x16 sums side by side (sums[n] = columns 8 n .. 8 n + 7).
+// The product runs asynchronously: fence, issue, commit, wait (wgmma_begin / wgmma_end), and the
+// registers it reads or writes are handed to the compiler as changed at both ends (keep), so that no
+// instruction between the issue and the wait touches them.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WGMMA 1
+
+// The descriptor of 16 rows x 64 columns of a SwizzledTile starting at `start` (an element of row 0 (mod
+// 8)): bits 0-13 the address / 16, 16-29 the leading byte offset / 16 (unused by this layout), 32-45 the
+// stride byte offset / 16 (1024: from one group of 8 rows to the next), 62-63 the swizzle (1: 128 bytes).
+// b held as it is (K rows, N columns; "MN-major") starts at row 16 k of the tile; b held transposed (N
+// rows, K columns; "K-major", as rows_times_rows reads keys) at column 16 k of row 0, 32 bytes on.
+__device__ __forceinline__ unsigned long long tile_descriptor(const bf16* start) {
+  return (unsigned long long)((shared_address(start) >> 4) & 0x3FFF) | (1ull << 16) | ((1024ull >> 4) << 32) |
+         (1ull << 62);
+}
+
+__device__ __forceinline__ void keep(float sums[8][4]) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(sums[n][i])::"memory");
+}
+__device__ __forceinline__ void wgmma_begin(float sums[8][4]) {
+  keep(sums);
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_end(float sums[8][4]) {
+  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  keep(sums);
+}
+
+// sums += a @ b, b through its descriptor: HELD_AS_IS, b is held as it is (MN-major), else transposed (K-major).
+template <bool HELD_AS_IS>
+__device__ __forceinline__ void wgmma_64x64x16(float s[8][4], const unsigned a[4], unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, accumulate, 1, 1, %38;\n}\n"
+      : "+f"(s[0][0]), "+f"(s[0][1]), "+f"(s[0][2]), "+f"(s[0][3]), "+f"(s[1][0]), "+f"(s[1][1]), "+f"(s[1][2]),
+        "+f"(s[1][3]), "+f"(s[2][0]), "+f"(s[2][1]), "+f"(s[2][2]), "+f"(s[2][3]), "+f"(s[3][0]), "+f"(s[3][1]),
+        "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]),
+        "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]),
+        "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1), "n"(HELD_AS_IS ? 1 : 0));
+}
+#else
+#define WGMMA 0
+#endif
