@@ -12,8 +12,9 @@
 // one warpgroup that multiplies its 64 rows at once, reading the staged tile directly; elsewhere as
 // mma.sync, each warp its 16 rows, the tile's pieces fetched by ldmatrix. Both leave the sums in one
 // layout: a lane holds, of each 16-row piece, rows g and g + 8 (g = lane / 4), so a row's sums are spread
-// over the 4 lanes of a quad, which warp_max(value, 4) and warp_sum(value, 4) reduce. Only the diagonal tile (and the tile past T) is masked; the blocks with
-// the most tiles start first, so the short ones fill the last wave.
+// over the 4 lanes of a quad, which warp_max(value, 4) and warp_sum(value, 4) reduce. Only the diagonal
+// tile (and the tile past T) is masked; the blocks with the most tiles start first, so the short ones fill
+// the last wave.
 #include "common.cuh"
 #include "tensor_cores.cuh"
 #include "async_copy.cuh"
@@ -64,17 +65,29 @@ __device__ void load_rows(unsigned rows[HEAD / 16][4], const Tile& tile, int row
   for (int kk = 0; kk < HEAD / 16; ++kk) load_a(rows[kk], tile, row0, 16 * kk, lane);
 }
 
-// sums [16, BLOCK] += rows @ b^T: the warp's 16 rows (load_rows) against all BLOCK rows of the tile b, a
+// sums [16, BLOCK] = rows @ b^T: the warp's 16 rows (load_rows) against all BLOCK rows of the tile b, a
 // product over HEAD. Scores q k^T (and k q^T), and the gradients' dout v^T (and v dout^T).
+// sums [16, HEAD] += weights [16, BLOCK] @ b: weights in registers, as rows_times_rows leaves its sums
+// (rounded to bf16 on the way), times all BLOCK rows of the tile b. Probabilities times values, and the
+// gradients' p^T dout, ds k, ds^T q.
+// On Hopper each is one group of wgmma, b read from the tile where it lies (HEAD = 64 for the second: its
+// products are 64 columns wide), and runs on after the call returns, until products_done (below); the
+// mma.sync forms finish before they return. weights_times_rows leaves the weights, in bf16 as the products'
+// a, in `fragments`, which the caller keeps until products_done: wgmma reads them after the issue.
 template <int HEAD>
-__device__ void rows_times_rows(float sums[BLOCK / 8][4], const unsigned rows[HEAD / 16][4], const Tile& b,
+__device__ void rows_times_rows(float (&sums)[BLOCK / 8][4], const unsigned rows[HEAD / 16][4], const Tile& b,
                                 Lane lane) {
 #if WGMMA
-  wgmma_begin(sums);
+  wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < HEAD / 16; ++kk) wgmma_64x64x16<false>(sums, rows[kk], tile_descriptor(element(b, 0, 16 * kk)));
-  wgmma_end(sums);
+  for (int kk = 0; kk < HEAD / 16; ++kk)
+    wgmma_64x64x16<false>(sums, rows[kk], tile_descriptor(element(b, 0, 16 * kk)), kk > 0);
+  wgmma_commit();
 #else
+#pragma unroll
+  for (int n = 0; n < BLOCK / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sums[n][i] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < HEAD / 16; ++kk)
 #pragma unroll
@@ -87,37 +100,46 @@ __device__ void rows_times_rows(float sums[BLOCK / 8][4], const unsigned rows[HE
 #endif
 }
 
-// sums [16, HEAD] += weights [16, BLOCK] @ b: weights in registers, as rows_times_rows leaves its sums
-// (rounded to bf16 on the way), times all BLOCK rows of the tile b. Probabilities times values, and the
-// gradients' p^T dout, ds k, ds^T q.
 template <int HEAD>
-__device__ void weights_times_rows(float sums[HEAD / 8][4], const float weights[BLOCK / 8][4], const Tile& b,
-                                   Lane lane) {
+__device__ void weights_times_rows(float (&sums)[HEAD / 8][4], const float weights[BLOCK / 8][4],
+                                   unsigned (&fragments)[BLOCK / 16][4], const Tile& b, Lane lane) {
+#pragma unroll
+  for (int kt = 0; kt < BLOCK / 16; ++kt) a_from_sums(fragments[kt], weights[2 * kt], weights[2 * kt + 1]);
 #if WGMMA
-  if constexpr (HEAD == 64) {  // wgmma's products here are 64 columns wide
-    wgmma_begin(sums);
+  if constexpr (HEAD == 64) {
+    keep(sums);
+    wgmma_fence();
 #pragma unroll
-    for (int kt = 0; kt < BLOCK / 16; ++kt) {
-      unsigned rows[4];
-      a_from_sums(rows, weights[2 * kt], weights[2 * kt + 1]);
-      wgmma_64x64x16<true>(sums, rows, tile_descriptor(element(b, 16 * kt, 0)));
-    }
-    wgmma_end(sums);
-    return;
-  }
+    for (int kt = 0; kt < BLOCK / 16; ++kt)
+      wgmma_64x64x16<true>(sums, fragments[kt], tile_descriptor(element(b, 16 * kt, 0)), true);
+    wgmma_commit();
+  } else
 #endif
+  {
 #pragma unroll
-  for (int kt = 0; kt < BLOCK / 16; ++kt) {
-    unsigned rows[4];
-    a_from_sums(rows, weights[2 * kt], weights[2 * kt + 1]);
+    for (int kt = 0; kt < BLOCK / 16; ++kt)
 #pragma unroll
-    for (int n = 0; n < HEAD / 16; ++n) {
-      unsigned columns[2][2];
-      load_b(columns, b, 16 * kt, 16 * n, lane);
-      mma_16x8x16(sums[2 * n], rows, columns[0]);
-      mma_16x8x16(sums[2 * n + 1], rows, columns[1]);
-    }
+      for (int n = 0; n < HEAD / 16; ++n) {
+        unsigned columns[2][2];
+        load_b(columns, b, 16 * kt, 16 * n, lane);
+        mma_16x8x16(sums[2 * n], fragments[kt], columns[0]);
+        mma_16x8x16(sums[2 * n + 1], fragments[kt], columns[1]);
+      }
+#if WGMMA
+    wgmma_commit();  // an empty group: products_done counts this product as one too
+#endif
   }
+}
+
+// Wait for the products issued (all but the PENDING latest: they finish in order), hand their sums back to
+// the compiler as written and release their fragments; nothing to wait for with mma.sync. The block's own
+// rows (load_rows) go through it too, at the end of each tile: the `a` of every rows_times_rows, they must
+// stay in their registers from one tile to the next (keep in tensor_cores.cuh says why this is needed).
+template <int PENDING, class... Registers> __device__ __forceinline__ void products_done(Registers&... registers) {
+#if WGMMA
+  wgmma_wait<PENDING>();
+  (keep(registers), ...);
+#endif
 }
 
 // The lane's place in sums [16, N] of the warp's rows: piece i of column group n is row `row0 + g + 8 (i / 2)`
@@ -202,8 +224,9 @@ __global__ void __launch_bounds__(WARPS * 32)
     const bool next = first_key + BLOCK <= first_query;
     if (next) stage_pair<HEAD>(tiles[now ^ 1], k + offset, inputs.row, v + offset, inputs.row, first_key + BLOCK, length);
     wait_for_stage(next);
-    float s[BLOCK / 8][4] = {};
+    float s[BLOCK / 8][4];
     rows_times_rows<HEAD>(s, q_rows, tiles[now][0], lane);
+    products_done<0>(s);
     const bool diagonal = first_key == first_query;
     float tile_max[2] = {-infinity(), -infinity()};
 #pragma unroll
@@ -234,7 +257,9 @@ __global__ void __launch_bounds__(WARPS * 32)
     for (int n = 0; n < HEAD / 8; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[n][i] *= rescale[i / 2];
-    weights_times_rows<HEAD>(acc, s, tiles[now][1], lane);  // acc += exp(s - m) v
+    unsigned p_fragments[BLOCK / 16][4];
+    weights_times_rows<HEAD>(acc, s, p_fragments, tiles[now][1], lane);  // acc += exp(s - m) v
+    products_done<0>(acc, p_fragments, q_rows);
   }
   const float inverse[2] = {1.0f / row_sum[0], 1.0f / row_sum[1]};
   store_rows<HEAD>(out + outputs.offset(head), outputs.row, acc, first_query, row0, length, inverse, lane);
@@ -331,15 +356,20 @@ __global__ void __launch_bounds__(WARPS * 32)
     const bool next = first_query + BLOCK < length;
     if (next) stage_queries(now ^ 1, first_query + BLOCK);
     wait_for_stage(next);
-    float p[BLOCK / 8][4] = {};
+    float p[BLOCK / 8][4], dp[BLOCK / 8][4];
     rows_times_rows<HEAD>(p, k_rows, tiles[now][0], lane);
+    rows_times_rows<HEAD>(dp, v_rows, tiles[now][1], lane);  // on Hopper, under way during the probabilities
+    products_done<1>(p);
     probabilities(p, first_key, row0, first_query, true, first_query == first_key || !next, length, scale_log2,
                   nullptr, lse_tile[now], lane);
-    weights_times_rows<HEAD>(v_sums, p, tiles[now][1], lane);
-    float dp[BLOCK / 8][4] = {};
-    rows_times_rows<HEAD>(dp, v_rows, tiles[now][1], lane);
+    unsigned p_fragments[BLOCK / 16][4], ds_fragments[BLOCK / 16][4];
+    weights_times_rows<HEAD>(v_sums, p, p_fragments, tiles[now][1], lane);  // under way during the score gradients
+    products_done<1>(dp);
     score_gradients(dp, p, true, nullptr, delta_tile[now], lane);
-    weights_times_rows<HEAD>(k_sums, dp, tiles[now][0], lane);
+    products_done<0>(v_sums, p_fragments);
+    weights_times_rows<HEAD>(k_sums, dp, ds_fragments, tiles[now][0], lane);
+    // before the next tile's sync, after which copies overwrite this stage
+    products_done<0>(k_sums, ds_fragments, k_rows, v_rows);
   }
   const float by_scale[2] = {scale, scale}, by_one[2] = {1.0f, 1.0f};
   store_rows<HEAD>(grad_k + offset, inputs.row, k_sums, first_key, row0, length, by_scale, lane);
@@ -382,14 +412,17 @@ __global__ void __launch_bounds__(WARPS * 32)
     const bool next = first_key + BLOCK <= first_query;
     if (next) stage_pair<HEAD>(tiles[now ^ 1], k + offset, inputs.row, v + offset, inputs.row, first_key + BLOCK, length);
     wait_for_stage(next);
-    float p[BLOCK / 8][4] = {};
+    float p[BLOCK / 8][4], dp[BLOCK / 8][4];
     rows_times_rows<HEAD>(p, q_rows, tiles[now][0], lane);
+    rows_times_rows<HEAD>(dp, grad_out_rows, tiles[now][1], lane);  // on Hopper, under way during the next line
+    products_done<1>(p);
     probabilities(p, first_query, row0, first_key, false, first_key == first_query, length, scale_log2, row_lse,
                   nullptr, lane);
-    float dp[BLOCK / 8][4] = {};
-    rows_times_rows<HEAD>(dp, grad_out_rows, tiles[now][1], lane);
+    products_done<0>(dp);
     score_gradients(dp, p, false, row_delta, nullptr, lane);
-    weights_times_rows<HEAD>(q_sums, dp, tiles[now][0], lane);
+    unsigned ds_fragments[BLOCK / 16][4];
+    weights_times_rows<HEAD>(q_sums, dp, ds_fragments, tiles[now][0], lane);
+    products_done<0>(q_sums, ds_fragments, q_rows, grad_out_rows);
   }
   const float by_scale[2] = {scale, scale};
   store_rows<HEAD>(grad_q + offset, inputs.row, q_sums, first_query, row0, length, by_scale, lane);

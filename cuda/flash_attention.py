@@ -22,8 +22,9 @@ delta = sum_d dout * out (which equals sum_s p * dp, the softmax backward's row 
 Reference: NumPy, those loops (any float dtype; float64 sums at least float32). GPU: cuda/flash_attention.cu
 for bf16 with D in HEAD_WIDTHS: a forward kernel (a block per BLOCK queries of one head), the delta
 kernel, and two backward kernels, one per BLOCK keys (dk, dv) and one per BLOCK queries (dq), every
-product on the tensor cores with float32 sums. Training's attention (ops.CausalAttention) and the
-engine's prefill (inference.forward_cached) use them where they apply.
+product on the tensor cores with float32 sums (on Hopper as wgmma: build.py compiles the file for sm_90a
+there). Training's attention (ops.CausalAttention) and the engine's prefill (inference.forward_cached) use
+them where they apply.
 """
 
 from __future__ import annotations

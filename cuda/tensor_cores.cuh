@@ -103,14 +103,21 @@ __device__ __forceinline__ void a_from_sums(unsigned a[4], const float left[4], 
 
 // Hopper's warpgroup product, wgmma (PTX's wgmma.mma_async, sm_90a: compiled where NVRTC's target is sm_90a,
 // which build.py chooses on such a device for the files registered as architecture-specific). The four
-// warps of a warpgroup (128 threads) multiply together, sums [64 x 64] += a [64 x 16] @ b [16 x 64]:
+// warps of a warpgroup (128 threads) multiply together, sums [64 x 64] = a [64 x 16] @ b [16 x 64] (+ sums):
 //   a: from registers, warp w holding rows 16 w .. 16 w + 15 as mma_16x8x16's a (so a_from_sums and
 //      load_a make it);
 //   b: read by the tensor cores themselves from a SwizzledTile, through a descriptor of its address;
 //   sums: warp w's rows, as eight mma_16x8x16 sums side by side (sums[n] = columns 8 n .. 8 n + 7).
-// The product runs asynchronously: fence, issue, commit, wait (wgmma_begin / wgmma_end), and the
-// registers it reads or writes are handed to the compiler as changed at both ends (keep), so that no
-// instruction between the issue and the wait touches them.
+// The products run asynchronously:
+//   keep(sums); wgmma_fence();  wgmma_64x64x16(...) ...;  wgmma_commit();   // one group, issued
+//   ... other work, which touches neither those sums nor the a registers ...
+//   wgmma_wait<N>(); keep(sums); keep(a);   // every group but the N latest has finished; the sums written
+// keep(sums) tells the compiler that the sums change there, so that it moves no use of them across the
+// fence or the wait. keep(a) is a real instruction, an identity byte permute of each register of a: ptxas
+// (CUDA 13) freed the registers of an a held across a loop (flash attention's own rows) once the
+// iteration's last wgmma had issued, and filled them with other values (seen in its SASS: the next
+// iteration's product read the previous one's probabilities); an empty asm never reaches ptxas, and the
+// permute keeps the registers live up to the wait.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WGMMA 1
 
@@ -124,24 +131,30 @@ __device__ __forceinline__ unsigned long long tile_descriptor(const bf16* start)
          (1ull << 62);
 }
 
-__device__ __forceinline__ void keep(float sums[8][4]) {
+template <int N> __device__ __forceinline__ void keep(float (&sums)[N][4]) {
 #pragma unroll
-  for (int n = 0; n < 8; ++n)
+  for (int n = 0; n < N; ++n)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(sums[n][i])::"memory");
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(sums[n][i]));
 }
-__device__ __forceinline__ void wgmma_begin(float sums[8][4]) {
-  keep(sums);
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+template <int N> __device__ __forceinline__ void keep(unsigned (&a)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("prmt.b32 %0, %0, 0, 0x3210;" : "+r"(a[n][i]));
 }
-__device__ __forceinline__ void wgmma_end(float sums[8][4]) {
-  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-  keep(sums);
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// Commit the products issued since the last commit as one group (an empty group when there are none).
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int PENDING> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
 }
 
-// sums += a @ b, b through its descriptor: HELD_AS_IS, b is held as it is (MN-major), else transposed (K-major).
+// sums = a @ b (+ sums where `accumulate`), b through its descriptor: HELD_AS_IS, b is held as it is
+// (MN-major), else transposed (K-major). (ptxas turns a known `accumulate` into the instruction's own flag.)
 template <bool HELD_AS_IS>
-__device__ __forceinline__ void wgmma_64x64x16(float s[8][4], const unsigned a[4], unsigned long long b) {
+__device__ __forceinline__ void wgmma_64x64x16(float s[8][4], const unsigned a[4], unsigned long long b,
+                                               bool accumulate) {
   asm volatile(
       "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
@@ -153,7 +166,7 @@ __device__ __forceinline__ void wgmma_64x64x16(float s[8][4], const unsigned a[4
         "+f"(s[3][2]), "+f"(s[3][3]), "+f"(s[4][0]), "+f"(s[4][1]), "+f"(s[4][2]), "+f"(s[4][3]), "+f"(s[5][0]),
         "+f"(s[5][1]), "+f"(s[5][2]), "+f"(s[5][3]), "+f"(s[6][0]), "+f"(s[6][1]), "+f"(s[6][2]), "+f"(s[6][3]),
         "+f"(s[7][0]), "+f"(s[7][1]), "+f"(s[7][2]), "+f"(s[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1), "n"(HELD_AS_IS ? 1 : 0));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"((int)accumulate), "n"(HELD_AS_IS ? 1 : 0));
 }
 #else
 #define WGMMA 0

@@ -32,15 +32,18 @@ def main() -> int:
     for name in files:
         uses = "".join(f"  (void)&{expression};\n" for expression in build._NAME_EXPRESSIONS.get(name, ()))
         source = build._source(name) + f"\nvoid instantiate_every_registered_kernel() {{\n{uses}}}\n"
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / name
-            path.write_text(source)
-            result = subprocess.run(["nvcc", *build.compile_options(name), f"-arch={args.arch}", "-c", str(path), "-o",
-                                     str(path.with_suffix(".o")), "-Xptxas", "-v"], capture_output=True, text=True)
-        print(f"{name}: {'ok' if result.returncode == 0 else 'FAILED'}")
-        if result.returncode:
-            failed += 1
-            print(build._readable_log(result.stderr))
+        # an architecture-specific file also as Hopper's sm_90a, where its wgmma code compiles
+        for arch in (args.arch, "sm_90a") if name in build._ARCHITECTURE_SPECIFIC else (args.arch,):
+            with tempfile.TemporaryDirectory() as directory:
+                path = Path(directory) / name
+                path.write_text(source)
+                result = subprocess.run(["nvcc", *build.compile_options(name), f"-arch={arch}", "-c", str(path),
+                                         "-o", str(path.with_suffix(".o")), "-Xptxas", "-v"],
+                                        capture_output=True, text=True)
+            print(f"{name} ({arch}): {'ok' if result.returncode == 0 else 'FAILED'}")
+            if result.returncode:
+                failed += 1
+                print(build._readable_log(result.stderr))
     return 1 if failed else 0
 
 

@@ -11,7 +11,7 @@ each stored value is off by up to 2^-9 relative, and the inputs themselves were 
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 pytestmark = pytest.mark.gpu
@@ -512,6 +512,8 @@ def test_multi_tensor_adamw_and_grad_norm_match_reference(sizes, step, seed, dat
 
 @given(batch=st.integers(1, 2), heads=st.integers(1, 3), length=st.sampled_from([1, 5, 63, 64, 65, 200, 300]),
        width=st.sampled_from([16, 32, 48, 64]), packed=st.booleans(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+@example(batch=1, heads=2, length=300, width=64, packed=True, seed=1, poison=0xFF)  # the model's width, many tiles
+@example(batch=2, heads=1, length=200, width=64, packed=False, seed=2, poison=0x7F)
 def test_flash_attention_matches_reference(batch, heads, length, width, packed, seed, poison):
     """The flash-attention kernels (bf16) against the float64 recurrence: out, lse and the three
     gradients, over one query block and several, with partial last blocks; with `packed`, q, k, v read in
