@@ -11,7 +11,7 @@ each stored value is off by up to 2^-9 relative, and the inputs themselves were 
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 pytestmark = pytest.mark.gpu
@@ -519,6 +519,34 @@ def test_flash_attention_matches_reference(batch, heads, length, width, packed, 
     gradients, over one query block and several, with partial last blocks; with `packed`, q, k, v read in
     place from one [B, T, 3, H, D], out written into a [B, T, H, D] and the gradients into one packed
     [B, T, 3, H, D], as the model's attention runs them (poisoned, so an unwritten element shows)."""
+    check_flash_attention(batch, heads, length, width, packed, seed, poison)
+
+
+@settings(max_examples=10)
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), length=st.sampled_from([5, 64, 65, 200]),
+       width=st.sampled_from([16, 32, 48, 64]), packed=st.booleans(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+@example(batch=1, heads=2, length=300, width=64, packed=True, seed=3, poison=0xFF)
+def test_flash_attention_on_mma_sync_matches_reference(batch, heads, length, width, packed, seed, poison):
+    """The same check with cuda/flash_attention.cu compiled for the device's plain target: on Hopper the
+    kernels otherwise run as wgmma (build.py compiles the file for sm_90a), and their mma.sync form, the
+    one every other GPU runs, would go untested there."""
+    from minimoe.cuda import build
+
+    def forget_compiled() -> None:
+        build.load_module.cache_clear()
+        build.kernel.cache_clear()
+
+    saved = set(build._ARCHITECTURE_SPECIFIC)
+    build._ARCHITECTURE_SPECIFIC.discard("flash_attention.cu")
+    forget_compiled()
+    try:
+        check_flash_attention(batch, heads, length, width, packed, seed, poison)
+    finally:
+        build._ARCHITECTURE_SPECIFIC.update(saved)
+        forget_compiled()
+
+
+def check_flash_attention(batch, heads, length, width, packed, seed, poison):
     from minimoe.cuda.attention import causal_attention_forward
     from minimoe.cuda.flash_attention import flash_attention_backward, flash_attention_forward, heads_of
 
