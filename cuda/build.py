@@ -14,13 +14,17 @@ Python launcher share are registered with the file (register's `constants`) and 
 A file registered as architecture-specific is compiled, on a Hopper GPU (compute capability 9.0), for
 sm_90a rather than sm_90: the target whose instructions (wgmma, the warpgroup's tensor-core product) run
 only on that architecture, and which the file uses where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. CuPy
-always names the device's plain target itself, so such a file goes to NVRTC directly (compiled once per
-process, without CuPy's disk cache).
+always names the device's plain target itself, so such a file goes to NVRTC directly, and its binary is
+kept in CuPy's cache folder by `cached_binary` (keyed as CuPy keys its own: source, options, NVRTC's
+version), so that every process after the first loads it rather than compiling it for seconds.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -108,6 +112,29 @@ def _readable_log(log: str) -> str:
     return re.sub(r"([\w.]+\.cuh?)\((\d+)\)", lambda m: f"{KERNEL_DIR / m.group(1)}:{m.group(2)}", log)
 
 
+def cache_dir() -> Path:
+    """CuPy's kernel cache folder (CUPY_CACHE_DIR, else ~/.cupy/kernel_cache), which also holds the binaries
+    of the files compiled here for sm_90a."""
+    return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+
+
+def cached_binary(key: str, build: Any) -> tuple[bytes, dict[str, str]]:
+    """The binary and lowered kernel names that `build()` returns for a compile identified by `key`, read
+    from the cache folder when an earlier process stored them. A file holds the names as one JSON line,
+    then the binary; it is written under a temporary name and renamed, so that a process that is stopped
+    mid-write, or two that write at once, never leave a partial file behind for a later one to load."""
+    path = cache_dir() / f"minimoe_{hashlib.sha256(key.encode()).hexdigest()}.cubin"
+    if path.exists():
+        names, binary = path.read_bytes().split(b"\n", 1)
+        return binary, json.loads(names)
+    binary, lowered = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_bytes(json.dumps(lowered).encode() + b"\n" + binary)
+    os.replace(partial, path)
+    return binary, lowered
+
+
 class _HopperModule:
     """A .cu file compiled by NVRTC for sm_90a: the module and its kernels' lowered (mangled) names."""
 
@@ -116,18 +143,23 @@ class _HopperModule:
         from cupy_backends.cuda.libs import nvrtc
 
         names = _NAME_EXPRESSIONS.get(filename, ())
-        program = nvrtc.createProgram(_source(filename), filename, (), ())
-        try:
-            for name in names:
-                nvrtc.addNameExpression(program, name)
-            try:  # -ftz=true as CuPy compiles every other file
-                nvrtc.compileProgram(program, [*compile_options(filename), "-ftz=true", "-arch=sm_90a"])
-            except nvrtc.NVRTCError:
-                raise KernelBuildError(_readable_log(nvrtc.getProgramLog(program))) from None
-            self.lowered = {name: nvrtc.getLoweredName(program, name) for name in names}
-            cubin = nvrtc.getCUBIN(program)
-        finally:
-            nvrtc.destroyProgram(program)
+        source = _source(filename)
+        options = [*compile_options(filename), "-ftz=true", "-arch=sm_90a"]  # -ftz=true as CuPy compiles
+
+        def build() -> tuple[bytes, dict[str, str]]:
+            program = nvrtc.createProgram(source, filename, (), ())
+            try:
+                for name in names:
+                    nvrtc.addNameExpression(program, name)
+                try:
+                    nvrtc.compileProgram(program, options)
+                except nvrtc.NVRTCError:
+                    raise KernelBuildError(_readable_log(nvrtc.getProgramLog(program))) from None
+                return nvrtc.getCUBIN(program), {name: nvrtc.getLoweredName(program, name) for name in names}
+            finally:
+                nvrtc.destroyProgram(program)
+
+        cubin, self.lowered = cached_binary(repr((source, options, names, nvrtc.getVersion())), build)
         self.module = cupy.cuda.function.Module()
         self.module.load(cubin)
 

@@ -51,3 +51,24 @@ def test_every_constant_a_kernel_file_expects_is_registered_by_its_python_side(f
     given = {option.removeprefix("-D").split("=")[0] for option in build.compile_options(filename)
              if option.startswith("-D")}
     assert given == expected
+
+
+
+def test_cached_binary_builds_once_per_key_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The sm_90a binaries' disk cache: a later call with the same key (a later process) gets the stored
+    binary and names back byte for byte without building; another key builds again."""
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    builds = []
+
+    def compile_it():
+        builds.append(1)
+        binary = bytes(range(256)) * 3 + b"\n\x00" + bytes([len(builds)])  # newlines and zero bytes, as a cubin
+        return binary, {"flash<64>": f"_Z5flashILi64EEvv{len(builds)}"}
+
+    first = build.cached_binary("source A, options", compile_it)
+    again = build.cached_binary("source A, options", compile_it)
+    other = build.cached_binary("source B, options", compile_it)
+    assert len(builds) == 2
+    assert again == first and again[0].endswith(b"\n\x00\x01")
+    assert other[0].endswith(b"\x02") and other[1] == {"flash<64>": "_Z5flashILi64EEvv2"}
+    assert sorted(path.suffix for path in (tmp_path / "cache").iterdir()) == [".cubin", ".cubin"]
