@@ -13,8 +13,10 @@ sum = x + addend beside LN(sum), and layernorm_backward adds `grad_sum`, the gra
 uses sent it, into dx (the gradient of both x and addend).
 
 GPU: cuda/layernorm.cu: one warp per row (held in registers when it is short enough, so that it crosses
-memory once), float32 statistics for bf16 or float32 rows; the parameter
-gradients as per-slice column sums added up afterwards (deterministic, no atomics).
+memory once), float32 statistics for bf16 or float32 rows. The parameter gradients are column sums over
+the rows, taken in two stages (deterministic, no atomics): per-block partial sums, which the backward
+kernel writes beside dx while it holds the rows in registers (a kernel of their own reads rows too wide
+to hold again), then their sum (cuda/partial_sums.py).
 """
 
 from typing import Any
@@ -26,11 +28,16 @@ from minimoe.cuda import build
 from minimoe.cuda.partial_sums import sum_partials
 
 MAX_HELD = 4  # a lane holds up to this many pieces of its row in registers (cuda/layernorm.cu's Walk)
-build.register("layernorm.cu", *(f"layernorm_{kind}<{t}, {v}, {held}>" for kind in ("forward", "backward_input")
+WARPS_PER_BLOCK = 8
+build.register("layernorm.cu", *(f"layernorm_{kind}<{t}, {v}, {held}>" for kind in ("forward", "backward")
                                  for t in ("float", "bf16") for v in ("true", "false")
                                  for held in range(MAX_HELD + 1)),
-               "layernorm_backward_params<float>", "layernorm_backward_params<bf16>")
-WARPS_PER_BLOCK = 8
+               "layernorm_backward_params<float>", "layernorm_backward_params<bf16>",
+               constants={"WARPS_PER_BLOCK": WARPS_PER_BLOCK})
+# Rows each warp of the backward walks where it sums the parameter gradients (rows held in registers):
+# enough that the blocks' partial sums stay small beside dy and x, few enough that the blocks fill the GPU
+# (8192 rows: 256 blocks).
+ROWS_PER_WARP = 4
 # Rows per slice of the parameter-gradient kernel: short enough that its blocks fill the GPU (64 slices of
 # 8192 rows, 128 rows each, left most SMs idle: 56 us a LayerNorm), long enough that the slices' float32
 # partial sums stay small beside the input.
@@ -75,11 +82,17 @@ def layernorm_backward(
     return grad_x, (grad_y * xhat).sum(axis=leading), grad_y.sum(axis=leading)
 
 
+def _held_pieces(x: Any) -> int:
+    """The pieces of a row each lane holds in registers (cuda/layernorm.cu's Walk): 0 where the row is too
+    wide to hold."""
+    pieces = -(-x.shape[-1] // (32 * build.per_load(x)))
+    return pieces if pieces <= MAX_HELD else 0
+
+
 def _row_kernel(kind: str, x: Any) -> str:
     """The name of layernorm_<kind> for x's rows: its type, whether its rows are read in 16-byte vectors,
-    and the pieces of a row a lane holds in registers (0 where the row is too wide to hold)."""
-    held = -(-x.shape[-1] // (32 * build.per_load(x)))
-    return f"layernorm_{kind}<{build.type_name(x)}, {build.row_vectors(x)}, {held if held <= MAX_HELD else 0}>"
+    and the pieces of a row a lane holds in registers."""
+    return f"layernorm_{kind}<{build.type_name(x)}, {build.row_vectors(x)}, {_held_pieces(x)}>"
 
 
 def _gpu_forward(x: Any, addend: Any, weight: Any, bias: Any, eps: float) -> tuple[Any, Any, Any, Any]:
@@ -107,14 +120,17 @@ def _gpu_backward(grad_y: Any, x: Any, weight: Any, mean: Any, rstd: Any, grad_s
     rows = x.size // width
     grad_y, x = cupy.ascontiguousarray(grad_y), cupy.ascontiguousarray(x)
     grad_x = cupy.empty(x.shape, x.dtype)
-    build.kernel("layernorm.cu", _row_kernel("backward_input", x))(
-        ((rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (32 * WARPS_PER_BLOCK,),
+    held = _held_pieces(x) > 0
+    blocks = -(-rows // (WARPS_PER_BLOCK * (ROWS_PER_WARP if held else 1)))
+    slices = blocks if held else min(MAX_SLICES, max(-(-rows // ROWS_PER_SLICE), 1))
+    partials = cupy.empty((2, slices, width), dtype=cupy.float32)  # [weight, bias]
+    build.kernel("layernorm.cu", _row_kernel("backward", x))(
+        (blocks,), (32 * WARPS_PER_BLOCK,),
         (grad_y, x, cupy.ascontiguousarray(weight, dtype=x.dtype), mean, rstd, build.optional_array(grad_sum, x.dtype),
-         grad_x, np.int32(rows), np.int32(width)))
-    slices = min(MAX_SLICES, max(-(-rows // ROWS_PER_SLICE), 1))
-    partial_weight = cupy.empty((slices, width), dtype=cupy.float32)
-    partial_bias = cupy.empty(partial_weight.shape, partial_weight.dtype)
-    build.kernel("layernorm.cu", f"layernorm_backward_params<{build.type_name(x)}>")(
-        ((width + 255) // 256, slices), (256,),
-        (grad_y, x, mean, rstd, partial_weight, partial_bias, np.int32(rows), np.int32(width)))
-    return grad_x, *(sum_partials(partial[None], weight.dtype)[0] for partial in (partial_weight, partial_bias))
+         grad_x, partials[0], partials[1], np.int32(rows), np.int32(width)))
+    if not held:
+        build.kernel("layernorm.cu", f"layernorm_backward_params<{build.type_name(x)}>")(
+            ((width + 255) // 256, slices), (256,),
+            (grad_y, x, mean, rstd, partials[0], partials[1], np.int32(rows), np.int32(width)))
+    grad_weight, grad_bias = sum_partials(partials, weight.dtype)
+    return grad_x, grad_weight, grad_bias
