@@ -745,34 +745,51 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // gate_weight_backward states the math). With g the weight gradient and the kept choices' probabilities
 // a_c = p[e_c] kept_c: top-1 dL/da = g; top-2 dL/da_c = (g_c - sum_i g_i w_i) / s, s = max(a_1 + a_2, eps)
 // (g_c / s where s was clamped). Then dL/dp[e] = sum_c [e == e_c] dL/da_c, and through the softmax
-// dL/dz[e] = p[e] (dL/dp[e] - sum_c dL/da_c p[e_c]); the sum needs only the k chosen entries.
+// dL/dz[e] = p[e] (dL/dp[e] - sum_e' dL/dp[e'] p[e']).
+// The load-balancing loss's gradient joins before the softmax's backward where grad_aux_loss is given
+// (cuda/gating.py's aux_loss_backward): every used token's dL/dp[e] gains c_e = g_aux w ce_e / U (w the
+// aux weight, U the used tokens), so that GateRoute's backward is one launch. grad_weight null: the
+// combine weights did not reach the loss.
 extern "C" __global__ void gate_weight_backward(const float* __restrict__ grad_weight, const float* __restrict__ probs,
                                                 const long long* __restrict__ expert_index,
                                                 const long long* __restrict__ position, const float* __restrict__ weight,
+                                                const float* __restrict__ grad_aux_loss, float aux_weight,
+                                                const float* __restrict__ used_tokens,
+                                                const float* __restrict__ choice_fraction,
+                                                const unsigned char* __restrict__ token_mask,
                                                 float* __restrict__ grad_logits, int tokens, int experts, int k) {
   const int token = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
   const int lane = threadIdx.x % WARP;
-  if (token >= tokens) return;
+  if (token >= tokens) return;  // the whole warp
   const float* p = probs + (long long)token * experts;
   int chosen[2] = {-1, -1};
   float grad_chosen[2] = {0.0f, 0.0f}, kept[2] = {0.0f, 0.0f}, total = 0.0f, dot = 0.0f;
-  for (int c = 0; c < k; ++c) {
-    const long long slot = (long long)token * k + c;
-    chosen[c] = (int)expert_index[slot];
-    kept[c] = position[slot] >= 0 ? 1.0f : 0.0f;
-    total += p[chosen[c]] * kept[c];
-    dot += grad_weight[slot] * weight[slot];
+  if (grad_weight) {
+    for (int c = 0; c < k; ++c) {
+      const long long slot = (long long)token * k + c;
+      chosen[c] = (int)expert_index[slot];
+      kept[c] = position[slot] >= 0 ? 1.0f : 0.0f;
+      total += p[chosen[c]] * kept[c];
+      dot += grad_weight[slot] * weight[slot];
+    }
+    const float eps = 1.1920928955078125e-07f;
+    for (int c = 0; c < k; ++c) {
+      const float g = grad_weight[(long long)token * k + c];
+      if (k == 1) grad_chosen[c] = g * kept[c];
+      else grad_chosen[c] = (total < eps ? g / eps : (g - dot) / total) * kept[c];
+    }
   }
-  const float eps = 1.1920928955078125e-07f;
-  for (int c = 0; c < k; ++c) {
-    const float g = grad_weight[(long long)token * k + c];
-    if (k == 1) grad_chosen[c] = g * kept[c];
-    else grad_chosen[c] = (total < eps ? g / eps : (g - dot) / total) * kept[c];
+  const bool balancing = grad_aux_loss && (!token_mask || token_mask[token]);
+  const float aux_scale = balancing ? *grad_aux_loss * aux_weight / fmaxf(*used_tokens, 1.0f) : 0.0f;
+  float through = 0.0f;  // sum_e dL/dp[e] p[e]: the chosen entries, then the balancing row
+  for (int c = 0; c < k; ++c) through += grad_chosen[c] * (chosen[c] >= 0 ? p[chosen[c]] : 0.0f);
+  if (balancing) {
+    float row = 0.0f;
+    for (int e = lane; e < experts; e += WARP) row += aux_scale * choice_fraction[e] * p[e];
+    through += warp_sum(row);
   }
-  float through = 0.0f;  // sum_e dL/dp[e] p[e]
-  for (int c = 0; c < k; ++c) through += grad_chosen[c] * p[chosen[c]];
   for (int e = lane; e < experts; e += WARP) {
-    float grad_p = 0.0f;
+    float grad_p = balancing ? aux_scale * choice_fraction[e] : 0.0f;
     for (int c = 0; c < k; ++c) grad_p += e == chosen[c] ? grad_chosen[c] : 0.0f;
     grad_logits[(long long)token * experts + e] = p[e] * (grad_p - through);
   }

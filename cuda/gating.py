@@ -349,7 +349,7 @@ def gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
     """d loss / d logits [T, E] from d loss / d weight [T, k], through the (renormalised) kept probs.
     GPU: gating.cu's gate_weight_backward for k <= 2; k >= 3 runs this reference on CuPy arrays."""
     if is_gpu(grad_weight) and gating.expert_index.shape[1] <= 2:
-        return _gpu_gate_weight_backward(grad_weight, gating)
+        return _gpu_gate_weight_backward(grad_weight, None, gating)
     xp = array_module(grad_weight)
     probs, expert_index, weight = gating.probs, gating.expert_index, gating.weight
     kept = gating.position >= 0
@@ -381,6 +381,19 @@ def aux_loss_backward(grad_loss: Any, gating: Gating) -> Any:
     if gating.token_mask is not None:
         grad_probs = grad_probs * xp.asarray(gating.token_mask, dtype=probs.dtype)[:, None]
     return softmax_backward(grad_probs, probs)
+
+
+def gate_route_backward(grad_weight: Any, grad_aux_loss: Any, gating: Gating) -> Any:
+    """d loss / d logits through both results of the routing: the combine weights (grad_weight [T, k]) and
+    the load-balancing loss (grad_aux_loss, 0-d); either None where that result did not reach the loss (both
+    None: 0). The sum of gate_weight_backward and aux_loss_backward; GPU (k <= 2): one launch of gating.cu's
+    gate_weight_backward for both, where the two and their sum took ten."""
+    if grad_weight is None and grad_aux_loss is None:
+        return 0.0
+    if is_gpu(gating.probs) and gating.expert_index.shape[1] <= 2:
+        return _gpu_gate_weight_backward(grad_weight, grad_aux_loss, gating)
+    through_weights = 0.0 if grad_weight is None else gate_weight_backward(grad_weight, gating)
+    return through_weights + (0.0 if grad_aux_loss is None else aux_loss_backward(grad_aux_loss, gating))
 
 
 def z_loss_forward(logits: Any, token_mask: Any = None) -> tuple[Any, Any]:
@@ -583,15 +596,21 @@ def _route_launch(num_experts: int, device: int) -> RouteLaunch:
         runtime.cudaDevAttrMultiProcessorCount, device))
 
 
-def _gpu_gate_weight_backward(grad_weight: Any, gating: Gating) -> Any:
+def _gpu_gate_weight_backward(grad_weight: Any, grad_aux_loss: Any, gating: Gating) -> Any:
+    """gating.cu's gate_weight_backward: the combine weights' gradient (or None) and the load-balancing
+    loss's (or None) to the logits in one launch."""
     import cupy
 
     num_tokens, num_experts = gating.probs.shape
     k = gating.expert_index.shape[1]
     grad_logits = cupy.empty(gating.probs.shape, gating.probs.dtype)
+    balancing = grad_aux_loss is not None  # the kernel reads these three only for the balancing loss
+    grad_aux_loss, used_tokens, choice_fraction = (build.optional_array(a if balancing else None, cupy.float32)
+                                                   for a in (grad_aux_loss, gating.used_tokens, gating.choice_fraction))
     warps_per_block = 8
     build.kernel("gating.cu", "gate_weight_backward")(
         ((num_tokens + warps_per_block - 1) // warps_per_block,), (WARP * warps_per_block,),
-        (cupy.ascontiguousarray(grad_weight, dtype=cupy.float32), gating.probs, gating.expert_index, gating.position,
-         gating.weight, grad_logits, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
+        (build.optional_array(grad_weight, cupy.float32), gating.probs, gating.expert_index, gating.position,
+         gating.weight, grad_aux_loss, np.float32(aux_weight(k, num_experts)), used_tokens, choice_fraction,
+         _mask_bytes(gating.token_mask), grad_logits, np.int32(num_tokens), np.int32(num_experts), np.int32(k)))
     return grad_logits

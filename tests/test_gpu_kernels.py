@@ -250,19 +250,42 @@ def test_gating_of_logits_not_16_byte_aligned():
     np.testing.assert_array_equal(cupy.asnumpy(topk_gating(shifted, 2, 40).position), expected.position)
 
 
-@given(case=gating_inputs(), seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
-def test_gate_weight_backward_matches_reference(case, seed, poison):
-    from minimoe.cuda.gating import gate_weight_backward, topk_gating
+@given(case=gating_inputs(), seed=seeds, through=st.sampled_from(["weights", "balancing", "both"]),
+       poison=st.sampled_from([0xFF, 0x7F]))
+def test_gate_route_backward_matches_reference(case, seed, through, poison):
+    """The routing's backward to the logits from the combine weights' gradient, the load-balancing loss's,
+    or both (one launch for k <= 2; padding tokens take no balancing gradient)."""
+    from minimoe.cuda.gating import (
+        aux_loss_backward,
+        aux_weight,
+        gate_route_backward,
+        gate_weight_backward,
+        topk_gating,
+    )
 
     cupy = cupy_module()
-    logits, k, capacity, _ = case
-    expected_gating = topk_gating(logits.astype(np.float64), k, capacity)
-    gating = topk_gating(cupy.asarray(logits), k, capacity)
-    grad = np.random.default_rng(seed).standard_normal((len(logits), k)).astype(np.float32)
+    logits, k, capacity, extras = case
+    expected_gating = topk_gating(logits.astype(np.float64), k, capacity, **extras)
+    gating = topk_gating(cupy.asarray(logits), k, capacity,
+                         **{n: v if isinstance(v, str) else cupy.asarray(v) for n, v in extras.items()})
+    rng = np.random.default_rng(seed)
+    grad = rng.standard_normal((len(logits), k)).astype(np.float32) if through != "balancing" else None
+    grad_aux = np.float32(rng.standard_normal()) if through != "weights" else None
     poison_pool(poison)
-    actual = cupy.asnumpy(gate_weight_backward(cupy.asarray(grad), gating)).astype(np.float64)
-    assert_close(actual, gate_weight_backward(grad.astype(np.float64), expected_gating), "float32",
-                 "gate weight backward")
+    actual = cupy.asnumpy(gate_route_backward(None if grad is None else cupy.asarray(grad),
+                                              None if grad_aux is None else cupy.asarray(grad_aux), gating))
+    expected, scale = np.zeros(logits.shape), np.zeros(logits.shape)
+    if grad is not None:
+        expected += gate_weight_backward(grad.astype(np.float64), expected_gating)
+        scale += np.abs(expected)
+    if grad_aux is not None:
+        expected += aux_loss_backward(np.float64(grad_aux), expected_gating)
+        # p (c - sum_e c_e p_e) with one row c for every used token cancels: measure against its terms
+        probs, used = expected_gating.probs, extras.get("token_mask", np.ones(len(logits), bool))[:, None]
+        row = np.abs(grad_aux * aux_weight(k, logits.shape[1]) / max(float(expected_gating.used_tokens), 1.0)
+                     * expected_gating.choice_fraction)
+        scale += used * probs * (row + (row * probs).sum(axis=1, keepdims=True))
+    assert_close(actual.astype(np.float64), expected, "float32", f"gate route backward through {through}", scale=scale)
 
 
 @given(k=st.sampled_from([1, 2]), num_experts=st.integers(2, 16), num_tokens=st.integers(1, 400),

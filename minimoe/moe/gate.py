@@ -102,10 +102,8 @@ class GateRoute(Function):
         return ctx.gating.weight, ctx.gating.aux_loss
 
     def backward(ctx, grad_weight, grad_aux_loss):
-        gating = ctx.gating  # each output's gradient is None when that output did not reach the loss
-        through_weights = 0.0 if grad_weight is None else gating_kernels.gate_weight_backward(grad_weight, gating)
-        through_me = 0.0 if grad_aux_loss is None else gating_kernels.aux_loss_backward(grad_aux_loss, gating)
-        return through_weights + through_me
+        # each output's gradient is None when that output did not reach the loss
+        return gating_kernels.gate_route_backward(grad_weight, grad_aux_loss, ctx.gating)
 
 
 class RouterZLoss(Function):
