@@ -9,6 +9,10 @@ gradients moved 0.6 GB a step to add 8192 rows.
 
 Reference: NumPy's (or CuPy's) add.at in float32. GPU: cuda/embedding.cu, three launches over the
 rows (not the table) for float32 and bf16 gradients.
+
+A GPT's input, the token embedding plus the learned position embedding of positions 0 .. T-1
+(token_and_position_forward), is one launch on the GPU where the two lookups and their add took three;
+the position table's gradient is the output gradient summed over the batch (position_table_gradient).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from minimoe.cuda import build
 THREADS = 256
 MAX_BLOCKS = 4096  # the threads stride on past this many blocks
 build.register("embedding.cu", *(f"{kernel}<{t}>" for kernel in ("scatter_row_sums", "add_row_sums")
-                                 for t in build.KERNEL_TYPES.values()))  # (and zero_row_sums, extern "C")
+                                 for t in build.KERNEL_TYPES.values()),  # (and zero_row_sums, extern "C")
+               *(f"{kernel}<{t}, {v}>" for kernel in ("embed_tokens_and_positions", "sum_position_gradients")
+                 for t in build.KERNEL_TYPES.values() for v in ("true", "false")))
 
 
 def embedding_forward(weight: Any, indices: Any) -> Any:
@@ -77,3 +83,49 @@ class RowGradient:
 
 def embedding_backward(grad: Any, indices: Any, num_embeddings: int) -> RowGradient:
     return RowGradient(grad, indices, num_embeddings)
+
+
+def token_and_position_forward(token_table: Any, position_table: Any, tokens: Any) -> Any:
+    """token_table[tokens] + position_table[:T] for tokens [B, T] (T at most the position table's rows):
+    [B, T, width], the sum rounded once to the tables' dtype."""
+    length = tokens.shape[-1]
+    if length > position_table.shape[0] or token_table.shape[1] != position_table.shape[1]:
+        raise ValueError(f"tokens {tokens.shape} need a position table of at least {length} rows as wide as the "
+                         f"token table {token_table.shape}, got {position_table.shape}")
+    if not (_rows_on_gpu(token_table, position_table) and token_table.dtype == position_table.dtype):
+        return token_table[tokens] + position_table[:length]
+    import cupy
+
+    out = cupy.empty((*tokens.shape, token_table.shape[1]), dtype=token_table.dtype)
+    rows, width = tokens.size, token_table.shape[1]
+    if out.size:
+        build.kernel("embedding.cu", f"embed_tokens_and_positions<{build.type_name(out)}, {build.row_vectors(out)}>")(
+            (-(-rows * (width // build.per_load(out)) // THREADS),), (THREADS,),
+            (token_table, position_table, cupy.ascontiguousarray(tokens, dtype=cupy.int64), out, np.int64(rows),
+             np.int32(length), np.int32(width)))
+    return out
+
+
+def position_table_gradient(grad: Any, table_rows: int) -> Any:
+    """The position table's gradient [table_rows, width] from the output gradient [B, T, width]: row t < T
+    the sum over the batch of grad[:, t] (in float32, rounded once), the other rows 0."""
+    batch, length, width = grad.shape
+    if not _rows_on_gpu(grad):
+        sums = grad.astype(np.promote_types(grad.dtype, np.float32)).sum(axis=0)
+        table = array_module(grad).zeros((table_rows, width), dtype=sums.dtype)
+        table[:length] = sums
+        return table.astype(grad.dtype)
+    import cupy
+
+    grad = cupy.ascontiguousarray(grad)
+    table = cupy.empty((table_rows, width), dtype=grad.dtype)
+    if table.size:
+        build.kernel("embedding.cu", f"sum_position_gradients<{build.type_name(grad)}, {build.row_vectors(grad)}>")(
+            (-(-table_rows * (width // build.per_load(grad)) // THREADS),), (THREADS,),
+            (grad, table, np.int32(batch), np.int32(length), np.int32(table_rows), np.int32(width)))
+    return table
+
+
+def _rows_on_gpu(*arrays: Any) -> bool:
+    """The kernels' case: GPU arrays of a kernel type, contiguous (the kernels index their rows directly)."""
+    return all(is_gpu(a) and a.dtype.name in build.KERNEL_TYPES and a.flags.c_contiguous for a in arrays)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from minimoe import backend, breakdown, ops
+from minimoe import breakdown, ops
 from minimoe.moe.gate import MoESettings, Routing
 from minimoe.moe.layer import MoE
 from minimoe.nn import MLP, CausalSelfAttention, Embedding, LayerNorm, Module
@@ -158,8 +158,9 @@ class GPT(Module):
         if length > self.config.block_size:
             raise ValueError(f"sequence of {length} tokens is longer than the model's context "
                              f"(block_size={self.config.block_size})")
-        positions = backend.array_module(tokens).arange(length)
-        x = ops.dropout(self.wte(tokens) + self.wpe(positions), self.config.dropout, self.training)
+        with breakdown.part("embedding"):
+            x = ops.token_and_position_embedding(self.wte.weight, self.wpe.weight, tokens)
+        x = ops.dropout(x, self.config.dropout, self.training)
         norms = [block.ln_1 for block in self.blocks] + [self.ln_f]  # the LayerNorm that reads each stream
         h = norms[0](x)
         routings = []

@@ -547,6 +547,30 @@ def embedding_lookup(weight: Tensor, indices: Any) -> Tensor:
     return Embedding.apply(weight, indices)
 
 
+class TokenAndPositionEmbedding(Function):
+    """A GPT's input: token_table[tokens] + position_table[:T] for tokens [B, T], in one node (one launch on
+    the GPU). Gradients: the token table's as the lookup's (a RowGradient), the position table's the output
+    gradient summed over the batch."""
+
+    def forward(ctx, token_table, position_table, tokens):
+        ctx.save(tokens)
+        ctx.table_sizes = token_table.shape[0], position_table.shape[0]
+        return embedding_kernels.token_and_position_forward(token_table, position_table, tokens)
+
+    def backward(ctx, grad):
+        (tokens,) = ctx.saved
+        vocab, positions = ctx.table_sizes
+        return (embedding_kernels.embedding_backward(grad, tokens, vocab),
+                embedding_kernels.position_table_gradient(grad.reshape(-1, *grad.shape[-2:]), positions), None)
+
+
+def token_and_position_embedding(token_table: Tensor, position_table: Tensor, tokens: Any) -> Tensor:
+    """token_table[tokens] + position_table[:T] for tokens [B, T]: ops.TokenAndPositionEmbedding."""
+    if isinstance(tokens, Tensor):
+        tokens = tokens.data
+    return TokenAndPositionEmbedding.apply(token_table, position_table, tokens)
+
+
 class Dropout(Function):
     def forward(ctx, x, p):
         y, scaled_mask = dropout_kernels.dropout_forward(x, p)

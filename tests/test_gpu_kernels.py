@@ -683,6 +683,31 @@ def test_embedding_row_gradient_adds_into_a_dense_gradient(rows, vocab, width, d
     np.testing.assert_array_equal(to_host(grad), grad_values)
 
 
+@given(batch=st.integers(1, 4), length=st.integers(1, 70), extra_positions=st.integers(0, 5), vocab=st.integers(1, 50),
+       width=st.sampled_from([1, 3, 8, 64, 768]), dtype=dtypes, seed=seeds, poison=st.sampled_from([0xFF, 0x7F]))
+def test_token_and_position_embedding_matches_reference(batch, length, extra_positions, vocab, width, dtype, seed,
+                                                        poison):
+    """GPT's input in one launch: the two rows' sum rounded once, as an add of the two lookups rounds it; the
+    position table's gradient the batch's sum, its rows past the sequence 0 (poisoned memory shows)."""
+    from minimoe.cuda.embedding import position_table_gradient, token_and_position_forward
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, length))
+    token_table, token_values = to_gpu(rng.standard_normal((vocab, width)), dtype)
+    position_table, position_values = to_gpu(rng.standard_normal((length + extra_positions, width)), dtype)
+    grad, grad_values = to_gpu(rng.standard_normal((batch, length, width)), dtype)
+    poison_pool(poison)
+    out = token_and_position_forward(token_table, position_table, cupy_module().asarray(tokens))
+    expected = to_gpu(token_values[tokens].astype(np.float32) + position_values[:length].astype(np.float32), dtype)[1]
+    np.testing.assert_array_equal(to_host(out), expected)
+    grad_table = position_table_gradient(grad, length + extra_positions)
+    expected = np.zeros(position_values.shape)
+    expected[:length] = grad_values.sum(axis=0)
+    assert_close(to_host(grad_table), expected, dtype, "position table gradient",
+                 scale=np.pad(np.abs(grad_values).sum(axis=0), ((0, extra_positions), (0, 0))))
+    np.testing.assert_array_equal(to_host(grad_table)[length:], 0)
+
+
 def test_multi_tensor_adamw_with_a_nan_scale_writes_nothing():
     """A NaN scale (clip_scale's answer to a non-finite loss or norm) leaves values, moments and working
     copies untouched: the refusal a CUDA graph of the step relies on."""

@@ -202,6 +202,21 @@ def test_embedding_gradients_with_repeated_indices(vocab, width, batch, length, 
     check_gradients(lambda w: ops.embedding_lookup(w, indices), [randn(seed, (vocab, width))])
 
 
+@given(vocab=st.integers(1, 6), positions=st.integers(1, 6), width=st.integers(1, 4), batch=st.integers(1, 3),
+       data=st.data(), seed=seeds)
+def test_token_and_position_embedding_gradients(vocab, positions, width, batch, data, seed):
+    """GPT's input: both tables' gradients, the position rows past the sequence 0."""
+    length = data.draw(st.integers(1, positions))
+    tokens = np.random.default_rng(seed).integers(0, vocab, (batch, length))
+    check_gradients(lambda tokens_table, position_table: ops.token_and_position_embedding(
+        tokens_table, position_table, tokens), [randn(seed, (vocab, width)), randn(seed + 1, (positions, width))])
+
+
+def test_token_and_position_embedding_rejects_a_sequence_past_the_position_table():
+    with pytest.raises(ValueError, match="position table of at least 5 rows"):
+        ops.token_and_position_embedding(Tensor(np.zeros((3, 2))), Tensor(np.zeros((4, 2))), np.zeros((1, 5), int))
+
+
 @given(vocab=st.integers(1, 6), width=st.integers(1, 4), length=st.integers(1, 5), seed=seeds)
 def test_tied_embedding_gradients(vocab, width, length, seed):
     """The table read by a lookup and multiplied as an output layer, as GPT ties them: the lookup's
