@@ -270,27 +270,6 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-// delta[row] = sum_d grad_out[row, d] out[row, d], the softmax backward's term of each row (row = head * T
-// + t, both operands in the outputs' layout): a thread per row, in 16-byte loads.
-template <int HEAD>
-__global__ void attention_delta(const bf16* __restrict__ grad_out, const bf16* __restrict__ out,
-                                float* __restrict__ delta, long long rows, int length, LAYOUT_ARGUMENTS) {
-  LAYOUTS;
-  const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  const long long start = outputs.offset(row / length) + row % length * outputs.row;
-  float sum = 0.0f;
-#pragma unroll
-  for (int d = 0; d < HEAD; d += 8) {
-    float g[8], o[8];
-    Row<bf16, true>::load(grad_out + start, d, g);
-    Row<bf16, true>::load(out + start, d, o);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) sum += g[j] * o[j];
-  }
-  delta[row] = sum;
-}
-
 // The probabilities p = exp(scale s - lse[query]) of the scores s (in place), 0 where the key is past the
 // query or the query past T (only where `masked`: the diagonal tile and the last); the warp's rows are
 // queries (transposed = false) or keys (true). lse in log2 units.
@@ -377,15 +356,18 @@ __global__ void __launch_bounds__(WARPS * 32)
 }
 
 // grad_q of a block of queries: block (head, query block), the last query blocks first; the key tiles up
-// to the diagonal one, as in the forward. Per tile: p from the saved lse, dp = dout v^T, ds = p (dp -
-// delta), grad_q += scale ds k. (A kernel of its own rather than atomic adds from the key blocks: the sums
-// keep one order, so the gradients are the same bits from run to run.)
+// to the diagonal one, as in the forward. First the block's delta[query] = sum_d grad_out[query, d]
+// out[query, d], the softmax backward's term of each row, which it also writes for the key-side kernel
+// (launched after it). Per tile: p from the saved lse, dp = dout v^T, ds = p (dp - delta), grad_q +=
+// scale ds k. (A kernel of its own rather than atomic adds from the key blocks: the sums keep one order,
+// so the gradients are the same bits from run to run.)
 template <int HEAD>
 __global__ void __launch_bounds__(WARPS * 32)
     flash_attention_backward_queries(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                      const bf16* __restrict__ v, const bf16* __restrict__ grad_out,
-                                     const float* __restrict__ lse, const float* __restrict__ delta,
-                                     bf16* __restrict__ grad_q, int length, float scale, LAYOUT_ARGUMENTS) {
+                                     const bf16* __restrict__ out, const float* __restrict__ lse,
+                                     float* __restrict__ delta, bf16* __restrict__ grad_q, int length, float scale,
+                                     LAYOUT_ARGUMENTS) {
   LAYOUTS;
   __shared__ __align__(1024) Stages tiles;  // [stage][keys, values]
   const Lane lane;
@@ -396,10 +378,20 @@ __global__ void __launch_bounds__(WARPS * 32)
   stage_pair<HEAD>(tiles[0], k + offset, inputs.row, v + offset, inputs.row, 0, length);
   float row_lse[2], row_delta[2];  // lse in log2 units
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2; ++r) {  // the quad of lanes that holds a row's sums shares its delta's 16-byte pieces
     const int row = first_query + row0 + lane.g + 8 * r;
+    const long long start = outputs.offset(head) + row * outputs.row;
+    float sum = 0.0f;
+    for (int d = 8 * lane.q; d < HEAD && row < length; d += 32) {
+      float g[8], o[8];
+      Row<bf16, true>::load(grad_out + start, d, g);
+      Row<bf16, true>::load(out + start, d, o);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum += g[j] * o[j];
+    }
+    row_delta[r] = warp_sum(sum, 4);
     row_lse[r] = row < length ? lse[head * length + row] * LOG2E : 0.0f;
-    row_delta[r] = row < length ? delta[head * length + row] : 0.0f;
+    if (lane.q == 0 && row < length) delta[head * length + row] = row_delta[r];
   }
   wait_for_stage(true);
   unsigned q_rows[HEAD / 16][4], grad_out_rows[HEAD / 16][4];

@@ -20,8 +20,8 @@ delta = sum_d dout * out (which equals sum_s p * dp, the softmax backward's row 
     dq += scale * ds @ k_block,   dk_block += scale * ds^T @ q
 
 Reference: NumPy, those loops (any float dtype; float64 sums at least float32). GPU: cuda/flash_attention.cu
-for bf16 with D in HEAD_WIDTHS: a forward kernel (a block per BLOCK queries of one head), the delta
-kernel, and two backward kernels, one per BLOCK keys (dk, dv) and one per BLOCK queries (dq), every
+for bf16 with D in HEAD_WIDTHS: a forward kernel (a block per BLOCK queries of one head) and two backward
+kernels, one per BLOCK queries (delta, which it writes, and dq) and then one per BLOCK keys (dk, dv), every
 product on the tensor cores with float32 sums (on Hopper as wgmma: build.py compiles the file for sm_90a
 there). Training's attention (ops.CausalAttention) and the engine's prefill (inference.forward_cached) use
 them where they apply.
@@ -39,9 +39,8 @@ from minimoe.cuda import build
 BLOCK = 64  # queries (or keys) of one block of the kernels; the keys of one step of the recurrence
 WARPS = 4  # 16 rows of the block per warp
 HEAD_WIDTHS = (16, 32, 48, 64)  # the head widths the kernels are built for
-DELTA_THREADS = 256  # the delta kernel's block: a thread per row
 build.register("flash_attention.cu",
-               *(f"{kernel}<{width}>" for kernel in ("flash_attention_forward", "attention_delta",
+               *(f"{kernel}<{width}>" for kernel in ("flash_attention_forward",
                  "flash_attention_backward_keys", "flash_attention_backward_queries") for width in HEAD_WIDTHS),
                constants=dict(BLOCK=BLOCK, WARPS=WARPS), architecture_specific=True)  # wgmma on Hopper
 
@@ -195,14 +194,11 @@ def _gpu_backward(grad_out: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, gra
     if heads and length:
         rows = heads * length
         layouts = _launch_layouts(inputs, outputs)
-        delta = cupy.empty(rows, dtype=cupy.float32)
-        build.kernel("flash_attention.cu", f"attention_delta<{width}>")(
-            (-(-rows // DELTA_THREADS),), (DELTA_THREADS,),
-            (grad_out3, out3, delta, np.int64(rows), np.int32(length), *layouts))
+        delta = cupy.empty(rows, dtype=cupy.float32)  # written by the query side, read by the key side
         grid, scale = (heads, -(-length // BLOCK)), np.float32(1.0 / width**0.5)
+        build.kernel("flash_attention.cu", f"flash_attention_backward_queries<{width}>")(
+            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, out3, lse, delta, grad_q, np.int32(length), scale, *layouts))
         build.kernel("flash_attention.cu", f"flash_attention_backward_keys<{width}>")(
             grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_k, grad_v, np.int32(length), scale, *layouts))
-        build.kernel("flash_attention.cu", f"flash_attention_backward_queries<{width}>")(
-            grid, (32 * WARPS,), (q3, k3, v3, grad_out3, lse, delta, grad_q, np.int32(length), scale, *layouts))
     _write_back(grads, [grad_q, grad_k, grad_v])
     return tuple(grads)
