@@ -118,16 +118,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
 
 
-def cached_binary(key: str, build: Any) -> tuple[bytes, dict[str, str]]:
-    """The binary and lowered kernel names that `build()` returns for a compile identified by `key`, read
-    from the cache folder when an earlier process stored them. A file holds the names as one JSON line,
+def cached_binary(key: str, compile_binary: Any) -> tuple[bytes, dict[str, str]]:
+    """The binary and lowered kernel names that `compile_binary()` returns for a compile identified by `key`,
+    read from the cache folder when an earlier process stored them. A file holds the names as one JSON line,
     then the binary; it is written under a temporary name and renamed, so that a process that is stopped
-    mid-write, or two that write at once, never leave a partial file behind for a later one to load."""
+    mid-write, or two that write at once, never leave a partial file behind for a later one to load (one
+    that cannot be read anyway is compiled again and replaced)."""
     path = cache_dir() / f"minimoe_{hashlib.sha256(key.encode()).hexdigest()}.cubin"
-    if path.exists():
+    try:
         names, binary = path.read_bytes().split(b"\n", 1)
         return binary, json.loads(names)
-    binary, lowered = build()
+    except (OSError, ValueError):  # not stored yet (or unreadable)
+        pass
+    binary, lowered = compile_binary()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     partial.write_bytes(json.dumps(lowered).encode() + b"\n" + binary)
@@ -146,7 +149,7 @@ class _HopperModule:
         source = _source(filename)
         options = [*compile_options(filename), "-ftz=true", "-arch=sm_90a"]  # -ftz=true as CuPy compiles
 
-        def build() -> tuple[bytes, dict[str, str]]:
+        def compile_binary() -> tuple[bytes, dict[str, str]]:
             program = nvrtc.createProgram(source, filename, (), ())
             try:
                 for name in names:
@@ -159,7 +162,7 @@ class _HopperModule:
             finally:
                 nvrtc.destroyProgram(program)
 
-        cubin, self.lowered = cached_binary(repr((source, options, names, nvrtc.getVersion())), build)
+        cubin, self.lowered = cached_binary(repr((source, options, names, nvrtc.getVersion())), compile_binary)
         self.module = cupy.cuda.function.Module()
         self.module.load(cubin)
 

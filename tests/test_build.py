@@ -72,3 +72,8 @@ def test_cached_binary_builds_once_per_key_and_leaves_no_partial_file(tmp_path, 
     assert again == first and again[0].endswith(b"\n\x00\x01")
     assert other[0].endswith(b"\x02") and other[1] == {"flash<64>": "_Z5flashILi64EEvv2"}
     assert sorted(path.suffix for path in (tmp_path / "cache").iterdir()) == [".cubin", ".cubin"]
+    for path in (tmp_path / "cache").iterdir():
+        path.write_bytes(b"not the names")  # a file that cannot be read is compiled again and replaced
+    assert build.cached_binary("source A, options", compile_it) == (first[0][:-1] + b"\x03",
+                                                                     {"flash<64>": "_Z5flashILi64EEvv3"})
+    assert len(builds) == 3 and build.cached_binary("source A, options", compile_it)[1]["flash<64>"].endswith("3")
