@@ -115,7 +115,10 @@ def test_streamed_chunks_joined_are_the_whole_text(server):
     whole = complete(server, prompt="A knight", temperature=0.9, seed=7).choices[0].text
     chunks = list(complete(server, prompt="A knight", temperature=0.9, seed=7, stream=True))
     assert "".join(chunk.choices[0].text for chunk in chunks) == whole
-    assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 2
+    # How many chunks depends on timing: the deltas that pile up while the server's loop is busy go out as
+    # one chunk (on a loaded machine all 24 tokens once came as one), so only the finish is asserted here.
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(chunk.choices[0].text for chunk in chunks[:-1])
     # A stop string's first character held back whenever the text ends with it: those tokens settle no
     # text, and no chunk goes out for them (only the finishing chunk may carry no text).
     stop = {"stop": "e#", "max_tokens": 60}
