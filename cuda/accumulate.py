@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from minimoe.backend import is_gpu
 from minimoe.cuda import build
 
 THREADS = 256
@@ -24,8 +23,7 @@ build.register("accumulate.cu", *(f"add_gradients<{t}, {v}>" for t in build.KERN
 
 def add_gradients(a: Any, b: Any) -> Any:
     """a + b in a new array."""
-    if not (is_gpu(a) and is_gpu(b) and a.shape == b.shape and a.dtype == b.dtype
-            and a.dtype.name in build.KERNEL_TYPES and a.flags.c_contiguous and b.flags.c_contiguous):
+    if not (build.kernel_arrays(a, b) and a.shape == b.shape):
         return a + b
     import cupy
 

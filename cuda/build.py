@@ -57,6 +57,15 @@ def optional_array(array: Any, dtype: Any) -> Any:
     return np.uint64(0) if array is None else cupy.ascontiguousarray(array, dtype=dtype)
 
 
+def kernel_arrays(*arrays: Any) -> bool:
+    """The kernels' common case: every array on the GPU, C-contiguous (a kernel indexes its rows directly),
+    and all of one dtype that the kernels are built for (KERNEL_TYPES)."""
+    from minimoe.backend import is_gpu
+
+    return (all(is_gpu(a) and a.flags.c_contiguous and a.dtype == arrays[0].dtype for a in arrays)
+            and arrays[0].dtype.name in KERNEL_TYPES)
+
+
 def row_vectors(array: Any) -> str:
     """common.cuh's Row<T, VEC> flag for rows along the last axis: "true" when a row is a whole number of
     16-byte vectors (rows of a contiguous allocation then start 16-byte aligned)."""

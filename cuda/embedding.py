@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from minimoe.backend import array_module, is_gpu
+from minimoe.backend import array_module
 from minimoe.cuda import build
 
 THREADS = 256
@@ -51,8 +51,7 @@ class RowGradient:
 
     def added_to(self, grad: Any) -> Any:
         """grad + this gradient in a new array: each row's sum in float32 added to grad's row, one rounding."""
-        if not (is_gpu(grad) and grad.dtype == self.dtype and grad.dtype.name in build.KERNEL_TYPES
-                and grad.shape == self.shape and grad.flags.c_contiguous):
+        if not (build.kernel_arrays(grad) and grad.dtype == self.dtype and grad.shape == self.shape):
             sums = self._sums()
             return (grad.astype(sums.dtype) + sums).astype(grad.dtype)
         import cupy
@@ -92,7 +91,7 @@ def token_and_position_forward(token_table: Any, position_table: Any, tokens: An
     if length > position_table.shape[0] or token_table.shape[1] != position_table.shape[1]:
         raise ValueError(f"tokens {tokens.shape} need a position table of at least {length} rows as wide as the "
                          f"token table {token_table.shape}, got {position_table.shape}")
-    if not (_rows_on_gpu(token_table, position_table) and token_table.dtype == position_table.dtype):
+    if not build.kernel_arrays(token_table, position_table):
         return token_table[tokens] + position_table[:length]
     import cupy
 
@@ -110,14 +109,13 @@ def position_table_gradient(grad: Any, table_rows: int) -> Any:
     """The position table's gradient [table_rows, width] from the output gradient [B, T, width]: row t < T
     the sum over the batch of grad[:, t] (in float32, rounded once), the other rows 0."""
     batch, length, width = grad.shape
-    if not _rows_on_gpu(grad):
+    if not build.kernel_arrays(grad):
         sums = grad.astype(np.promote_types(grad.dtype, np.float32)).sum(axis=0)
         table = array_module(grad).zeros((table_rows, width), dtype=sums.dtype)
         table[:length] = sums
         return table.astype(grad.dtype)
     import cupy
 
-    grad = cupy.ascontiguousarray(grad)
     table = cupy.empty((table_rows, width), dtype=grad.dtype)
     if table.size:
         build.kernel("embedding.cu", f"sum_position_gradients<{build.type_name(grad)}, {build.row_vectors(grad)}>")(
@@ -125,7 +123,3 @@ def position_table_gradient(grad: Any, table_rows: int) -> Any:
             (grad, table, np.int32(batch), np.int32(length), np.int32(table_rows), np.int32(width)))
     return table
 
-
-def _rows_on_gpu(*arrays: Any) -> bool:
-    """The kernels' case: GPU arrays of a kernel type, contiguous (the kernels index their rows directly)."""
-    return all(is_gpu(a) and a.dtype.name in build.KERNEL_TYPES and a.flags.c_contiguous for a in arrays)
