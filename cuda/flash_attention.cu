@@ -65,6 +65,27 @@ __device__ void load_rows(unsigned rows[HEAD / 16][4], const Tile& tile, int row
   for (int kk = 0; kk < HEAD / 16; ++kk) load_a(rows[kk], tile, row0, 16 * kk, lane);
 }
 
+// The mma.sync form of the two products below: sums [16, N] += a [16, K] @ b, a the warp's K / 16 fragments in
+// registers, b [K, N] read from a staged tile: one that holds b^T (TRANSPOSED: rows_times_rows' rows of k,
+// v, q or dout, whose product is over their width) or b itself (weights_times_rows' tiles, whose product is
+// over their rows).
+template <int K, int N, bool TRANSPOSED>
+__device__ __forceinline__ void mma_times_tile(float (&sums)[N / 8][4], const unsigned a[K / 16][4], const Tile& b,
+                                               Lane lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+    for (int n = 0; n < N / 16; ++n) {
+      unsigned columns[2][2];
+      if constexpr (TRANSPOSED)
+        load_b_transposed(columns, b, 16 * n, 16 * kk, lane);
+      else
+        load_b(columns, b, 16 * kk, 16 * n, lane);
+      mma_16x8x16(sums[2 * n], a[kk], columns[0]);
+      mma_16x8x16(sums[2 * n + 1], a[kk], columns[1]);
+    }
+}
+
 // sums [16, BLOCK] = rows @ b^T: the warp's 16 rows (load_rows) against all BLOCK rows of the tile b, a
 // product over HEAD. Scores q k^T (and k q^T), and the gradients' dout v^T (and v dout^T).
 // sums [16, HEAD] += weights [16, BLOCK] @ b: weights in registers, as rows_times_rows leaves its sums
@@ -88,15 +109,7 @@ __device__ void rows_times_rows(float (&sums)[BLOCK / 8][4], const unsigned rows
   for (int n = 0; n < BLOCK / 8; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) sums[n][i] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < HEAD / 16; ++kk)
-#pragma unroll
-    for (int n = 0; n < BLOCK / 16; ++n) {
-      unsigned columns[2][2];
-      load_b_transposed(columns, b, 16 * n, 16 * kk, lane);
-      mma_16x8x16(sums[2 * n], rows[kk], columns[0]);
-      mma_16x8x16(sums[2 * n + 1], rows[kk], columns[1]);
-    }
+  mma_times_tile<HEAD, BLOCK, true>(sums, rows, b, lane);
 #endif
 }
 
@@ -116,15 +129,7 @@ __device__ void weights_times_rows(float (&sums)[HEAD / 8][4], const float weigh
   } else
 #endif
   {
-#pragma unroll
-    for (int kt = 0; kt < BLOCK / 16; ++kt)
-#pragma unroll
-      for (int n = 0; n < HEAD / 16; ++n) {
-        unsigned columns[2][2];
-        load_b(columns, b, 16 * kt, 16 * n, lane);
-        mma_16x8x16(sums[2 * n], fragments[kt], columns[0]);
-        mma_16x8x16(sums[2 * n + 1], fragments[kt], columns[1]);
-      }
+    mma_times_tile<BLOCK, HEAD, false>(sums, fragments, b, lane);
 #if WGMMA
     wgmma_commit();  // an empty group: products_done counts this product as one too
 #endif
