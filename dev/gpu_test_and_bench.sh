@@ -21,7 +21,8 @@
 #                PROFILE_BATCHES="64": those batches only)
 #   profile-train  Nsight Compute's kernel times of one eager training step (dev/profile_train_step.py)
 #   profile-detail  Nsight Compute's full set on a few launches of one kernel in that step (PROFILE_KERNEL,
-#                PROFILE_SKIP, PROFILE_COUNT; by default the experts' two products of the first layer at batch 64)
+#                PROFILE_SKIP, PROFILE_COUNT; by default the experts' two products of the first layer at batch 64;
+#                PROFILE_PROGRAM=dev/profile_train_step.py: launches of the training step instead)
 #   gating       bench gating alone
 #   bench        bench moe-layer, gating, dispatch, train-step
 #   train-step   bench train-step alone (minimoe against the PyTorch peers, torch.compile included)
@@ -112,9 +113,9 @@ for what in "$@"; do
     profile-detail)  # Nsight Compute's full set on PROFILE_COUNT launches of PROFILE_KERNEL after PROFILE_SKIP of them
       timeout 300 ncu --clock-control none --profile-from-start off --set full -k "${PROFILE_KERNEL:-grouped_linear_mma}" \
         --launch-skip "${PROFILE_SKIP:-2}" --launch-count "${PROFILE_COUNT:-2}" -o "$out/detail" \
-        python3 dev/profile_decode.py "${PROFILE_BATCHES:-64}" > "$out/profile_detail.err" 2>&1
+        python3 ${PROFILE_PROGRAM:-dev/profile_decode.py ${PROFILE_BATCHES:-64}} > "$out/profile_detail.err" 2>&1
       ncu --import "$out/detail.ncu-rep" --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section Occupancy --section WarpStateStats --section LaunchStats 2>&1 | tee "$out/profile_detail.txt" |
+        --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats 2>&1 | tee "$out/profile_detail.txt" |
         grep -v "^    ---\|^$" | head -150 ;;
     gating)
       timeout 200 python3 -m minimoe.cli bench gating 2>&1 | grep -v Warning | tee "$out/bench_gating.log" ;;
