@@ -14,11 +14,10 @@ struct bf16 {
 __device__ __forceinline__ float infinity() { return __int_as_float(0x7f800000); }
 
 // The 32-bit shared-memory address of a pointer into shared memory, as PTX's shared-memory instructions
-// (cp.async, ldmatrix) take it.
+// (cp.async, ldmatrix, wgmma's descriptors) take it. The compiler's own conversion (PTX's cvta.to.shared), which
+// it sees through: the address of tile + offset is then the tile's address + offset, worked out once.
 __device__ __forceinline__ unsigned shared_address(const void* pointer) {
-  unsigned address;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(pointer));
-  return address;
+  return (unsigned)__cvta_generic_to_shared(pointer);
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -46,14 +46,26 @@ struct Layout {
 
 // tile = rows first .. first + BLOCK - 1 of one head's matrix (rows `row` elements apart), zeros past T:
 // the copies are issued (async_copy.cuh), all of a thread's at once; the caller commits and waits for them.
+// A thread copies the same places of every tile, a fixed number of passes over it: where a pass covers whole
+// rows (HEAD of 16, 32 or 64), a thread's column is the same in each and its row moves on by the pass's rows,
+// so that its addresses are one pointer plus multiples of one stride.
 template <int HEAD>
 __device__ void stage(Tile& tile, const bf16* __restrict__ matrix, long long row, int first, int length) {
-  constexpr int VECTORS = HEAD / 8;  // 8 bf16 per 16 bytes
+  constexpr unsigned VECTORS = HEAD / 8, THREADS = WARPS * 32, PASSES = BLOCK * VECTORS / THREADS;  // 16 bytes: 8 bf16
+  static_assert(BLOCK * VECTORS % THREADS == 0, "every thread copies as many vectors");
+  const bf16* first_row = matrix + first * row;
 #pragma unroll
-  for (int i = threadIdx.x; i < BLOCK * VECTORS; i += WARPS * 32) {
-    const int r = i / VECTORS, c = i % VECTORS * 8;
-    const bool real = first + r < length;
-    copy_async(element(tile, r, c), real ? matrix + (first + r) * row + c : matrix, real);
+  for (unsigned pass = 0; pass < PASSES; ++pass) {
+    unsigned r, c;
+    if constexpr (THREADS % VECTORS == 0) {
+      r = threadIdx.x / VECTORS + pass * (THREADS / VECTORS);
+      c = threadIdx.x % VECTORS * 8;
+    } else {
+      r = (threadIdx.x + pass * THREADS) / VECTORS;
+      c = (threadIdx.x + pass * THREADS) % VECTORS * 8;
+    }
+    const bool real = first + (int)r < length;
+    copy_async(element(tile, r, c), real ? first_row + r * row + c : matrix, real);
   }
 }
 
@@ -102,7 +114,7 @@ __device__ void rows_times_rows(float (&sums)[BLOCK / 8][4], const unsigned rows
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < HEAD / 16; ++kk)
-    wgmma_64x64x16<false>(sums, rows[kk], tile_descriptor(element(b, 0, 16 * kk)), kk > 0);
+    wgmma_64x64x16<false>(sums, rows[kk], tile_descriptor(b, 0, 16 * kk), kk > 0);
   wgmma_commit();
 #else
 #pragma unroll
@@ -124,7 +136,7 @@ __device__ void weights_times_rows(float (&sums)[HEAD / 8][4], const float weigh
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < BLOCK / 16; ++kt)
-      wgmma_64x64x16<true>(sums, fragments[kt], tile_descriptor(element(b, 16 * kt, 0)), true);
+      wgmma_64x64x16<true>(sums, fragments[kt], tile_descriptor(b, 16 * kt, 0), true);
     wgmma_commit();
   } else
 #endif
@@ -200,6 +212,22 @@ __device__ __forceinline__ void wait_for_stage(bool next) {
 // one multiply the scores take anyway, and the running max and lse live in log2 units inside the kernels.
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
+// Only the diagonal tile (and the last, past T) needs a mask: the functions that apply it take it as a template
+// argument, and the kernels call the two compiled copies, so that the other tiles run none of its comparisons.
+
+// The running max's part of one tile in the forward: each row's max over its scores s, the keys past the query
+// set to -inf first where DIAGONAL (a query sees the keys up to itself: key 0 always, so no row is all -inf).
+template <bool DIAGONAL>
+__device__ __forceinline__ void tile_max_of(float (&tile_max)[2], float s[BLOCK / 8][4], int row0, Lane lane) {
+#pragma unroll
+  for (int n = 0; n < BLOCK / 8; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (DIAGONAL && sum_column(n, i, lane) > sum_row(row0, i, lane)) s[n][i] = -infinity();
+      tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
+    }
+}
+
 // out = softmax(scale q k^T, causal) v, and lse = each row's log-sum-exp of its scaled scores. Block
 // (head, query block), the last query blocks (the most keys) first. The key tiles run from the first to the
 // diagonal one (the last that a query of the block can see; the only one with keys past a query); for
@@ -232,28 +260,23 @@ __global__ void __launch_bounds__(WARPS * 32)
     float s[BLOCK / 8][4];
     rows_times_rows<HEAD>(s, q_rows, tiles[now][0], lane);
     products_done<0>(s);
-    const bool diagonal = first_key == first_query;
-    float tile_max[2] = {-infinity(), -infinity()};
-#pragma unroll
-    for (int n = 0; n < BLOCK / 8; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {  // a query sees the keys up to itself (key 0 always: no row is all -inf)
-        const bool visible = !diagonal || sum_column(n, i, lane) <= sum_row(row0, i, lane);
-        s[n][i] = visible ? s[n][i] * scale_log2 : -infinity();
-        tile_max[i / 2] = fmaxf(tile_max[i / 2], s[n][i]);
-      }
+    float tile_max[2] = {-infinity(), -infinity()};  // of the unscaled scores: scale > 0 keeps their order
+    if (first_key == first_query)
+      tile_max_of<true>(tile_max, s, row0, lane);
+    else
+      tile_max_of<false>(tile_max, s, row0, lane);
     float rescale[2], tile_sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], warp_max(tile_max[r], 4));
+      const float new_max = fmaxf(row_max[r], warp_max(tile_max[r], 4) * scale_log2);
       rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (m_old = -inf)
       row_max[r] = new_max;
     }
 #pragma unroll
     for (int n = 0; n < BLOCK / 8; ++n)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        s[n][i] = exp2f(s[n][i] - row_max[i / 2]);
+      for (int i = 0; i < 4; ++i) {  // the scale and the max in one multiply-add
+        s[n][i] = exp2f(s[n][i] * scale_log2 - row_max[i / 2]);
         tile_sum[i / 2] += s[n][i];
       }
 #pragma unroll
@@ -276,11 +299,12 @@ __global__ void __launch_bounds__(WARPS * 32)
 }
 
 // The probabilities p = exp(scale s - lse[query]) of the scores s (in place), 0 where the key is past the
-// query or the query past T (only where `masked`: the diagonal tile and the last); the warp's rows are
-// queries (transposed = false) or keys (true). lse in log2 units.
+// query or the query past T (only where MASKED: the diagonal tile and the last); the warp's rows are queries
+// (transposed = false) or keys (true). lse in log2 units.
+template <bool MASKED>
 __device__ __forceinline__ void probabilities(float s[BLOCK / 8][4], int first_row, int row0, int first_column,
-                                              bool transposed, bool masked, int length, float scale_log2,
-                                              const float* row_lse, const float* column_lse, Lane lane) {
+                                              bool transposed, int length, float scale_log2, const float* row_lse,
+                                              const float* column_lse, Lane lane) {
 #pragma unroll
   for (int n = 0; n < BLOCK / 8; ++n)
 #pragma unroll
@@ -289,7 +313,7 @@ __device__ __forceinline__ void probabilities(float s[BLOCK / 8][4], int first_r
       const int query = transposed ? column : row, key = transposed ? row : column;
       const float lse = transposed ? column_lse[sum_column(n, i, lane)] : row_lse[i / 2];
       const float p = exp2f(s[n][i] * scale_log2 - lse);
-      s[n][i] = !masked || (key <= query && query < length) ? p : 0.0f;
+      s[n][i] = !MASKED || (key <= query && query < length) ? p : 0.0f;
     }
 }
 
@@ -319,12 +343,15 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int row0 = 16 * (threadIdx.x / 32), first_key = blockIdx.y * BLOCK;
   const long long head = blockIdx.x, offset = inputs.offset(head), out_offset = outputs.offset(head);
   // A stage's queries: q, grad_out, and their lse and delta (plain stores, seen after the stage's sync).
+  const float *head_lse = lse + head * length, *head_delta = delta + head * length;
   auto stage_queries = [&](int now, int first_query) {
     stage_pair<HEAD>(tiles[now], q + offset, inputs.row, grad_out + out_offset, outputs.row, first_query, length);
-    for (int i = threadIdx.x; i < BLOCK; i += blockDim.x) {
+    static_assert(BLOCK <= WARPS * 32, "a thread per query of the tile");
+    const int i = threadIdx.x;
+    if (i < BLOCK) {
       const bool real = first_query + i < length;
-      lse_tile[now][i] = real ? lse[head * length + first_query + i] * LOG2E : 0.0f;
-      delta_tile[now][i] = real ? delta[head * length + first_query + i] : 0.0f;
+      lse_tile[now][i] = real ? head_lse[first_query + i] * LOG2E : 0.0f;
+      delta_tile[now][i] = real ? head_delta[first_query + i] : 0.0f;
     }
   };
   stage_pair<HEAD>(tiles[1], k + offset, inputs.row, v + offset, inputs.row, first_key, length);
@@ -344,8 +371,10 @@ __global__ void __launch_bounds__(WARPS * 32)
     rows_times_rows<HEAD>(p, k_rows, tiles[now][0], lane);
     rows_times_rows<HEAD>(dp, v_rows, tiles[now][1], lane);  // on Hopper, under way during the probabilities
     products_done<1>(p);
-    probabilities(p, first_key, row0, first_query, true, first_query == first_key || !next, length, scale_log2,
-                  nullptr, lse_tile[now], lane);
+    if (first_query == first_key || !next)
+      probabilities<true>(p, first_key, row0, first_query, true, length, scale_log2, nullptr, lse_tile[now], lane);
+    else
+      probabilities<false>(p, first_key, row0, first_query, true, length, scale_log2, nullptr, lse_tile[now], lane);
     unsigned p_fragments[BLOCK / 16][4], ds_fragments[BLOCK / 16][4];
     weights_times_rows<HEAD>(v_sums, p, p_fragments, tiles[now][1], lane);  // under way during the score gradients
     products_done<1>(dp);
@@ -413,8 +442,10 @@ __global__ void __launch_bounds__(WARPS * 32)
     rows_times_rows<HEAD>(p, q_rows, tiles[now][0], lane);
     rows_times_rows<HEAD>(dp, grad_out_rows, tiles[now][1], lane);  // on Hopper, under way during the next line
     products_done<1>(p);
-    probabilities(p, first_query, row0, first_key, false, first_key == first_query, length, scale_log2, row_lse,
-                  nullptr, lane);
+    if (first_key == first_query)
+      probabilities<true>(p, first_query, row0, first_key, false, length, scale_log2, row_lse, nullptr, lane);
+    else
+      probabilities<false>(p, first_query, row0, first_key, false, length, scale_log2, row_lse, nullptr, lane);
     products_done<0>(dp);
     score_gradients(dp, p, false, row_delta, nullptr, lane);
     unsigned ds_fragments[BLOCK / 16][4];

@@ -22,9 +22,13 @@ __device__ __forceinline__ void mma_16x8x16(float sums[4], const unsigned a[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ unsigned pair(bf16 low, bf16 high) { return low.bits | ((unsigned)high.bits << 16); }
+// Two floats rounded to bf16 (to nearest, ties to even, as common.cuh's from_float; a NaN becomes the canonical
+// 0x7fff) and packed, `low` in the low half: one instruction for the pair, where from_float's rounding by integer
+// arithmetic takes about a dozen, and the tensor-core kernels round every product's weights this way.
 __device__ __forceinline__ unsigned pair(float low, float high) {
-  return pair(from_float<bf16>(low), from_float<bf16>(high));
+  unsigned packed;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(high), "f"(low));  // the first source: the high half
+  return packed;
 }
 
 struct Lane {  // a lane's place in the fragments above
@@ -121,14 +125,18 @@ __device__ __forceinline__ void a_from_sums(unsigned a[4], const float left[4], 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WGMMA 1
 
-// The descriptor of 16 rows x 64 columns of a SwizzledTile starting at `start` (an element of row 0 (mod
-// 8)): bits 0-13 the address / 16, 16-29 the leading byte offset / 16 (unused by this layout), 32-45 the
-// stride byte offset / 16 (1024: from one group of 8 rows to the next), 62-63 the swizzle (1: 128 bytes).
-// b held as it is (K rows, N columns; "MN-major") starts at row 16 k of the tile; b held transposed (N
-// rows, K columns; "K-major", as rows_times_rows reads keys) at column 16 k of row 0, 32 bytes on.
-__device__ __forceinline__ unsigned long long tile_descriptor(const bf16* start) {
-  return (unsigned long long)((shared_address(start) >> 4) & 0x3FFF) | (1ull << 16) | ((1024ull >> 4) << 32) |
-         (1ull << 62);
+// The descriptor of 16 rows x 64 columns of a SwizzledTile starting at element (row, col), row a multiple of 8
+// (where the swizzle's pattern starts over) and col of 8: bits 0-13 the address / 16, 16-29 the leading byte
+// offset / 16 (unused by this layout), 32-45 the stride byte offset / 16 (1024: from one group of 8 rows to the
+// next), 62-63 the swizzle (1: 128 bytes). b held as it is (K rows, N columns; "MN-major") starts at row 16 k
+// of the tile; b held transposed (N rows, K columns; "K-major", as rows_times_rows reads keys) at column 16 k
+// of row 0, 32 bytes on. The tile's descriptor plus the start's offset / 16: a CTA's shared addresses are
+// below 256 KB, so the sum stays within the 14 bits, and the compiler works the tile's part out once.
+template <int ROWS>
+__device__ __forceinline__ unsigned long long tile_descriptor(const SwizzledTile<ROWS>& tile, int row, int col) {
+  const unsigned long long start =
+      (shared_address(tile.data) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+  return start + (row * 64 + col) * sizeof(bf16) / 16;
 }
 
 template <int N> __device__ __forceinline__ void keep(float (&sums)[N][4]) {
