@@ -25,15 +25,21 @@ __device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((uns
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+// Rounded to nearest, ties to even: one instruction from sm_80 on (a NaN becomes the canonical 0x7fff), else
+// by integer arithmetic on the bits (a NaN becomes 0x7fc0).
 template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
-  unsigned int bits = __float_as_uint(x);
   bf16 out;
+#if __CUDA_ARCH__ >= 800
+  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(out.bits) : "f"(x));
+#else
+  unsigned int bits = __float_as_uint(x);
   if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
     out.bits = 0x7fc0;
     return out;
   }
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  bits += 0x7fffu + ((bits >> 16) & 1u);
   out.bits = (unsigned short)(bits >> 16);
+#endif
   return out;
 }
 

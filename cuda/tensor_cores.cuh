@@ -22,9 +22,9 @@ __device__ __forceinline__ void mma_16x8x16(float sums[4], const unsigned a[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Two floats rounded to bf16 (to nearest, ties to even, as common.cuh's from_float; a NaN becomes the canonical
-// 0x7fff) and packed, `low` in the low half: one instruction for the pair, where from_float's rounding by integer
-// arithmetic takes about a dozen, and the tensor-core kernels round every product's weights this way.
+// Two floats rounded to bf16 as common.cuh's from_float rounds them (to nearest, ties to even; a NaN becomes
+// 0x7fff) and packed, `low` in the low half, in one instruction: the tensor-core kernels round every product's
+// weights this way.
 __device__ __forceinline__ unsigned pair(float low, float high) {
   unsigned packed;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(high), "f"(low));  // the first source: the high half
