@@ -4,25 +4,37 @@
 // GELU is a template switch: with it off the same kernels add the bias and sum its gradient.
 #include "common.cuh"
 
-#if !defined(TILE) || !defined(WARPS)
+#if !defined(TILE) || !defined(WARPS) || !defined(ROWS)
 #error "bias_gelu.cu's constants come from cuda/bias_gelu.py: compile it through minimoe.cuda.build"
 #endif
 
-// y = gelu(x + bias), or x + bias; with a null bias, gelu(x) (x already holds a sum with its bias). One
-// block per row; threads stride over the features in 16-byte vectors. Each element is read once and
-// written once, the bias row stays in L1/L2: the kernel runs at memory speed.
+// y = gelu(x + bias), or x + bias; with a null bias, gelu(x) (x already holds a sum with its bias). A block
+// takes ROWS consecutive rows; its threads stride over the features in 16-byte vectors, and a thread's
+// vector of every row is loaded before any is used, so that ROWS loads are in flight at once. Each element
+// is read once and written once, the bias rows stay in L1/L2: the kernel runs at memory speed.
 template <typename T, bool VEC, bool GELU>
-__global__ void bias_forward(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+__global__ void bias_forward(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y, int rows,
                              int rows_per_group, int features) {
   using R = Row<T, VEC>;
-  const long long row = blockIdx.x;
-  for (int i = threadIdx.x * R::per_load; i < features; i += blockDim.x * R::per_load) {
-    float values[R::per_load], shift[R::per_load] = {};
-    R::load(x + row * features, i, values);
-    if (bias) R::load(bias + (row / rows_per_group) * features, i, shift);
+  const int first = blockIdx.x * ROWS, count = min(ROWS, rows - first);
+  const T* bias_rows[ROWS];  // each row's group's bias (rows of one block may span two groups)
 #pragma unroll
-    for (int j = 0; j < R::per_load; ++j) values[j] = GELU ? gelu_tanh(values[j] + shift[j]) : values[j] + shift[j];
-    R::store(y + row * features, i, values);
+  for (int r = 0; r < ROWS; ++r) bias_rows[r] = bias ? bias + (long long)((first + r) / rows_per_group) * features : nullptr;
+  for (int i = threadIdx.x * R::per_load; i < features; i += blockDim.x * R::per_load) {
+    float values[ROWS][R::per_load];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)  // past the last row, that row again (unused): no branch between the loads
+      R::load(x + (long long)(first + min(r, count - 1)) * features, i, values[r]);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r >= count) break;
+      float shift[R::per_load] = {};
+      if (bias) R::load(bias_rows[r], i, shift);
+#pragma unroll
+      for (int j = 0; j < R::per_load; ++j)
+        values[r][j] = GELU ? gelu_tanh(values[r][j] + shift[j]) : values[r][j] + shift[j];
+      R::store(y + (long long)(first + r) * features, i, values[r]);
+    }
   }
 }
 
@@ -31,16 +43,18 @@ __global__ void bias_forward(const T* __restrict__ x, const T* __restrict__ bias
 // A null bias: x already holds x + bias. A non-null `hidden` (GELU): the pass also writes gelu(x + bias),
 // the activation that an MLP recomputes in its backward rather than keeping it from the forward.
 // Block (row tile, column tile, group) covers TILE consecutive rows of one group and 32 lanes' columns
-// (a 16-byte vector each where rows allow); warp w takes rows w, w + WARPS, ... of the tile, four rows'
-// loads in flight. The warps' float32 column sums are added in shared memory in a fixed order and written
-// to partial[group][tile][features]; cuda/partial_sums.py adds the tiles up (a small reduction instead of
-// a second pass over the gradient). Many short tiles: 256 blocks of 32 rows each left most of the GPU's
+// (a 16-byte vector each where rows allow); warp w takes rows w, w + WARPS, ... of the tile, UNROLL of them
+// at a time, whose loads are all issued before any is used (that many in flight per thread). The warps'
+// float32 column sums are added in shared memory in a fixed order and written to
+// partial[group][tile][features]; cuda/partial_sums.py adds the tiles up (a small reduction instead of a
+// second pass over the gradient). Many short tiles: 256 blocks of 32 rows each left most of the GPU's
 // threads idle.
 template <typename T, bool VEC, bool GELU>
 __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict__ x, const T* __restrict__ bias,
                               T* __restrict__ grad_pre, T* __restrict__ hidden, float* __restrict__ partial,
                               int rows_per_group, int features) {
   using R = Row<T, VEC>;
+  constexpr int UNROLL = 4;
   __shared__ float warp_sums[WARPS][32 * R::per_load];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int tile = blockIdx.x, tiles = gridDim.x, group = blockIdx.z;
@@ -51,27 +65,34 @@ __global__ void bias_backward(const T* __restrict__ grad_y, const T* __restrict_
     const long long first_row = (long long)group * rows_per_group + (long long)tile * TILE;
     float shift[R::per_load] = {};
     if (GELU && bias) R::load(bias + (long long)group * features, column, shift);
-#pragma unroll 4
-    for (int r = warp; r < rows; r += WARPS) {
-      const long long offset = (first_row + r) * features;
-      float grad[R::per_load];
-      R::load(grad_y + offset, column, grad);
-      if (GELU) {
-        float pre[R::per_load];
-        R::load(x + offset, column, pre);
+    for (int first = warp; first < rows; first += UNROLL * WARPS) {
+      float grad[UNROLL][R::per_load], pre[UNROLL][R::per_load];
 #pragma unroll
-        for (int j = 0; j < R::per_load; ++j) pre[j] += shift[j];
-#pragma unroll
-        for (int j = 0; j < R::per_load; ++j) grad[j] *= gelu_tanh_grad(pre[j]);
-        R::store(grad_pre + offset, column, grad);
-        if (hidden) {
-#pragma unroll
-          for (int j = 0; j < R::per_load; ++j) pre[j] = gelu_tanh(pre[j]);
-          R::store(hidden + offset, column, pre);
-        }
+      for (int u = 0; u < UNROLL; ++u) {  // past the tile's rows, its last row again (unused): no branch
+        const long long offset = (first_row + min(first + u * WARPS, rows - 1)) * features;
+        R::load(grad_y + offset, column, grad[u]);
+        if (GELU) R::load(x + offset, column, pre[u]);
       }
 #pragma unroll
-      for (int j = 0; j < R::per_load; ++j) column_sum[j] += grad[j];
+      for (int u = 0; u < UNROLL; ++u) {
+        const int r = first + u * WARPS;
+        if (r >= rows) break;
+        const long long offset = (first_row + r) * features;
+        if (GELU) {
+#pragma unroll
+          for (int j = 0; j < R::per_load; ++j) pre[u][j] += shift[j];
+#pragma unroll
+          for (int j = 0; j < R::per_load; ++j) grad[u][j] *= gelu_tanh_grad(pre[u][j]);
+          R::store(grad_pre + offset, column, grad[u]);
+          if (hidden) {
+#pragma unroll
+            for (int j = 0; j < R::per_load; ++j) pre[u][j] = gelu_tanh(pre[u][j]);
+            R::store(hidden + offset, column, pre[u]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < R::per_load; ++j) column_sum[j] += grad[u][j];
+      }
     }
   }
 #pragma unroll

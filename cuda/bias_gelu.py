@@ -23,12 +23,13 @@ from minimoe.cuda import build
 from minimoe.cuda.gelu import gelu_backward, gelu_forward
 from minimoe.cuda.partial_sums import sum_partials
 
-THREADS = 256  # the forward's threads per row
+THREADS = 128  # the forward's threads per block
+ROWS = 4  # rows per block in the forward
 TILE = 64  # rows per block in the backward
 WARPS = 8  # the backward's warps per block, each on every WARPS-th row of the block's tile
 build.register("bias_gelu.cu", *(f"bias_{direction}<{t}, {v}, {g}>" for direction in ("forward", "backward")
                                  for t in ("float", "bf16") for v in ("true", "false") for g in ("true", "false")),
-               constants={"TILE": TILE, "WARPS": WARPS})
+               constants={"TILE": TILE, "WARPS": WARPS, "ROWS": ROWS})
 
 
 def bias_gelu_forward(x: Any, bias: Any | None) -> Any:
@@ -111,10 +112,11 @@ def _gpu_forward(x: Any, bias: Any, gelu: bool) -> Any:
     groups, rows_per_group, features, type_name, vectorised = _layout(x, bias)
     x = cupy.ascontiguousarray(x)
     y = cupy.empty(x.shape, x.dtype)
+    rows = groups * rows_per_group
     if y.size:
         build.kernel("bias_gelu.cu", f"bias_forward<{type_name}, {vectorised}, {str(gelu).lower()}>")(
-            (groups * rows_per_group,), (THREADS,),
-            (x, build.optional_array(bias, x.dtype), y, np.int32(rows_per_group), np.int32(features)))
+            (-(-rows // ROWS),), (THREADS,),
+            (x, build.optional_array(bias, x.dtype), y, np.int32(rows), np.int32(rows_per_group), np.int32(features)))
     return y
 
 
