@@ -100,17 +100,23 @@ class AdamW:
         """The device tables of the update's launch over the present gradients (None off the GPU): built
         when the gradients or the state moved since the last call, else the same ones again, uploaded
         once (a CUDA graph of update() keeps reading the tables of its capture)."""
-        active = self._active()
-        values = self.values()
-        if not (active and backend.is_gpu(values[0])):
+        roles, decays = self.launch_roles()
+        if not (roles[0] and backend.is_gpu(roles[1][0])):
             return None
-        roles = ([self.parameters[i].grad for i in active], [values[i] for i in active],
-                 [self.exp_avg[i] for i in active], [self.exp_avg_sq[i] for i in active],
-                 [None if self.master[i] is None else self.parameters[i].data for i in active])
-        decays = [self.weight_decay if self.parameters[i].decay else 0.0 for i in active]
         if self._tables is None or self._tables.key != tables_key(*roles) + tuple(decays):
             self._tables = tables(*roles, weight_decays=decays)
         return self._tables
+
+    def launch_roles(self) -> tuple[tuple[list[Any], ...], list[float]]:
+        """What the update's launch acts on, for the parameters with a gradient: their arrays by role
+        (gradients, values, the two moments, the working copies where the values are float32 masters, else
+        None) and their weight decays."""
+        active = self._active()
+        values = self.values()
+        roles = ([self.parameters[i].grad for i in active], [values[i] for i in active],
+                 [self.exp_avg[i] for i in active], [self.exp_avg_sq[i] for i in active],
+                 [None if self.master[i] is None else self.parameters[i].data for i in active])
+        return roles, [self.weight_decay if self.parameters[i].decay else 0.0 for i in active]
 
     def _active(self) -> list[int]:
         return [i for i, p in enumerate(self.parameters) if p.grad is not None]

@@ -157,3 +157,26 @@ def test_a_captured_step_with_a_non_finite_loss_leaves_the_weights_as_they_were(
             np.testing.assert_array_equal(old, backend.to_numpy(new))
     finally:
         backend.set_device("cpu")
+
+
+def test_a_captured_step_refuses_to_run_once_the_optimizers_state_has_moved():
+    """The update graph writes the arrays it was captured with: after a checkpoint's moments replace them
+    (a new array, equal values), the next replay stops with the reason instead of writing freed memory."""
+    from minimoe.model import GPT, GPTConfig
+    from minimoe.optim import AdamW
+    from minimoe.step import TrainStep
+
+    backend.set_device("cuda")
+    try:
+        model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, moe_every=1,
+                              experts_per_layer=[4], k=2)).to(backend.bfloat16())
+        optimizer = AdamW(model.parameters(), lr=1e-2)
+        step = TrainStep(model, optimizer, grad_clip=1.0, graphs=True)
+        tokens = backend.asarray(np.random.default_rng(0).integers(0, 32, (4, 9)))
+        for _ in range(2):
+            assert np.isfinite(float(step(tokens[:, :-1], tokens[:, 1:]).loss))
+        optimizer.load_state_dict(optimizer.state_dict())
+        with pytest.raises(RuntimeError, match="moved after the training step was captured"):
+            step(tokens[:, :-1], tokens[:, 1:])
+    finally:
+        backend.set_device("cpu")
