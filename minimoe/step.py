@@ -100,7 +100,7 @@ class CapturedStep:
 
         self.gradients = Graph(gradients, name="the training step's forward and backward")
         self.output: ModelOutput = self.gradients.output
-        step.optimizer.launch_tables()  # uploaded here, read by the update graph's launches
+        self.tables = step.optimizer.launch_tables()  # uploaded here, read by the update graph's launches: kept
         self.launched = self._launched()
         self.update = Graph(lambda: step.update(self.output), warmup=lambda: step.update(self.output, refused=True),
                             name="the training step's update")
