@@ -56,9 +56,10 @@ class GPTConfig:
     z_loss_coef: float = MoESettings.z_loss_coef
 
     def experts_in_block(self) -> list[int]:
-        """Expert count of each block's feed-forward layer, 0 for a dense MLP."""
+        """Expert count of each block's feed-forward layer, 0 for a dense MLP (experts_per_layer is not read
+        when no block is an MoE layer)."""
         moe_blocks = [i for i in range(self.n_layer) if self.moe_every and (i + 1) % self.moe_every == 0]
-        if len(self.experts_per_layer) not in (1, len(moe_blocks)):
+        if moe_blocks and len(self.experts_per_layer) not in (1, len(moe_blocks)):
             raise ValueError(f"experts_per_layer has {len(self.experts_per_layer)} entries; give one for all "
                              f"MoE layers or one for each of the {len(moe_blocks)} MoE layers")
         counts = self.experts_per_layer * (len(moe_blocks) if len(self.experts_per_layer) == 1 else 1)

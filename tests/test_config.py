@@ -70,3 +70,12 @@ def test_bad_file_is_reported(tmp_path):
 def test_every_example_config_loads(example):
     config = load_config(example)
     assert config.train.out_dir.startswith("runs/")
+
+
+def test_a_dense_model_ignores_the_expert_counts():
+    """moe_every=0 leaves experts_per_layer unread, as every other MoE setting: a list of any length loads
+    and gives no MoE layer (a command line with one ended in a traceback; the CLI property test found it)."""
+    config = load_config(None, ["model.moe_every=0", "model.n_layer=1", "model.experts_per_layer=[0, 0]"])
+    assert config.model.experts_in_block() == [0]
+    with pytest.raises(ConfigError, match="model.moe_every=2 leaves no MoE layer in 1 blocks"):
+        load_config(None, ["model.moe_every=2", "model.n_layer=1", "model.experts_per_layer=[0, 0]"])
