@@ -131,21 +131,28 @@ def test_a_graph_draws_with_the_key_written_before_its_launch():
         backend.set_device("cpu")
 
 
-def test_a_captured_step_with_a_non_finite_loss_leaves_the_weights_as_they_were():
-    """The graphs' update refuses a non-finite loss by itself (the host reads the loss after the launch)."""
+def captured_small_moe_step():
+    """(model, optimizer, step, tokens): a small bf16 MoE GPT whose TrainStep runs as CUDA graphs, captured
+    and replayed once (two finite steps) on `tokens`. The caller has set the device to cuda."""
     from minimoe.model import GPT, GPTConfig
     from minimoe.optim import AdamW
     from minimoe.step import TrainStep
 
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, moe_every=1,
+                          experts_per_layer=[4], k=2)).to(backend.bfloat16())
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    step = TrainStep(model, optimizer, grad_clip=1.0, graphs=True)
+    tokens = backend.asarray(np.random.default_rng(0).integers(0, 32, (4, 9)))
+    for _ in range(2):
+        assert np.isfinite(float(step(tokens[:, :-1], tokens[:, 1:]).loss))
+    return model, optimizer, step, tokens
+
+
+def test_a_captured_step_with_a_non_finite_loss_leaves_the_weights_as_they_were():
+    """The graphs' update refuses a non-finite loss by itself (the host reads the loss after the launch)."""
     backend.set_device("cuda")
     try:
-        model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, moe_every=1,
-                              experts_per_layer=[4], k=2)).to(backend.bfloat16())
-        optimizer = AdamW(model.parameters(), lr=1e-2)
-        step = TrainStep(model, optimizer, grad_clip=1.0, graphs=True)
-        tokens = backend.asarray(np.random.default_rng(0).integers(0, 32, (4, 9)))
-        for _ in range(2):
-            assert np.isfinite(float(step(tokens[:, :-1], tokens[:, 1:]).loss))
+        model, optimizer, step, tokens = captured_small_moe_step()
         position = next(i for i, p in enumerate(model.parameters()) if p is model.wpe.weight)
         optimizer.master[position][0, 0] = np.inf
         model.wpe.weight.data[0, 0] = np.inf
@@ -162,19 +169,9 @@ def test_a_captured_step_with_a_non_finite_loss_leaves_the_weights_as_they_were(
 def test_a_captured_step_refuses_to_run_once_the_optimizers_state_has_moved():
     """The update graph writes the arrays it was captured with: after a checkpoint's moments replace them
     (a new array, equal values), the next replay stops with the reason instead of writing freed memory."""
-    from minimoe.model import GPT, GPTConfig
-    from minimoe.optim import AdamW
-    from minimoe.step import TrainStep
-
     backend.set_device("cuda")
     try:
-        model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, moe_every=1,
-                              experts_per_layer=[4], k=2)).to(backend.bfloat16())
-        optimizer = AdamW(model.parameters(), lr=1e-2)
-        step = TrainStep(model, optimizer, grad_clip=1.0, graphs=True)
-        tokens = backend.asarray(np.random.default_rng(0).integers(0, 32, (4, 9)))
-        for _ in range(2):
-            assert np.isfinite(float(step(tokens[:, :-1], tokens[:, 1:]).loss))
+        _, optimizer, step, tokens = captured_small_moe_step()
         optimizer.load_state_dict(optimizer.state_dict())
         with pytest.raises(RuntimeError, match="moved after the training step was captured"):
             step(tokens[:, :-1], tokens[:, 1:])
